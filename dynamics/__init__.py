@@ -1,0 +1,1 @@
+"""dynamics package (public names are added as modules land)."""

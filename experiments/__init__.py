@@ -1,0 +1,1 @@
+"""experiments package (public names are added as modules land)."""

@@ -1,0 +1,1 @@
+"""sde package (public names are added as modules land)."""
