@@ -1,0 +1,46 @@
+"""Assemble BENCHMARKS.md from the per-benchmark tables in benchmarks/results/."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+# name -> what it compares (in the order they appear in BENCHMARKS.md)
+BENCHMARKS = {
+    "bench_hessian": "HVP cost, top eigenvalue and trace against PyHessian",
+    "bench_noise": "gradient-noise probe: JVP path against per-sample gradients",
+    "bench_drift_cost": "one matrix-free slow-SDE drift on ResNet-20, in gradient-equivalents",
+    "bench_sde_em": "Euler-Maruyama core against torchsde",
+    "bench_loader": "data loading and augmentation as a share of a training step",
+    "bench_trainer": "Local SGD throughput against single-model SGD; serial against vmap workers",
+}
+
+HEADER = """# Benchmarks
+
+Each section below is written by one script in `benchmarks/` that runs the toolkit and its
+peer side by side in one process, so the numbers are ratios measured under the same load.
+These machines have 2 shared cores: absolute times are indicative only. Regenerate everything
+with `make bench` (installs the peers: pyhessian, torchsde, hessian-eigenthings) or one section
+with `python -m benchmarks.NAME` followed by `python -m benchmarks.collect`.
+"""
+
+
+def collect() -> Path:
+    parts = [HEADER]
+    for name, what in BENCHMARKS.items():
+        path = RESULTS / f"{name}.md"
+        body = path.read_text().strip() if path.exists() else f"_Not run yet: `python -m benchmarks.{name}`._"
+        parts.append(f"## {name}: {what}\n\n{body}\n")
+    target = ROOT / "BENCHMARKS.md"
+    fd, tmp = tempfile.mkstemp(dir=ROOT, prefix=".BENCHMARKS.")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(parts))
+    os.replace(tmp, target)
+    return target
+
+
+if __name__ == "__main__":
+    print(collect())
