@@ -1,0 +1,181 @@
+"""Device-resident image data: batched augmentation, label noise, subsets, synthetic data.
+
+The whole (sub)set lives on the training device as uint8 (N, 3, 32, 32) plus int64 labels;
+a batch is a gather by index, an optional random crop + flip done for the whole batch at once,
+and a normalization. Every random draw comes from an explicit ``torch.Generator``; draws are
+made on the generator's device and moved to the data's device, so a CPU generator serves a
+GPU data set and a run is reproducible across devices.
+
+Conventions:
+- augmentation (He et al., 2016; the authors' torchvision pipeline): pad 4 zero pixels on each
+  side of the raw 0-255 image, crop a uniformly placed 32x32 window, flip left-right with
+  probability 1/2; then normalize, so padding becomes -mean/std as in torchvision.
+- label noise (Blanc et al., 2020; the authors' LabelNoiseLoss): each label is kept with
+  probability 1 - p and otherwise replaced by one of the OTHER num_classes - 1 classes
+  uniformly, redrawn at every draw.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from experiments.data import CIFAR10_MEAN, CIFAR10_STD, normalize
+
+
+def _draw_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def random_crop_flip(images: torch.Tensor, *, generator: torch.Generator | None,
+                     padding: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random crop with ``padding`` zero pixels and random horizontal flip, per image.
+
+    images: (B, C, H, W) of any dtype (uint8 in the pipeline); returns the same shape and
+    dtype. Crop offsets are uniform on {0, ..., 2 padding} in each axis; flips have
+    probability 1/2. Implemented as one gather over the padded batch.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
+    b, c, h, w = images.shape
+    dev = _draw_device(generator)
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev).to(images.device)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev).to(images.device)
+    flips = torch.rand(b, generator=generator, device=dev).to(images.device) < 0.5 if flip \
+        else torch.zeros(b, dtype=torch.bool, device=images.device)
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    hp, wp = h + 2 * padding, w + 2 * padding
+    rows = oy[:, None] + torch.arange(h, device=images.device)                 # (B, H)
+    cols = ox[:, None] + torch.arange(w, device=images.device)                 # (B, W)
+    cols = torch.where(flips[:, None], cols.flip(-1), cols)
+    flat = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
+    return padded.reshape(b, c, hp * wp).gather(2, flat).reshape(b, c, h, w)
+
+
+def flip_labels(y: torch.Tensor, p: float, num_classes: int,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Labels with flip noise: with probability p each label moves to a different class.
+
+    The new class is uniform over the num_classes - 1 others (the authors' convention), so
+    P(y' = y) = 1 - p and P(y' = c) = p / (num_classes - 1) for each c != y. y: int64 (...).
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"flip probability must be in [0, 1], got {p}")
+    if num_classes < 2:
+        raise ValueError("label flipping needs at least 2 classes")
+    if p == 0.0:
+        return y.clone()
+    dev = _draw_device(generator)
+    flip = torch.rand(y.shape, generator=generator, device=dev).to(y.device) < p
+    shift = torch.randint(1, num_classes, y.shape, generator=generator, device=dev).to(y.device)
+    return torch.where(flip, (y + shift) % num_classes, y)
+
+
+def noisy_one_hot(y: torch.Tensor, sigma: float, num_classes: int,
+                  generator: torch.Generator | None, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One-hot targets (..., num_classes) plus i.i.d. N(0, sigma^2) noise, for squared loss."""
+    if sigma < 0:
+        raise ValueError(f"sigma must be non-negative, got {sigma}")
+    target = torch.nn.functional.one_hot(y, num_classes).to(dtype)
+    if sigma == 0:
+        return target
+    noise = torch.randn(target.shape, generator=generator, dtype=dtype, device=_draw_device(generator))
+    return target + sigma * noise.to(target.device)
+
+
+class DeviceDataset:
+    """uint8 images (N, C, H, W) and int64 labels (N,) held on ``device``.
+
+    ``batch(indices, augment=..., generator=...)`` returns normalized float images
+    (..., B, C, H, W) and labels (..., B) for an index tensor of shape (..., B), such as a
+    (K, B_loc) slice of a WorkerSampler epoch.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device | str = "cpu",
+                 num_classes: int = 10, mean: Iterable[float] = CIFAR10_MEAN,
+                 std: Iterable[float] = CIFAR10_STD, dtype: torch.dtype = torch.float32):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"labels must lie in [0, {num_classes})")
+        mean, std = tuple(mean), tuple(std)
+        if len(mean) != images.shape[1] or len(std) != images.shape[1]:
+            raise ValueError(f"mean and std need one entry per channel ({images.shape[1]})")
+        self.images = images.to(device)
+        self.labels = labels.to(device=device, dtype=torch.int64)
+        self.num_classes = num_classes
+        self.mean, self.std, self.dtype = mean, std, dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(self, indices: torch.Tensor, *, augment: bool,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) for ``indices`` (..., B): x float (..., B, C, H, W) normalized, y int64 (..., B)."""
+        if augment and generator is None:
+            raise ValueError("augment=True needs an explicit torch.Generator")
+        idx = indices.to(self.device, torch.int64)
+        flat = idx.reshape(-1)
+        x = self.images.index_select(0, flat)
+        if augment:
+            x = random_crop_flip(x, generator=generator)
+        x = normalize(x, self.mean, self.std, dtype=self.dtype)
+        return x.reshape(*idx.shape, *x.shape[1:]), self.labels.index_select(0, flat).reshape(idx.shape)
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive un-augmented batches covering the data set once, in order."""
+        for start in range(0, len(self), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(self)), device=self.device)
+            yield self.batch(idx, augment=False)
+
+
+def subset(images: torch.Tensor, labels: torch.Tensor, n: int, *, balanced: bool,
+           num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` examples, or (balanced) the first n / num_classes of every class.
+
+    Both keep the original record order, so a subset is deterministic and nested in n.
+    """
+    if not 0 < n <= labels.shape[0]:
+        raise ValueError(f"subset size must be in [1, {labels.shape[0]}], got {n}")
+    if not balanced:
+        return images[:n], labels[:n]
+    if n % num_classes:
+        raise ValueError(f"a balanced subset needs n divisible by {num_classes}, got {n}")
+    per_class = n // num_classes
+    picked = []
+    for c in range(num_classes):
+        where = torch.nonzero(labels == c).flatten()
+        if where.numel() < per_class:
+            raise ValueError(f"class {c} has only {where.numel()} examples, {per_class} requested")
+        picked.append(where[:per_class])
+    idx = torch.sort(torch.cat(picked)).values
+    return images[idx], labels[idx]
+
+
+def synthetic_cifar(n: int, *, seed: int, num_classes: int = 10, noise: float = 40.0,
+                    image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable CIFAR-shaped data set: uint8 (n, 3, S, S) images, int64 (n,) labels.
+
+    Class c has a smooth colour template (a random 3 x 4 x 4 pattern upsampled bilinearly);
+    an image is its class template scaled by a random contrast in [0.5, 1.5] plus i.i.d.
+    N(0, noise^2) pixel noise, around grey 128, clipped to 0-255. Labels are balanced
+    (n // num_classes or one more each) and shuffled. Same seed -> same data.
+    """
+    if n < 1 or num_classes < 2:
+        raise ValueError("synthetic_cifar needs n >= 1 and num_classes >= 2")
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(num_classes, 3, 4, 4, generator=g) * 60.0
+    templates = torch.nn.functional.interpolate(coarse, size=(image_size, image_size),
+                                                mode="bilinear", align_corners=False)
+    labels = torch.arange(n) % num_classes
+    labels = labels[torch.randperm(n, generator=g)]
+    contrast = 0.5 + torch.rand(n, 1, 1, 1, generator=g)
+    pixels = 128.0 + contrast * templates[labels] + noise * torch.randn(n, 3, image_size, image_size,
+                                                                        generator=g)
+    return pixels.round().clamp(0, 255).to(torch.uint8), labels.to(torch.int64)
