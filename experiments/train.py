@@ -1,0 +1,140 @@
+"""Command line of the Local SGD trainer.
+
+    python -m experiments.train --preset cpu-tiny [--key value ...]
+    torchrun --nproc_per_node=P -m experiments.train --preset NAME ...   (K / P workers each)
+
+Every field of `experiments.config.TrainConfig` is a flag (underscores become dashes; booleans
+take --flag / --no-flag; tuples take comma lists such as --decay-at 0.5,0.75). A preset gives
+the starting values, flags override them, and the result is parsed ONCE here into the frozen
+config that the trainer receives. Rank 0 alone prints (a progress bar and a fixed-width
+metrics table) and writes files. Exit codes: 2 bad config, 3 divergence, 4 a peer failed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from experiments.config import PRESETS, TrainConfig, preset
+
+TABLE = [("round", "{:>6d}"), ("epoch", "{:>7.2f}"), ("lr", "{:>8.4f}"), ("H", "{:>5d}"),
+         ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.4f}"), ("test_loss", "{:>9.4f}"),
+         ("test_acc", "{:>8.4f}"), ("worker_spread", "{:>13.3e}")]
+
+
+HELP = {
+    "workers": "K, total simulated workers (split evenly over torchrun processes)",
+    "local_batch": "B_loc, samples per worker per step",
+    "total_batch": "B = K x B_loc; when set it fixes --local-batch (must be divisible by K)",
+    "local_steps": "H local steps per round (H1 for hierarchical, H_base for qsr)",
+    "sync": "constant | post-local | qsr | hierarchical",
+    "switch_epoch": "post-local: epoch at which H switches from 1 to --local-steps",
+    "qsr_alpha": "qsr: H_s = max(H_base, floor((alpha / lr_s)^2))",
+    "global_rounds": "hierarchical: H2, rounds between averagings across processes",
+    "average_buffers": "BN buffers at an averaging: average | local | reset",
+    "average_momentum": "momentum at an averaging: local | average | reset",
+    "steps_per_epoch": "0: training-set size // total batch",
+    "eval_every": "evaluate at the first round end at or after every multiple of this many steps (0: at the end)",
+    "checkpoint_every": "checkpoint likewise, in steps (0: only at the end)",
+    "track_sharpness": "evaluation indices (0-based) at which to measure lambda_max and tr Hessian",
+    "bn_batches": "training batches for re-estimating BN statistics before every evaluation",
+    "resume": "a checkpoint file or a run folder holding checkpoints/last.pt",
+    "backend": "serial | vmap | auto (timed at start-up)",
+    "precision": "fp32 | bf16 (autocast) | fp64",
+    "label_noise": "probability of flipping each drawn label",
+    "train_size": "0: the whole training set; else a class-balanced subset",
+}
+
+
+def _tuple_of(kind):
+    def parse(text: str):
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments.train",
+                                     description="Local SGD / post-local SGD / QSR on CIFAR-10 with K simulated workers.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", default=None, help=f"starting values, one of {sorted(PRESETS)}")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{HELP.get(f.name, '')} (default {f.default})")
+        elif typing.get_origin(hint) is tuple:
+            kind = typing.get_args(hint)[0]
+            parser.add_argument(flag, type=_tuple_of(kind), default=None, metavar="A,B,...",
+                                help=f"{HELP.get(f.name, 'comma list')} (default {','.join(map(str, f.default)) or 'empty'})")
+        else:
+            parser.add_argument(flag, type=hint, default=None, help=f"{HELP.get(f.name, '')} (default {f.default!r})")
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """The frozen config from a preset and command-line overrides (ValueError if invalid)."""
+    args = vars(build_parser().parse_args(argv))
+    name = args.pop("preset")
+    overrides = {k: v for k, v in args.items() if v is not None}
+    return preset(name, **overrides) if name else TrainConfig(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from experiments.distributed import PeerFailure, init_from_env
+    from experiments.trainer import DivergenceError, Trainer
+    dist = init_from_env(device=cfg.device, timeout=cfg.dist_timeout)
+    bar = None
+    try:
+        try:
+            show = dist.is_main and cfg.progress
+            if show:
+                from tqdm import tqdm
+                print("  ".join(f"{n:>{len(fmt.format(0) if 'd' in fmt else fmt.format(0.0))}}"
+                                for n, fmt in TABLE), flush=True)
+
+            def on_round(r, step, total, lr, H):
+                nonlocal bar
+                if not show:
+                    return
+                if bar is None:
+                    bar = tqdm(total=total, initial=step - H, unit="step", leave=False, file=sys.stderr)
+                bar.update(H)
+
+            def on_eval(rec):
+                line = "  ".join(fmt.format(getattr(rec, n)) for n, fmt in TABLE)
+                if rec.top_eigenvalue is not None:
+                    line += f"  lambda_max {rec.top_eigenvalue:.4g}  tr {rec.hessian_trace:.4g}"
+                if show:
+                    (bar.write if bar is not None else print)(line)
+
+            trainer = Trainer(cfg, dist=dist, on_round=on_round, on_eval=on_eval)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        try:
+            result = trainer.run()
+        except DivergenceError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
+        except PeerFailure as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 4
+        if bar is not None:
+            bar.close()
+        if dist.is_main and cfg.progress:
+            print(f"wrote {result.out} (backend {result.backend})", flush=True)
+        return 0
+    finally:
+        dist.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

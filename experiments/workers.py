@@ -1,0 +1,253 @@
+"""K simulated workers of one model in one process: stacked state, SGD, two backends.
+
+The state of the K workers lives in flat stacked tensors, one row per worker:
+`params` (K, D) trainable parameters in `named_parameters()` order, `momentum` (K, D),
+`buffers` (K, D_b) floating-point buffers (BatchNorm running mean / variance) and `counters`
+(K, D_c) integer buffers (num_batches_tracked). Averaging, checkpoints and the worker spread
+work on these rows whatever the backend.
+
+Backends (exactly equivalent, BatchNorm buffers included; tests/experiments/test_workers.py):
+- "serial": the authors' design and the reference. K deep copies of the model whose
+  parameters and buffers are views of row k; each step runs the K copies one after another
+  with plain autograd.
+- "vmap": one `torch.func.functional_call` of the model vmapped over the worker dimension,
+  parameters and buffers passed as (K, ...) views of the stacked rows, one backward pass for
+  all workers (the per-worker losses are summed; workers do not interact).
+
+SGD (PyTorch's convention, dampening 0): d = g + wd m * theta (m = 0 on norm-layer parameters
+and biases unless `wd_norm_bias`), buf = mu buf + d, d = d + mu buf (Nesterov) or buf;
+theta -= eta d.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from dynamics.objective import _NORM_TYPES
+
+
+@dataclass(frozen=True)
+class SGDOptions:
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    wd_norm_bias: bool = False
+
+
+def _layout(named):
+    names, shapes, numels = [], [], []
+    for n, t in named:
+        names.append(n)
+        shapes.append(t.shape)
+        numels.append(t.numel())
+    return names, shapes, numels
+
+
+def _split_views(flat: Tensor, names, shapes, numels, lead: tuple[int, ...]) -> dict[str, Tensor]:
+    chunks = torch.split(flat, numels, dim=-1)
+    return {n: c.view((*lead, *s)) for n, c, s in zip(names, chunks, shapes)}
+
+
+def weight_decay_mask(model: nn.Module, *, wd_norm_bias: bool) -> Tensor:
+    """(D,) 1.0 where weight decay applies; 0.0 on norm-layer parameters and biases unless
+    `wd_norm_bias` (Gu et al. 2023 exclude them)."""
+    norm_params = {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES)
+                   for p in m.parameters(recurse=False)}
+    parts = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = wd_norm_bias or not (id(p) in norm_params or name.endswith("bias"))
+        parts.append(torch.full((p.numel(),), float(decay), dtype=p.dtype, device=p.device))
+    return torch.cat(parts)
+
+
+class Workers:
+    """K workers, all starting from `model`'s current state.
+
+    Args:
+        model: the network (its parameters define D; it is not modified).
+        num_workers: K of this process.
+        backend: "serial" or "vmap".
+        sgd: `SGDOptions`.
+        autocast_dtype: e.g. torch.bfloat16 for bf16 autocast of the forward pass, or None.
+        channels_last: give convolutions channels-last inputs.
+    """
+
+    def __init__(self, model: nn.Module, num_workers: int, *, backend: str = "serial",
+                 sgd: SGDOptions = SGDOptions(), autocast_dtype: torch.dtype | None = None,
+                 channels_last: bool = False):
+        if backend not in ("serial", "vmap"):
+            raise ValueError(f"backend must be 'serial' or 'vmap', got {backend!r}")
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.K, self.backend, self.sgd = num_workers, backend, sgd
+        self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
+        self.model = copy.deepcopy(model)
+        self.model.train()
+        named_p = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        named_b = list(self.model.named_buffers())
+        self._p_layout = _layout(named_p)
+        self._fb_layout = _layout([(n, b) for n, b in named_b if b.is_floating_point()])
+        self._ib_layout = _layout([(n, b) for n, b in named_b if not b.is_floating_point()])
+        first = named_p[0][1]
+        self.device, self.dtype = first.device, first.dtype
+
+        def stack(named, dtype):
+            row = torch.cat([t.detach().reshape(-1).to(dtype) for _, t in named]) if named else \
+                torch.zeros(0, dtype=dtype, device=self.device)
+            return row.unsqueeze(0).repeat(self.K, 1).contiguous()
+
+        self.params = stack(named_p, self.dtype)
+        self.momentum = torch.zeros_like(self.params)
+        fb = [(n, b) for n, b in named_b if b.is_floating_point()]
+        ib = [(n, b) for n, b in named_b if not b.is_floating_point()]
+        self.buffers = stack(fb, fb[0][1].dtype if fb else self.dtype)
+        self.counters = stack(ib, torch.int64)
+        self.initial_buffers = self.buffers[0].clone()
+        self.wd_mask = weight_decay_mask(self.model, wd_norm_bias=sgd.wd_norm_bias)
+        if backend == "serial":
+            self._copies = [self._bind_copy(k) for k in range(self.K)]
+        else:
+            self.params.requires_grad_(True)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def dim(self) -> int:
+        return self.params.shape[1]
+
+    def _bind_copy(self, k: int) -> nn.Module:
+        """A copy of the model whose parameters and buffers are views of row k."""
+        m = copy.deepcopy(self.model)
+        views = {**_split_views(self.params[k], *self._p_layout, ()),
+                 **_split_views(self.buffers[k], *self._fb_layout, ()),
+                 **_split_views(self.counters[k], *self._ib_layout, ())}
+        for name, view in views.items():
+            owner, _, leaf = name.rpartition(".")
+            sub = m.get_submodule(owner)
+            if leaf in sub._parameters:
+                sub._parameters[leaf].data = view
+            else:
+                sub._buffers[leaf] = view
+        return m
+
+    def named_views(self, k: int) -> dict[str, Tensor]:
+        """Parameters and buffers of worker k by name (views into the stacked rows)."""
+        return {**_split_views(self.params[k].detach(), *self._p_layout, ()),
+                **_split_views(self.buffers[k], *self._fb_layout, ()),
+                **_split_views(self.counters[k], *self._ib_layout, ())}
+
+    def mean_state(self, params_mean: Tensor | None = None, buffers_mean: Tensor | None = None) -> dict[str, Tensor]:
+        """A state_dict-like dict of the mean over this process's workers (or given means)."""
+        p = self.params.detach().mean(0) if params_mean is None else params_mean
+        b = self.buffers.mean(0) if buffers_mean is None else buffers_mean
+        return {**{n: t.clone() for n, t in _split_views(p, *self._p_layout, ()).items()},
+                **{n: t.clone() for n, t in _split_views(b, *self._fb_layout, ()).items()},
+                **{n: t.clone() for n, t in _split_views(self.counters[0], *self._ib_layout, ()).items()}}
+
+    def load_row_(self, k: int, state: dict[str, Tensor]) -> None:
+        """Set worker k from a state_dict (parameters and buffers by name)."""
+        with torch.no_grad():
+            for name, view in self.named_views(k).items():
+                view.copy_(state[name])
+
+    # ------------------------------------------------------------------ steps
+    def _prepare(self, x: Tensor) -> Tensor:
+        if self.channels_last and x.dim() == 5:
+            return x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        return x
+
+    def _autocast(self):
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled)
+
+    def _loss_logits(self, logits: Tensor) -> Tensor:
+        # the loss in at least float32 (bf16 autocast gives bf16 logits); float64 stays float64
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-worker mean cross-entropy losses (K,), correct counts (K,) and gradients (K, D).
+
+        x: (K, B, ...) inputs, y: (K, B) integer labels. Updates the BatchNorm buffers.
+        """
+        x = self._prepare(x)
+        if self.backend == "serial":
+            grads = torch.empty_like(self.params)
+            losses, correct = [], []
+            for k, m in enumerate(self._copies):
+                for p in m.parameters():
+                    p.grad = None
+                with self._autocast():
+                    logits = m(x[k])
+                loss = F.cross_entropy(self._loss_logits(logits), y[k])
+                loss.backward()
+                torch.cat([p.grad.reshape(-1) for p in m.parameters() if p.requires_grad], out=grads[k])
+                losses.append(loss.detach())
+                correct.append((logits.detach().argmax(-1) == y[k]).sum())
+            return torch.stack(losses), torch.stack(correct), grads
+        self.params.grad = None
+        pv = _split_views(self.params, *self._p_layout, (self.K,))
+        # vmap does not write in-place buffer updates through non-contiguous views: give it
+        # contiguous copies and write them back after the forward pass.
+        fb = {n: t.clone() for n, t in _split_views(self.buffers, *self._fb_layout, (self.K,)).items()}
+        ib = {n: t.clone() for n, t in _split_views(self.counters, *self._ib_layout, (self.K,)).items()}
+        bv = {**fb, **ib}
+
+        def f(p, b, xk):
+            return functional_call(self.model, {**p, **b}, (xk,))
+
+        with self._autocast():
+            logits = vmap(f)(pv, bv, x)
+        with torch.no_grad():
+            if fb:
+                torch.cat([t.reshape(self.K, -1) for t in fb.values()], dim=1, out=self.buffers)
+            if ib:
+                torch.cat([t.reshape(self.K, -1) for t in ib.values()], dim=1, out=self.counters)
+        K, B = y.shape
+        losses = F.cross_entropy(self._loss_logits(logits).reshape(K * B, -1), y.reshape(-1),
+                                 reduction="none").view(K, B).mean(1)
+        losses.sum().backward()
+        correct = (logits.detach().argmax(-1) == y).sum(1)
+        grads, self.params.grad = self.params.grad, None
+        return losses.detach(), correct, grads
+
+    def apply_sgd_(self, grads: Tensor, lr: float) -> None:
+        """One SGD step on every worker from gradients (K, D) (`grads` is used as scratch)."""
+        o = self.sgd
+        with torch.no_grad():
+            d = grads
+            if o.weight_decay:
+                d.addcmul_(self.params, self.wd_mask, value=o.weight_decay)
+            if o.momentum:
+                self.momentum.mul_(o.momentum).add_(d)
+                d = d.add(self.momentum, alpha=o.momentum) if o.nesterov else self.momentum
+            self.params.sub_(d, alpha=lr)
+
+    def step(self, x: Tensor, y: Tensor, lr: float) -> tuple[Tensor, Tensor]:
+        """One local SGD step of every worker on its own batch; returns (losses (K,), correct (K,))."""
+        if x.shape[0] != self.K or y.shape[0] != self.K:
+            raise ValueError(f"expected batches stacked over K={self.K} workers, got x {tuple(x.shape)}")
+        losses, correct, grads = self.forward_backward(x, y)
+        self.apply_sgd_(grads, lr)
+        return losses, correct
+
+
+def choose_backend(model: nn.Module, num_workers: int, x: Tensor, y: Tensor, *, repeats: int = 2,
+                   **options) -> str:
+    """The faster backend for this model, worker count and batch (x: (K, B, ...)), by timing
+    `repeats` steps of each on throwaway copies (after one warm-up step)."""
+    timings = {}
+    for backend in ("serial", "vmap"):
+        w = Workers(model, num_workers, backend=backend, **options)
+        w.forward_backward(x, y)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            w.forward_backward(x, y)
+        timings[backend] = time.perf_counter() - start
+    return min(timings, key=timings.get)

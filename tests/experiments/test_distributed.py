@@ -1,0 +1,103 @@
+"""Many processes: torchrun with gloo reproduces the one-process run; a dead peer fails fast.
+
+(Rank-number averaging across gloo processes and the match with PeriodicModelAverager are in
+test_averaging.py.)
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.distributed import DistContext, init_from_env
+from experiments.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+RUN = ["--preset", "cpu-tiny", "--workers", "4", "--local-batch", "8", "--local-steps", "3",
+       "--momentum", "0.9", "--aug", "--label-noise", "0.1", "--epochs", "3", "--eval-every", "6",
+       "--precision", "fp64", "--backend", "serial", "--no-progress"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def test_two_gloo_processes_give_the_one_process_result(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([PY, "-m", "experiments.train", *RUN, "--out", str(one)], cwd=ROOT, env=_env(),
+                   check=True, timeout=300, capture_output=True)
+    proc = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={_port()}", "-m", "experiments.train", *RUN, "--out", str(two)],
+                          cwd=ROOT, env=_env(), timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(one / "final.pt", weights_only=False)["state_dict"]
+    b = torch.load(two / "final.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    ra, rb = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    assert len(ra) == len(rb) == 4   # 8 steps per epoch x 3 epochs, every 6 steps
+    for x, y in zip(ra, rb):
+        for key in ("test_acc", "train_acc"):
+            assert x[key] == y[key]
+        for key in ("test_loss", "train_loss", "worker_spread"):
+            assert abs(x[key] - y[key]) < 1e-9 * max(1.0, abs(x[key]))
+    # the second process really trained workers 2 and 3: spread covers all 4 workers
+    assert ra[0]["worker_spread"] > 0
+
+
+def test_a_killed_peer_gives_a_clear_error_within_the_timeout(tmp_path):
+    port = _port()
+    args = [PY, "-m", "experiments.train", "--preset", "cpu-tiny", "--workers", "2", "--epochs", "100000",
+            "--dist-timeout", "20", "--backend", "serial", "--no-progress", "--out", str(tmp_path / "run")]
+    procs = [subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                              env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in range(2)]
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "config.json").exists():   # rank 0 starts its loop
+            assert time.time() < deadline and procs[0].poll() is None, "training never started"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        procs[1].send_signal(signal.SIGKILL)
+        start = time.time()
+        code = procs[0].wait(timeout=60)       # a hang would raise TimeoutExpired here
+        elapsed = time.time() - start
+        err = procs[0].stderr.read()
+        assert code == 4, err[-2000:]
+        assert "a peer process died or did not answer" in err and "rank 0/2" in err
+        assert elapsed < 20 + 15
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def test_context_without_torchrun_is_a_single_process(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = init_from_env(device="cpu")
+    assert (ctx.rank, ctx.world_size, ctx.distributed) == (0, 1, False)
+    t = torch.arange(3.0)
+    ctx.all_reduce_sum_(t)       # a no-op in one process
+    assert torch.equal(t, torch.arange(3.0))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        init_from_env(device="cpu")

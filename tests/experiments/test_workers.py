@@ -1,0 +1,130 @@
+"""Simulated workers: the serial and vmap backends agree; SGD matches torch.optim.SGD; H = 1
+without momentum is minibatch SGD with the total batch."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from experiments.averaging import AveragingPolicy, WorkerAverager
+from experiments.models import build_model, param_groups_no_wd
+from experiments.workers import SGDOptions, Workers, choose_backend, weight_decay_mask
+from tests.reference import tiny_cnn_bn, tiny_mlp
+
+
+def _batches(K, B, shape, steps, seed, classes=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(K, B, *shape, generator=g, dtype=torch.float64),
+             torch.randint(0, classes, (K, B), generator=g)) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("momentum_policy", ["local", "average", "reset"])
+def test_serial_and_vmap_agree_over_rounds_with_batchnorm_and_momentum(momentum_policy):
+    model = tiny_cnn_bn(seed=3)
+    K, H, rounds = 3, 3, 3
+    sgd = SGDOptions(momentum=0.9, nesterov=True, weight_decay=1e-2)
+    ws = {b: Workers(model, K, backend=b, sgd=sgd) for b in ("serial", "vmap")}
+    avg = WorkerAverager(AveragingPolicy(buffers="average", momentum=momentum_policy))
+    data = _batches(K, 8, (3, 6, 6), H * rounds, seed=5)
+    for r in range(rounds):
+        for x, y in data[r * H:(r + 1) * H]:
+            out = {b: w.step(x, y, lr=0.2) for b, w in ws.items()}
+            torch.testing.assert_close(out["serial"][0], out["vmap"][0], rtol=1e-6, atol=1e-6)
+            assert torch.equal(out["serial"][1], out["vmap"][1])
+        # workers really differ before averaging (otherwise the comparison would be weak)
+        assert (ws["serial"].params[0] - ws["serial"].params[1]).abs().max() > 1e-3
+        for w in ws.values():
+            avg.average_(w.params, w.buffers, w.momentum, initial_buffers=w.initial_buffers)
+    s, v = ws["serial"], ws["vmap"]
+    for name in ("params", "momentum", "buffers"):
+        torch.testing.assert_close(getattr(s, name).detach(), getattr(v, name).detach(), rtol=0, atol=1e-6)
+    assert torch.equal(s.counters, v.counters) and int(s.counters[0, 0]) == H * rounds
+    # BN running statistics moved away from their initial values
+    assert (s.buffers[0] - s.initial_buffers).abs().max() > 1e-2
+
+
+def test_serial_and_vmap_agree_on_the_toolkit_small_cnn():
+    model = build_model("small_cnn", width=4, norm="batch").double()
+    ws = {b: Workers(model, 2, backend=b, sgd=SGDOptions(momentum=0.5)) for b in ("serial", "vmap")}
+    for x, y in _batches(2, 4, (3, 32, 32), 2, seed=1, classes=10):
+        for w in ws.values():
+            w.step(x, y, lr=0.1)
+    torch.testing.assert_close(ws["serial"].params.detach(), ws["vmap"].params.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ws["serial"].buffers, ws["vmap"].buffers, rtol=0, atol=1e-6)
+
+
+def test_one_worker_matches_torch_sgd_with_nesterov_and_weight_decay():
+    model = tiny_cnn_bn(seed=1)
+    ref = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    w = Workers(model, 1, backend="serial",
+                sgd=SGDOptions(momentum=0.9, nesterov=True, weight_decay=1e-3, wd_norm_bias=True))
+    for x, y in _batches(1, 6, (3, 6, 6), 5, seed=2):
+        opt.zero_grad()
+        F.cross_entropy(ref(x[0]), y[0]).backward()
+        opt.step()
+        w.step(x, y, lr=0.05)
+    expected = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
+    torch.testing.assert_close(w.params[0], expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(w.buffers[0], torch.cat([ref[1].running_mean, ref[1].running_var]),
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["serial", "vmap"])
+def test_H1_without_momentum_is_minibatch_sgd_with_the_total_batch(backend):
+    model = tiny_mlp(seed=4)
+    K, B, lr, wd = 4, 5, 0.3, 1e-2
+    w = Workers(model, K, backend=backend, sgd=SGDOptions(weight_decay=wd, wd_norm_bias=True))
+    avg = WorkerAverager()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=lr, weight_decay=wd)
+    for x, y in _batches(K, B, (5,), 6, seed=8):
+        w.step(x, y, lr)
+        avg.average_(w.params, w.buffers, w.momentum)
+        opt.zero_grad()
+        F.cross_entropy(ref(x.reshape(K * B, 5)), y.reshape(-1)).backward()
+        opt.step()
+    expected = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
+    for k in range(K):
+        torch.testing.assert_close(w.params[k].detach(), expected, rtol=0, atol=1e-12)
+
+
+def test_weight_decay_mask_excludes_norm_layers_and_biases_like_param_groups_no_wd():
+    model = build_model("resnet20", width=4)
+    mask = weight_decay_mask(model, wd_norm_bias=False)
+    decay, no_decay = param_groups_no_wd(model)
+    ids_no = {id(p) for p in no_decay}
+    expected = torch.cat([torch.full((p.numel(),), 0.0 if id(p) in ids_no else 1.0) for p in model.parameters()])
+    assert torch.equal(mask, expected) and 0 < mask.sum() < mask.numel()
+    assert torch.equal(weight_decay_mask(model, wd_norm_bias=True), torch.ones_like(mask))
+
+
+def test_channels_last_and_bf16_autocast_stay_on_the_same_path():
+    model = build_model("small_cnn", width=4)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 3, 32, 32, generator=g), torch.randint(0, 10, (2, 4), generator=g)
+    base = Workers(model, 2, backend="vmap").forward_backward(x, y)
+    cl = Workers(model, 2, backend="vmap", channels_last=True).forward_backward(x, y)
+    # same math in another memory layout: float32 rounding only
+    torch.testing.assert_close(cl[2], base[2], rtol=1e-4, atol=1e-5)
+    bf = Workers(model, 2, backend="serial", autocast_dtype=torch.bfloat16).forward_backward(x, y)
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per operation): the loss agrees to ~1%
+    torch.testing.assert_close(bf[0], base[0], rtol=2e-2, atol=0)
+    assert not torch.equal(bf[0], base[0])  # autocast really ran in bf16
+
+
+def test_choose_backend_returns_a_backend_and_leaves_the_model_alone():
+    model = build_model("small_cnn", width=4)
+    before = copy.deepcopy(model.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 3, 32, 32, generator=g), torch.randint(0, 10, (2, 4), generator=g)
+    assert choose_backend(model, 2, x, y, repeats=1) in ("serial", "vmap")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bad_inputs_are_rejected():
+    with pytest.raises(ValueError, match="backend"):
+        Workers(tiny_mlp(), 2, backend="threads")
+    w = Workers(tiny_mlp(), 2)
+    with pytest.raises(ValueError, match="stacked over K=2"):
+        w.step(torch.zeros(3, 4, 5, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.long), 0.1)
