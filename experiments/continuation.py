@@ -1,0 +1,223 @@
+"""Noisy continuation runs from a point of Gamma, read at their projections onto Gamma.
+
+From zeta on Gamma (see `experiments.manifold`), run SGD / Local SGD / QSR with Gaussian label
+noise of std sigma on every target at every draw (squared loss 1/2 ||f - y||^2, batches drawn
+with replacement), several seeds at once: all seeds x workers are one stacked parameter tensor
+(S K, D) and one `torch.func.vmap`-ed gradient per step. At checkpoints (always at the end of
+a communication round, when the workers have just been averaged) each seed's iterate is
+projected onto Gamma (`project_to_manifold`: gradient descent, a discretized gradient flow,
+then Gauss-Newton to L <= 1e-10) and tr H = ||J||_F^2 / N and lambda_max (top eigenvalue of
+J J^T / N) are read THERE, never at the iterate, whose off-manifold offset of order
+eta sigma^2 / B swamps the drift (DESIGN.md, Known traps).
+
+Slow time t = eta^2 x steps per worker. Local SGD: H = round(beta / eta) local steps per round;
+QSR: H = round((alpha / eta)^2).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from dynamics.objective import Objective
+from experiments.manifold import GramPreconditioner, half_squared_error, project_to_manifold
+from sde.label_noise import output_jacobian
+from sde.rules import QSR, SGD, LocalSGD, check_rule
+
+
+class RegimeWarning(UserWarning):
+    """A continuation run left the small-learning-rate / small-drift regime the theory covers."""
+
+
+@dataclass(frozen=True)
+class ContinuationConfig:
+    """One continuation experiment: `rule` run for `rounds` rounds at step `eta`, label-noise std `sigma`.
+
+    For SGD a "round" is `steps_per_round_sgd` steps (checkpoint spacing). `checkpoint_every`
+    counts rounds between projections. `qsr_alpha` sets QSR's H = (alpha / eta)^2. `vectorize`:
+    one vmap over all seeds x workers per step (None: only when the local batch is < 4, where
+    it was faster here than a loop over models).
+    """
+    rule: object
+    eta: float
+    sigma: float
+    rounds: int
+    checkpoint_every: int = 1
+    seeds: int = 4
+    steps_per_round_sgd: int = 100
+    qsr_alpha: float | None = None
+    gd_steps: int = 10
+    vectorize: bool | None = None
+    max_eta_lambda: float = 0.5
+    max_relative_change: float = 0.2
+
+    def __post_init__(self):
+        check_rule(self.rule)
+        for name in ("eta", "sigma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("rounds", "checkpoint_every", "seeds", "steps_per_round_sgd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.rule, QSR) and (self.qsr_alpha or self.rule.alpha) is None:
+            raise ValueError("QSR continuation needs qsr_alpha (or rule.alpha): H = (alpha/eta)^2")
+
+    @property
+    def local_steps(self) -> int:
+        """H, the steps per worker between averagings (per checkpoint unit for SGD)."""
+        if isinstance(self.rule, SGD):
+            return self.steps_per_round_sgd
+        if isinstance(self.rule, LocalSGD):
+            return max(1, round(self.rule.beta / self.eta))
+        alpha = self.qsr_alpha if self.qsr_alpha is not None else self.rule.alpha
+        return max(1, round((alpha / self.eta) ** 2))
+
+    @property
+    def local_batch(self) -> int:
+        return self.rule.batch_size if isinstance(self.rule, SGD) else self.rule.local_batch
+
+
+@dataclass(frozen=True)
+class ContinuationResult:
+    """Projected sharpness along the run: times (n,) slow time; trace, lambda_max (n, seeds)."""
+    config: ContinuationConfig
+    times: Tensor
+    trace: Tensor
+    lambda_max: Tensor
+    projection_loss: Tensor
+    projection_distance: Tensor
+
+
+def sharpness_on_manifold(obj: Objective, theta: Tensor, *,
+                          reference: GramPreconditioner | None = None, k: int = 16) -> tuple[float, float]:
+    """(tr H, lambda_max) at a point of Gamma from the exact Gauss-Newton Hessian J^T J / N.
+
+    tr H = ||J||_F^2 / N. lambda_max: dense eigvalsh of J J^T / N, or, given a `reference` at a
+    nearby point, Rayleigh-Ritz on span(U_k, G U_k, G^2 U_k) with U_k its top-k eigenvectors
+    (accurate to ~1e-10 relative near the reference; avoids forming J J^T).
+    """
+    _, jac = output_jacobian(obj, theta)
+    flat = jac.reshape(-1, obj.dim)
+    n = jac.shape[0]
+    trace = float(flat.pow(2).sum() / n)
+    if reference is None:
+        return trace, float(torch.linalg.eigvalsh(flat @ flat.T / n)[-1])
+    block = reference.vectors[:, :k]
+    g1 = flat @ (flat.T @ block)
+    g2 = flat @ (flat.T @ g1)
+    q, _ = torch.linalg.qr(torch.cat([block, g1, g2], dim=1))
+    gq = flat @ (flat.T @ q) / n
+    return trace, float(torch.linalg.eigvalsh(q.T @ gq)[-1])
+
+
+def _stacked_data(obj: Objective) -> tuple[Tensor, Tensor]:
+    x = torch.cat([xb for xb, _ in obj.data])
+    y = torch.cat([yb for _, yb in obj.data])
+    return x, torch.zeros(len(y), 10, dtype=x.dtype).scatter(-1, y[:, None], 1.0)
+
+
+def run_continuation(obj: Objective, zeta: Tensor, config: ContinuationConfig, *,
+                     generator: torch.Generator) -> ContinuationResult:
+    """Run `config` from zeta (on Gamma) and record projected tr H, lambda_max at checkpoints.
+
+    Guards: ValueError if L(zeta) > 1e-8 or eta lambda_max(zeta) > config.max_eta_lambda (before
+    any step); RegimeWarning if the relative change of tr H exceeds config.max_relative_change
+    or a projection moved farther than 10% of |zeta|. Projection failure raises RuntimeError.
+    """
+    zeta = zeta.detach()
+    if obj.loss(zeta).item() > 1e-8:
+        raise ValueError("zeta is not on Gamma (L > 1e-8): project it first")
+    reference = GramPreconditioner.at(obj, zeta)
+    trace0, lmax0 = sharpness_on_manifold(obj, zeta, reference=reference)
+    cfg = config
+    if cfg.eta * lmax0 > cfg.max_eta_lambda:
+        raise ValueError(f"eta x lambda_max = {cfg.eta * lmax0:.3f} exceeds {cfg.max_eta_lambda}: "
+                         "outside the small-learning-rate regime of the slow SDE")
+    workers, b_loc, H = cfg.rule.workers, cfg.local_batch, cfg.local_steps
+    x_all, y_all = _stacked_data(obj)
+    n = len(x_all)
+    models = cfg.seeds * workers
+    theta = zeta.expand(models, -1).clone()
+
+    def batch_loss(t: Tensor, xb: Tensor, tb: Tensor) -> Tensor:
+        return half_squared_error(obj.forward(t, xb), tb)
+
+    batched_grad = vmap(grad(batch_loss))
+    single_grad = grad(batch_loss)
+    vectorize = cfg.vectorize if cfg.vectorize is not None else b_loc < 4
+
+    def step_gradients(t: Tensor, xb: Tensor, tb: Tensor) -> Tensor:
+        if vectorize:
+            return batched_grad(t, xb, tb)
+        return torch.stack([single_grad(t[m], xb[m], tb[m]) for m in range(len(t))])
+    times, traces, lmaxes, losses, dists = [0.0], [[trace0] * cfg.seeds], [[lmax0] * cfg.seeds], [[0.0] * cfg.seeds], [[0.0] * cfg.seeds]
+    steps = 0
+    for r in range(1, cfg.rounds + 1):
+        for _ in range(H):
+            idx = torch.randint(0, n, (models, b_loc), generator=generator)
+            noise = torch.randn((models, b_loc, y_all.shape[1]), generator=generator, dtype=theta.dtype)
+            theta = theta - cfg.eta * step_gradients(theta, x_all[idx], y_all[idx] + cfg.sigma * noise)
+        steps += H
+        if workers > 1:
+            theta = theta.view(cfg.seeds, workers, -1).mean(1).repeat_interleave(workers, 0)
+        if r % cfg.checkpoint_every:
+            continue
+        row_t, row_l, row_loss, row_d = [], [], [], []
+        for s in range(cfg.seeds):
+            iterate = theta[s * workers]
+            lr = 1.0 / _largest_lambda_seen(lmaxes)
+            proj, report = project_to_manifold(obj, iterate, gd_steps=cfg.gd_steps, gd_lr=lr,
+                                               preconditioner=reference)
+            tr, lm = sharpness_on_manifold(obj, proj, reference=reference)
+            row_t.append(tr), row_l.append(lm), row_loss.append(report.loss)
+            row_d.append((proj - zeta).norm().item())
+        times.append(steps * cfg.eta ** 2)
+        traces.append(row_t), lmaxes.append(row_l), losses.append(row_loss), dists.append(row_d)
+    result = ContinuationResult(config=cfg, times=torch.tensor(times), trace=torch.tensor(traces),
+                                lambda_max=torch.tensor(lmaxes), projection_loss=torch.tensor(losses),
+                                projection_distance=torch.tensor(dists))
+    _check_regime(result, zeta)
+    return result
+
+
+def _largest_lambda_seen(lmaxes: list) -> float:
+    """Largest lambda_max seen so far (sets the gradient-descent step 1 / lambda_max of the projection)."""
+    return max(max(row) for row in lmaxes)
+
+
+def _check_regime(result: ContinuationResult, zeta: Tensor) -> None:
+    cfg = result.config
+    rel = ((result.trace - result.trace[0]).abs() / result.trace[0]).max().item()
+    if rel > cfg.max_relative_change:
+        warnings.warn(f"tr H changed by {rel:.1%} (> {cfg.max_relative_change:.0%}): beyond the "
+                      "linear-in-time regime where one rate describes the run", RegimeWarning, stacklevel=3)
+    if result.projection_distance.max().item() > 0.1 * zeta.norm().item():
+        warnings.warn("the projected iterate moved more than 10% of |zeta|: far from the starting point",
+                      RegimeWarning, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class SlopeFit:
+    """Least-squares slopes d/dt over seeds: mean, std over seeds, per-seed values (seeds,)."""
+    mean: float
+    std: float
+    per_seed: Tensor
+
+
+def fit_slope(times: Tensor, values: Tensor, *, skip: int = 1) -> SlopeFit:
+    """Slope of values (n, seeds) against times (n,) with a free intercept, dropping the first `skip` rows.
+
+    The free intercept absorbs the constant O(eta sigma^2 / B) bias of reading a projection of
+    a noisy iterate; skipping t = 0 (the exact start) avoids mixing it in.
+    """
+    t, v = times[skip:].to(torch.float64), values[skip:].to(torch.float64)
+    if len(t) < 2:
+        raise ValueError(f"need at least 2 checkpoints after skipping {skip}, got {len(t)}")
+    tc = t - t.mean()
+    slopes = (tc[:, None] * (v - v.mean(0))).sum(0) / (tc ** 2).sum()
+    std = slopes.std().item() if slopes.numel() > 1 else math.nan
+    return SlopeFit(mean=slopes.mean().item(), std=std, per_seed=slopes)

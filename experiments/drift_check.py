@@ -1,0 +1,187 @@
+"""Predicted vs measured sharpness drift under label noise on real CIFAR-10 (issue #6).
+
+`prepare_point` builds the setting (real balanced CIFAR-10 subset, small GELU CNN, squared loss)
+and a point zeta of Gamma; `compare_rule` predicts d tr H/dt and d lambda_max/dt there
+(`sde.label_noise`, exact path) and measures them with continuation runs
+(`experiments.continuation`), returning one `DriftComparison` row. Run as
+
+    OMP_NUM_THREADS=1 python -m experiments.drift_check --out results.json
+
+which uses 1 torch thread (set deliberately: the cores are shared) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dynamics.objective import Objective
+from experiments.continuation import ContinuationConfig, fit_slope, run_continuation
+from experiments.manifold import (ProjectionReport, build_small_cnn, build_small_mlp, cifar_subset, project_to_manifold,
+                                  squared_loss_objective, train_to_interpolation)
+from sde.label_noise import gauss_newton_geometry, predict_label_noise_rates, sharpness_gradients
+from sde.rules import QSR, SGD, LocalSGD
+
+
+@dataclass(frozen=True)
+class PointSetup:
+    """The setting: n real images (n/10 per class) at image_size, the network ("cnn" or "mlp"), Adam steps."""
+    n: int = 200
+    image_size: int = 16
+    model: str = "cnn"
+    model_seed: int = 0
+    adam_steps: int = 3000
+    adam_lr: float = 3e-3
+
+
+def prepare_point(root: str | Path, setup: PointSetup = PointSetup(), *,
+                  cache: str | Path | None = None) -> tuple[Objective, Tensor, ProjectionReport | None]:
+    """(objective, zeta on Gamma with L <= 1e-10, projection report) for `setup`.
+
+    With `cache`, zeta is loaded from / saved to that file (keyed by the setup) and the report is None when loaded.
+    """
+    x, y = cifar_subset(root, setup.n, image_size=setup.image_size)
+    if setup.model not in ("cnn", "mlp"):
+        raise ValueError(f"setup.model must be 'cnn' or 'mlp', got {setup.model!r}")
+    build = build_small_cnn if setup.model == "cnn" else build_small_mlp
+    model = build(image_size=setup.image_size, generator=torch.Generator().manual_seed(setup.model_seed))
+    obj = squared_loss_objective(model, x, y)
+    if cache is not None and Path(cache).exists():
+        saved = torch.load(cache)
+        if saved.get("setup") == asdict(setup):
+            return obj, saved["zeta"], None
+    theta = train_to_interpolation(obj, steps=setup.adam_steps, lr=setup.adam_lr, target_loss=1e-5)
+    zeta, report = project_to_manifold(obj, theta, tol=1e-10)
+    if cache is not None:
+        torch.save({"setup": asdict(setup), "zeta": zeta}, cache)
+    return obj, zeta, report
+
+
+@dataclass(frozen=True)
+class DriftComparison:
+    """One rule at one (eta, sigma): predicted and measured slopes (slow time) of tr H and lambda_max."""
+    rule: str
+    eta: float
+    sigma: float
+    local_steps: int
+    seeds: int
+    slow_time: float
+    trace: float
+    lambda_max: float
+    predicted_trace_rate: float
+    predicted_lambda_max_rate: float
+    predicted_trace_rate_limit: float      # eta -> 0 limit (differs from the above only for QSR)
+    measured_trace_rate: float
+    measured_trace_rate_std: float
+    measured_lambda_max_rate: float
+    measured_lambda_max_rate_std: float
+    max_projection_loss: float
+    seconds: float
+
+    @property
+    def trace_ratio(self) -> float:
+        """measured / predicted d tr H / dt."""
+        return self.measured_trace_rate / self.predicted_trace_rate
+
+
+def compare_rule(obj: Objective, zeta: Tensor, config: ContinuationConfig, *, seed: int = 0,
+                 geometry=None, gradients=None) -> DriftComparison:
+    """Predict (exact path) and measure (continuation, projected readings) for one config."""
+    start = time.perf_counter()
+    geometry = geometry or gauss_newton_geometry(obj, zeta)
+    gradients = gradients or sharpness_gradients(obj, geometry)
+    rule = config.rule
+    if isinstance(rule, QSR):
+        alpha = config.qsr_alpha if config.qsr_alpha is not None else rule.alpha
+        # the rule actually run: H = round((alpha/eta)^2), i.e. beta = eta H
+        finite = LocalSGD(rule.workers, rule.local_batch, config.eta * config.local_steps)
+        pred = predict_label_noise_rates(obj, geometry, finite, sigma=config.sigma, gradients=gradients)
+        limit = predict_label_noise_rates(obj, geometry, rule, sigma=config.sigma, gradients=gradients)
+    else:
+        pred = limit = predict_label_noise_rates(obj, geometry, rule, sigma=config.sigma, gradients=gradients)
+    result = run_continuation(obj, zeta, config, generator=torch.Generator().manual_seed(seed))
+    tr = fit_slope(result.times, result.trace)
+    lm = fit_slope(result.times, result.lambda_max)
+    return DriftComparison(
+        rule=repr(rule), eta=config.eta, sigma=config.sigma, local_steps=config.local_steps,
+        seeds=config.seeds, slow_time=float(result.times[-1]), trace=geometry.trace,
+        lambda_max=geometry.lambda_max, predicted_trace_rate=pred.trace_rate,
+        predicted_lambda_max_rate=pred.lambda_max_rate, predicted_trace_rate_limit=limit.trace_rate,
+        measured_trace_rate=tr.mean, measured_trace_rate_std=tr.std, measured_lambda_max_rate=lm.mean,
+        measured_lambda_max_rate_std=lm.std, max_projection_loss=float(result.projection_loss.max()),
+        seconds=time.perf_counter() - start)
+
+
+def extrapolate_to_zero_eta(etas, values) -> float:
+    """Intercept at eta = 0 of the least-squares line through (eta, value): removes the O(eta)
+    corrections (eta lambda / 2 of discrete normal fluctuations, the residuals' sampling noise)
+    that the eta -> 0 slow SDE omits. With two points it is Richardson extrapolation."""
+    eta = torch.as_tensor(etas, dtype=torch.float64)
+    val = torch.as_tensor(values, dtype=torch.float64)
+    if eta.numel() < 2 or eta.shape != val.shape:
+        raise ValueError("need at least two (eta, value) pairs of equal length")
+    ec = eta - eta.mean()
+    slope = (ec * (val - val.mean())).sum() / (ec ** 2).sum()
+    return float(val.mean() - slope * eta.mean())
+
+
+def default_configs(eta: float = 0.004, sigma: float = 0.1, steps: int = 5000, seeds: int = 4,
+                    checkpoints: int = 5, *, qsr_alpha: float = 0.08) -> list[ContinuationConfig]:
+    """SGD (B = 8), Local SGD (K = 4, B_loc = 2, beta = 0.4) and QSR (K = 4, B_loc = 2, alpha = qsr_alpha)."""
+    per = steps // checkpoints
+    sgd = ContinuationConfig(rule=SGD(8), eta=eta, sigma=sigma, rounds=checkpoints, seeds=seeds,
+                             steps_per_round_sgd=per)
+    local = ContinuationConfig(rule=LocalSGD(4, 2, 0.4), eta=eta, sigma=sigma, rounds=steps // round(0.4 / eta),
+                               checkpoint_every=max(1, steps // round(0.4 / eta) // checkpoints), seeds=seeds)
+    h_qsr = round((qsr_alpha / eta) ** 2)
+    qsr = ContinuationConfig(rule=QSR(4, 2, alpha=qsr_alpha), eta=eta, sigma=sigma, rounds=max(checkpoints, steps // h_qsr),
+                             checkpoint_every=max(1, steps // h_qsr // checkpoints), seeds=seeds)
+    return [sgd, local, qsr]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None, help="folder with cifar-10-binary.tar.gz (default: CIFAR10_DIR)")
+    parser.add_argument("--cache", default=None, help="file to keep zeta in between runs")
+    parser.add_argument("--out", required=True, help="JSON lines file to append the rows to")
+    parser.add_argument("--eta", type=float, nargs="+", default=[0.004])
+    parser.add_argument("--sigma", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--rules", nargs="+", default=["sgd", "local", "qsr"])
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--checkpoints", type=int, default=5)
+    parser.add_argument("--qsr-alpha", type=float, default=0.08)
+    parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn")
+    parser.add_argument("--n", type=int, default=100, help="images for --model mlp")
+    parser.add_argument("--vectorize", action="store_true", help="vmap all seeds x workers every step")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    import os
+    root = args.data or os.environ.get("CIFAR10_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    setup = PointSetup() if args.model == "cnn" else PointSetup(n=args.n, image_size=8, model="mlp")
+    obj, zeta, _ = prepare_point(root, setup, cache=args.cache)
+    geometry = gauss_newton_geometry(obj, zeta)
+    gradients = sharpness_gradients(obj, geometry)
+    names = {"sgd": 0, "local": 1, "qsr": 2}
+    for eta in args.eta:
+        for sigma in args.sigma:
+            configs = default_configs(eta, sigma, args.steps, args.seeds, args.checkpoints, qsr_alpha=args.qsr_alpha)
+            if args.vectorize:
+                configs = [dataclasses.replace(c, vectorize=True) for c in configs]
+            for name in args.rules:
+                row = compare_rule(obj, zeta, configs[names[name]], geometry=geometry, gradients=gradients)
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(asdict(row)) + "\n")
+                print(f"{row.rule:45s} eta={eta} sigma={sigma} pred={row.predicted_trace_rate:.4g} "
+                      f"meas={row.measured_trace_rate:.4g}+-{row.measured_trace_rate_std:.2g} "
+                      f"ratio={row.trace_ratio:.3f} ({row.seconds:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
