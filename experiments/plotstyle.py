@@ -89,6 +89,7 @@ def save_figure(fig, name: str, folder: str | os.PathLike | None = None) -> list
         os.close(fd)
         try:
             fig.savefig(tmp, format=ext)
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600 files; figures are for everyone to read
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):

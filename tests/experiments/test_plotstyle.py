@@ -41,6 +41,7 @@ def test_save_figure_writes_png_and_pdf(tmp_path):
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths[1].read_bytes()[:5] == b"%PDF-"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.pdf", "demo.png"]  # no temp files left
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in paths)
     plt.close(fig)
 
 
