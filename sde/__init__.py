@@ -17,7 +17,7 @@ from .rules import QSR, SGD, LocalSGD
 from .slow_sde import SlowSDETerms, drift_and_diffusion, slow_sde
 from .projection import project
 from .simulate import simulate
-from . import discrete, toys
+from . import analysis, discrete, label_noise, toys
 
 __all__ = ["Problem", "MatrixFreeProblem", "psi", "psi_integral", "SGD", "LocalSGD", "QSR",
            "slow_sde", "SlowSDETerms", "drift_and_diffusion", "blocks", "project", "simulate", "toys",
