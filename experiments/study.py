@@ -1,0 +1,275 @@
+"""Studies over many runs: a grid of configs x seeds through the trainer, its metrics.jsonl
+files read back into per-seed arrays, and mean +/- std tables over seeds (DESIGN.md: results
+are reported as mean +/- std over seeds, never one lucky run).
+
+    specs = grid(base, {"SGD": {}, "QSR": {"sync": "qsr", "qsr_alpha": 0.05}}, seeds=(0, 1, 2),
+                 root="runs/study", group="main")
+    run_grid(specs)                          # skips runs already finished with the same config
+    curves = load_curves(specs)              # {("main", "SGD"): Curves, ...}
+    rows = summarize(curves, ["test_acc"])   # final values, mean / std (ddof=1) / n over seeds
+
+A run's folder is `root/group/method/seed{seed}`. Each `Curves` holds the evaluation epochs
+and steps (identical for every seed of one method, since the synchronization and learning-rate
+schedules are deterministic) and one (n_seeds, T) array per metrics field, NaN where a record
+has no value (sharpness is measured only at the `track_sharpness` evaluations).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from experiments.config import TrainConfig
+from experiments.metrics import read_metrics
+
+FIELDS = ("lr", "H", "train_loss", "train_acc", "test_loss", "test_acc", "worker_spread",
+          "top_eigenvalue", "hessian_trace", "hessian_trace_stderr", "wall_time")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a study: its group (a setting such as "main" or "large_lr"), the method
+    name, the seed and the full config (whose `out` is the run's folder)."""
+    group: str
+    method: str
+    seed: int
+    config: TrainConfig
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+
+def grid(base: TrainConfig, methods: Mapping[str, Mapping], *, seeds: Sequence[int],
+         root: str | Path, group: str = "main", sharpness_points: int = 0,
+         **shared) -> list[RunSpec]:
+    """Every method x seed: `base` with `shared` overrides, then the method's overrides, the
+    seed and out = root/group/method/seed{seed}; with `sharpness_points`, sharpness tracked at
+    that many evaluations (`track_sharpness_evenly`). Invalid combinations raise ValueError
+    here, before any training."""
+    if not methods:
+        raise ValueError("grid needs at least one method")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a non-empty list of distinct integers, got {list(seeds)}")
+    for name in methods:
+        if not name or "/" in name:
+            raise ValueError(f"method names become folder names; got {name!r}")
+    specs = []
+    for name, overrides in methods.items():
+        for seed in seeds:
+            out = Path(root) / group / name / f"seed{seed}"
+            cfg = base.replace(**{**shared, **overrides, "seed": int(seed), "out": str(out)})
+            if sharpness_points:
+                cfg = track_sharpness_evenly(cfg, sharpness_points)
+            specs.append(RunSpec(group, name, int(seed), cfg))
+    return specs
+
+
+def steps_per_epoch(cfg: TrainConfig) -> int:
+    """Steps per epoch the trainer will use: cfg.steps_per_epoch, else (N // K) // B_loc for
+    N training images (as `experiments.sampling.WorkerSampler` computes it)."""
+    if cfg.steps_per_epoch:
+        return cfg.steps_per_epoch
+    n = cfg.synthetic_size if cfg.data == "synthetic" else (cfg.train_size or 50_000)
+    return (n // cfg.workers) // cfg.local_batch
+
+
+def evaluation_steps(cfg: TrainConfig) -> list[int]:
+    """The steps at which the trainer will evaluate `cfg`: the end of the first global round
+    at or after every multiple of eval_every, and the last step (replays the schedules)."""
+    from experiments.schedules import build_lr_schedule, build_sync_schedule, plan_rounds
+    spe = steps_per_epoch(cfg)
+    if spe < 1:
+        raise ValueError(f"{cfg.workers} workers x local batch {cfg.local_batch} exceed the training set")
+    total = max(1, round(cfg.epochs * spe))
+    lr = build_lr_schedule(cfg, steps_per_epoch=spe, total_steps=total)
+    steps, pending = [], False
+    for _, first, rnd in plan_rounds(build_sync_schedule(cfg, steps_per_epoch=spe), lr, total):
+        end = first + rnd.steps
+        every = cfg.eval_every
+        pending |= bool(every and end // every > first // every) or end == total
+        if pending and rnd.is_global:
+            steps.append(end)
+            pending = False
+    return steps
+
+
+def track_sharpness_evenly(cfg: TrainConfig, count: int) -> TrainConfig:
+    """`cfg` with sharpness tracked at `count` evaluations evenly spread over its evaluations,
+    always including the first and the last (so every method has a final sharpness)."""
+    n = len(evaluation_steps(cfg))
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    picks = sorted({int(round(i)) for i in np.linspace(0, n - 1, min(count, n))} | {n - 1})
+    return cfg.replace(track_sharpness=tuple(picks))
+
+
+def is_finished(spec: RunSpec) -> bool:
+    """True if spec's folder holds a final.pt and metrics written by the same computation
+    (config fingerprint equal; fields such as `out` or `backend` may differ)."""
+    out = spec.out
+    if not (out / "final.pt").exists() or not (out / "metrics.jsonl").exists():
+        return False
+    try:
+        saved = json.loads((out / "config.json").read_text())["config"]
+        return TrainConfig.from_dict(saved).fingerprint() == spec.config.fingerprint()
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def run_grid(specs: Iterable[RunSpec], *, train_fn: Callable | None = None,
+             skip_finished: bool = True,
+             on_run: Callable[[RunSpec, bool, float], None] | None = None) -> list[RunSpec]:
+    """Train every spec in order (in this process, `experiments.trainer.train` unless
+    `train_fn` is given); with `skip_finished` a run whose folder already holds the same
+    computation's results is not repeated. `on_run(spec, skipped, seconds)` is called after
+    each. Returns the specs that were trained."""
+    if train_fn is None:
+        from experiments.trainer import train as train_fn
+    trained = []
+    for spec in specs:
+        start = time.perf_counter()
+        skipped = skip_finished and is_finished(spec)
+        if not skipped:
+            train_fn(spec.config)
+            trained.append(spec)
+        if on_run is not None:
+            on_run(spec, skipped, time.perf_counter() - start)
+    return trained
+
+
+# ---------------------------------------------------------------------------- reading results
+@dataclass(frozen=True)
+class Curves:
+    """The evaluations of one method over seeds: `epochs`, `steps` (T,), `values[field]`
+    (n_seeds, T) with NaN where a record lacks the field, `seeds` in row order."""
+    epochs: np.ndarray
+    steps: np.ndarray
+    values: dict
+    seeds: tuple
+
+    def __getitem__(self, field: str) -> np.ndarray:
+        if field not in self.values:
+            raise KeyError(f"no field {field!r}; have {sorted(self.values)}")
+        return self.values[field]
+
+    def tracked(self, field: str) -> tuple[np.ndarray, np.ndarray]:
+        """(epochs (T',), values (n_seeds, T')) of the evaluations where every seed has `field`."""
+        v = self[field]
+        keep = np.isfinite(v).all(axis=0)
+        return self.epochs[keep], v[:, keep]
+
+    def final(self, field: str) -> np.ndarray:
+        """(n_seeds,) the last value of `field` each seed has (NaN if it has none)."""
+        v = self[field]
+        out = np.full(v.shape[0], np.nan)
+        for i, row in enumerate(v):
+            finite = np.flatnonzero(np.isfinite(row))
+            if finite.size:
+                out[i] = row[finite[-1]]
+        return out
+
+
+def _as_float(value) -> float:
+    if value is None:
+        return math.nan
+    return float(value)  # non-finite values are stored as strings ("nan", "inf")
+
+
+def curves_from_records(records_by_seed: Mapping[int, list], fields: Sequence[str] = FIELDS) -> Curves:
+    """`Curves` from {seed: list of metrics records}; every seed must have been evaluated at
+    the same steps (ValueError otherwise)."""
+    if not records_by_seed:
+        raise ValueError("no runs to read")
+    seeds = tuple(sorted(records_by_seed))
+    steps = [tuple(r["step"] for r in records_by_seed[s]) for s in seeds]
+    if any(st != steps[0] for st in steps) or not steps[0]:
+        raise ValueError(f"seeds {seeds} were evaluated at different steps (or not at all): "
+                         f"{[len(st) for st in steps]} evaluations")
+    first = records_by_seed[seeds[0]]
+    values = {f: np.array([[_as_float(r.get(f)) for r in records_by_seed[s]] for s in seeds])
+              for f in fields}
+    return Curves(epochs=np.array([float(r["epoch"]) for r in first]),
+                  steps=np.array(steps[0], dtype=np.int64), values=values, seeds=seeds)
+
+
+def load_curves(specs: Iterable[RunSpec], fields: Sequence[str] = FIELDS) -> dict:
+    """{(group, method): Curves} from the metrics.jsonl of every spec (FileNotFoundError
+    naming the first missing run)."""
+    by_key: dict = {}
+    for spec in specs:
+        path = spec.out / "metrics.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"run {spec.group}/{spec.method}/seed{spec.seed} has no results at {path}")
+        by_key.setdefault((spec.group, spec.method), {})[spec.seed] = read_metrics(path)
+    return {key: curves_from_records(runs, fields) for key, runs in by_key.items()}
+
+
+# ---------------------------------------------------------------------------- tables
+def mean_std(samples) -> tuple[float, float, int]:
+    """(mean, sample std with ddof=1 (NaN for one sample), n) over the finite entries."""
+    x = np.asarray(samples, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return math.nan, math.nan, 0
+    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else math.nan, int(x.size)
+
+
+def paired_difference(curves: Curves, reference: Curves, field: str) -> np.ndarray:
+    """(n,) final value of `field` minus the reference's, seed by seed, over the seeds both
+    have (same seed: same initialization and data order in the trainer)."""
+    common = [s for s in curves.seeds if s in reference.seeds]
+    if not common:
+        raise ValueError("the two methods share no seed")
+    a, b = curves.final(field), reference.final(field)
+    return np.array([a[curves.seeds.index(s)] - b[reference.seeds.index(s)] for s in common])
+
+
+def summarize(curves: Mapping, fields: Sequence[str], *, reference: str | None = None) -> list[dict]:
+    """One row per key of `curves` (keys (group, method)): for every field the mean, std and n
+    over seeds of its final value; with `reference` (a method name), also `delta_<field>`: the
+    paired difference to that method of the same group (mean, std, n)."""
+    rows = []
+    for key, c in curves.items():
+        group, method = key
+        row = {"group": group, "method": method, "n_seeds": len(c.seeds)}
+        for f in fields:
+            row[f] = mean_std(c.final(f))
+            ref = curves.get((group, reference)) if reference is not None else None
+            if ref is not None and method != reference:
+                row["delta_" + f] = mean_std(paired_difference(c, ref, f))
+        rows.append(row)
+    return rows
+
+
+def format_mean_std(stat: tuple, fmt: str = "{:.4f}", scale: float = 1.0) -> str:
+    mean, std, n = stat
+    if n == 0:
+        return "n/a"
+    if n == 1:
+        return fmt.format(mean * scale) + " (1 seed)"
+    return f"{fmt.format(mean * scale)} ± {fmt.replace('+', '').format(std * scale)}"
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
+    """A markdown table: `columns` are (header, key, fmt, scale); entries of a row that are
+    (mean, std, n) tuples print as "mean ± std", missing ones as "-"."""
+    lines = ["| " + " | ".join(h for h, *_ in columns) + " |",
+             "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for _, key, fmt, scale in columns:
+            v = row.get(key)
+            if v is None:
+                cells.append("-")
+            elif isinstance(v, tuple):
+                cells.append(format_mean_std(v, fmt, scale))
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
