@@ -1,0 +1,412 @@
+"""`make demo`: the slow-SDE label-noise drift checked on a toy and on real CIFAR-10 (issue #6).
+
+    python -m experiments.demo [--data-dir DIR] [--download] [--out DIR] [--quick]
+
+(a) Toy: `sde.toys.DiagonalNet` with label noise. Discrete SGD, Local SGD (H = beta / eta) and
+QSR (H = floor((alpha / eta)^2)) at three learning rates (`sde.discrete`); the slope of
+log p_1 (p = u v, conserved by gradient flow, so read at the iterate) is extrapolated to
+eta -> 0 (`sde.analysis.extrapolate_to_zero`) and compared with the slow-SDE rate
+-4 sigma^2 m_1 w(lambda_1) / B (THEORY.md, label-noise closed form).
+(b) Real CIFAR-10: a point zeta of Gamma of a small GELU MLP on a class-balanced subset
+(`experiments.drift_check.prepare_point`), the predicted d tr H/dt and d lambda_max/dt for SGD,
+Local SGD and QSR (`sde.label_noise`, exact path), and continuation runs with Gaussian label
+noise read at projections onto Gamma (`experiments.continuation`), mean +/- std over seeds.
+
+Slow time t = eta^2 x steps per worker. One torch thread (set here, deliberately: the machine's
+2 cores are shared and small tensor work does not gain from a second thread). Without data the
+toy part runs and the instructions to get CIFAR-10 are printed (exit status 0). Results: a JSON
+with provenance (date, git revision, settings, seeds) written atomically to --out, and figures
+demo_*.png/pdf via `experiments.plotstyle.save_figure`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from experiments.continuation import ContinuationConfig, fit_slope, run_continuation
+from experiments.data import download_cifar10, load_cifar10, resolve_cifar10_dir
+from experiments.drift_check import PointSetup, extrapolate_to_zero_eta, prepare_point
+from experiments.plotstyle import FIGURES_DIR, SLOW_TIME_LABEL, apply_style, save_figure
+from sde.analysis import extrapolate_to_zero
+from sde.discrete import local_steps_for_beta, qsr_local_steps, run_local_sgd
+from sde.label_noise import gauss_newton_geometry, predict_label_noise_rates, sharpness_gradients
+from sde.rules import QSR, SGD, LocalSGD
+from sde.toys import DiagonalNet
+
+TORCH_THREADS = 1
+RESULTS_NAME = "demo_results.json"
+
+
+@dataclass(frozen=True)
+class ToySettings:
+    """Diagonal net with m = (1, 1/2), w* = (1, 1), p(0) = (p0, p0), label-noise std sigma.
+
+    Rules share total batch B = 8: SGD(8), LocalSGD(K, 2, beta), QSR(K, 2, alpha). Each run lasts
+    `slow_time` (a multiple of alpha^2, one QSR round at every eta)."""
+    etas: tuple[float, ...] = (0.04, 0.02, 0.01)
+    sigma: float = 1.0
+    p0: float = 0.1
+    workers: int = 4
+    beta: float = 0.2
+    alpha: float = 0.2
+    slow_time: float = 0.4
+    seeds: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CifarSettings:
+    """The CIFAR-10 point and its continuation runs (rules with total batch 8 as in drift_check)."""
+    point: PointSetup = field(default_factory=lambda: PointSetup(n=100, image_size=8, model="mlp"))
+    etas: tuple[float, ...] = (0.004, 0.008)
+    sigma: float = 0.1
+    steps: int = 2000
+    checkpoints: int = 4
+    seeds: int = 4
+    workers: int = 4
+    local_batch: int = 2
+    beta: float = 0.4
+    qsr_alpha: float = 0.08
+    seed: int = 0
+
+
+QUICK_TOY = ToySettings(seeds=64, slow_time=0.1, alpha=0.2 / math.sqrt(2))
+QUICK_CIFAR = CifarSettings(point=PointSetup(n=10, image_size=4, model="mlp", adam_steps=3000),
+                            etas=(0.004,), steps=400, checkpoints=2, seeds=2, beta=0.2, qsr_alpha=0.04)
+
+
+# ----------------------------------------------------------------------------------------- toy
+def toy_rules(s: ToySettings) -> dict[str, object]:
+    b_loc = 8 // s.workers
+    return {"SGD": SGD(8), "Local": LocalSGD(s.workers, b_loc, s.beta), "QSR": QSR(s.workers, b_loc, alpha=s.alpha)}
+
+
+def run_toy(s: ToySettings, progress=print) -> dict:
+    """Measured slopes of log p_1 per rule and eta, their eta -> 0 extrapolation, and the predictions."""
+    X = torch.diag(torch.tensor([math.sqrt(2.0), 1.0], dtype=torch.float64))   # m = (1, 1/2)
+    net = DiagonalNet(X, torch.ones(2, dtype=torch.float64), s.sigma)
+    zeta0 = net.point_on_gamma(torch.full((2,), s.p0, dtype=torch.float64))
+    lam1 = float(net.eigenvalues(zeta0)[0])
+    gen = torch.Generator().manual_seed(s.seed)
+    out = {"lambda_1": lam1, "rules": {}}
+    for name, rule in toy_rules(s).items():
+        predicted = float(net.log_rate(zeta0, rule)[0])
+        rows = []
+        for eta in s.etas:
+            if isinstance(rule, SGD):
+                workers, b_loc, H = 1, rule.batch_size, 1
+            elif isinstance(rule, LocalSGD):
+                workers, b_loc, H = rule.workers, rule.local_batch, local_steps_for_beta(rule.beta, eta)
+            else:
+                workers, b_loc, H = rule.workers, rule.local_batch, qsr_local_steps(eta, rule.alpha)
+            rounds = max(2, round(s.slow_time / (H * eta ** 2)))
+            start = time.perf_counter()
+            run = run_local_sgd(net.sample_gradient, zeta0, eta=eta, workers=workers, local_batch=b_loc,
+                                local_steps=H, n_rounds=rounds, n_seeds=s.seeds, generator=gen,
+                                observe=lambda th: torch.log(net.products(th)[:, 0]),
+                                observe_every=max(1, rounds // 20))
+            slope = fit_slope(run.times, run.values, skip=0)
+            rows.append({"eta": eta, "local_steps": H, "rounds": rounds, "measured": slope.mean,
+                         "stderr": slope.std / math.sqrt(s.seeds), "std": slope.std,
+                         "seconds": time.perf_counter() - start})
+            progress(f"  toy {name:5s} eta={eta:<6g} H={H:<4d} d log p1/dt = {slope.mean:+.4f} "
+                     f"(predicted {predicted:+.4f})")
+        ext = extrapolate_to_zero([r["eta"] for r in rows], [r["measured"] for r in rows],
+                                  [r["stderr"] for r in rows])
+        out["rules"][name] = {"rule": repr(rule), "predicted": predicted, "rows": rows,
+                              "extrapolated": ext.value, "extrapolated_stderr": ext.stderr,
+                              "ratio": ext.value / predicted}
+    return out
+
+
+def toy_table(toy: dict, etas) -> str:
+    head = f"{'rule':6s} {'predicted':>10s}" + "".join(f" {'eta=' + format(e, 'g'):>10s}" for e in etas)
+    head += f" {'eta->0':>18s} {'ratio':>7s}"
+    lines = [head, "-" * len(head)]
+    for name, r in toy["rules"].items():
+        line = f"{name:6s} {r['predicted']:10.4f}" + "".join(f" {row['measured']:10.4f}" for row in r["rows"])
+        line += f" {r['extrapolated']:10.4f}+-{r['extrapolated_stderr']:6.4f} {r['ratio']:7.4f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- CIFAR
+def cifar_rules(s: CifarSettings) -> dict[str, object]:
+    b = s.workers * s.local_batch
+    return {"SGD": SGD(b), "Local": LocalSGD(s.workers, s.local_batch, s.beta),
+            "QSR": QSR(s.workers, s.local_batch, alpha=s.qsr_alpha)}
+
+
+def continuation_config(rule, eta: float, s: CifarSettings) -> ContinuationConfig:
+    """`s.steps` steps per worker (rounded to whole rounds), `s.checkpoints` projected readings."""
+    if isinstance(rule, SGD):
+        return ContinuationConfig(rule=rule, eta=eta, sigma=s.sigma, rounds=s.checkpoints, seeds=s.seeds,
+                                  steps_per_round_sgd=max(1, s.steps // s.checkpoints), vectorize=True)
+    H = local_steps_for_beta(rule.beta, eta) if isinstance(rule, LocalSGD) else max(1, round((rule.alpha / eta) ** 2))
+    rounds = max(s.checkpoints, s.steps // H)
+    every = max(1, rounds // s.checkpoints)
+    return ContinuationConfig(rule=rule, eta=eta, sigma=s.sigma, rounds=every * s.checkpoints,
+                              checkpoint_every=every, seeds=s.seeds, vectorize=True)
+
+
+def run_cifar(root: Path, s: CifarSettings, progress=print) -> dict:
+    """Point of Gamma, predictions (exact path) and continuation measurements for every rule and eta."""
+    start = time.perf_counter()
+    obj, zeta, report = prepare_point(root, s.point)
+    geometry = gauss_newton_geometry(obj, zeta)
+    gradients = sharpness_gradients(obj, geometry)
+    progress(f"  point: N={s.point.n} images {s.point.image_size}x{s.point.image_size}, D={obj.dim}, "
+             f"L(zeta)={geometry.loss:.2e}, tr H={geometry.trace:.3f}, lambda_max={geometry.lambda_max:.3f} "
+             f"({time.perf_counter() - start:.0f} s)")
+    out = {"point": {"n": s.point.n, "dim": obj.dim, "loss": geometry.loss, "trace": geometry.trace,
+                     "lambda_max": geometry.lambda_max, "rank": int(geometry.eigenvalues.numel()),
+                     "projection": asdict(report) if report is not None else None},
+           "eigenvalues": geometry.eigenvalues.tolist(), "runs": []}
+    rules = cifar_rules(s)
+    for eta in s.etas:
+        if eta * geometry.lambda_max > 0.5:
+            raise ValueError(f"eta={eta} gives eta x lambda_max = {eta * geometry.lambda_max:.2f} > 0.5")
+        for name, rule in rules.items():
+            config = continuation_config(rule, eta, s)
+            limit = predict_label_noise_rates(obj, geometry, rule, sigma=s.sigma, gradients=gradients)
+            # QSR as run: Local SGD weights at beta = eta H; the eta -> 0 limit is K x SGD
+            run_rule = LocalSGD(rule.workers, rule.local_batch, eta * config.local_steps) if isinstance(rule, QSR) else rule
+            pred = limit if run_rule is rule else predict_label_noise_rates(obj, geometry, run_rule, sigma=s.sigma,
+                                                                             gradients=gradients)
+            t0 = time.perf_counter()
+            res = run_continuation(obj, zeta, config, generator=torch.Generator().manual_seed(s.seed))
+            tr, lm = fit_slope(res.times, res.trace), fit_slope(res.times, res.lambda_max)
+            out["runs"].append({
+                "rule": name, "repr": repr(rule), "eta": eta, "sigma": s.sigma,
+                "local_steps": 1 if isinstance(rule, SGD) else config.local_steps,
+                "steps_per_worker": config.rounds * config.local_steps,
+                "rounds": config.rounds, "seeds": s.seeds, "eta_lambda_max": eta * geometry.lambda_max,
+                "predicted_trace_rate": pred.trace_rate, "predicted_trace_rate_limit": limit.trace_rate,
+                "predicted_lambda_max_rate": pred.lambda_max_rate,
+                "predicted_lambda_max_rate_limit": limit.lambda_max_rate,
+                "measured_trace_rate": tr.mean, "measured_trace_rate_std": tr.std,
+                "measured_trace_rate_per_seed": tr.per_seed.tolist(),
+                "measured_lambda_max_rate": lm.mean, "measured_lambda_max_rate_std": lm.std,
+                "measured_lambda_max_rate_per_seed": lm.per_seed.tolist(),
+                "times": res.times.tolist(), "trace": res.trace.T.tolist(), "lambda_max": res.lambda_max.T.tolist(),
+                "max_projection_loss": float(res.projection_loss.max()),
+                "max_projection_distance": float(res.projection_distance.max()),
+                "max_relative_trace_change": float(((res.trace - res.trace[0]).abs() / res.trace[0]).max()),
+                "seconds": time.perf_counter() - t0})
+            progress(f"  cifar {name:5s} eta={eta:<6g} H={out['runs'][-1]['local_steps']:<4d} d trH/dt: predicted "
+                     f"{pred.trace_rate:+.4g}, measured {tr.mean:+.4g} +- {tr.std:.2g} "
+                     f"({time.perf_counter() - t0:.0f} s)")
+    out["ratios"] = local_sgd_ratios(out["runs"], s.etas)
+    return out
+
+
+def local_sgd_ratios(runs: list[dict], etas) -> list[dict]:
+    """Local/SGD and QSR/SGD ratios of d trH/dt per eta: predicted, and measured mean +/- std over
+    seeds (seed s of one rule paired with seed s of SGD; the runs are independent)."""
+    rows = []
+    for eta in etas:
+        by = {r["rule"]: r for r in runs if r["eta"] == eta}
+        sgd = np.array(by["SGD"]["measured_trace_rate_per_seed"])
+        for name in ("Local", "QSR"):
+            per_seed = np.array(by[name]["measured_trace_rate_per_seed"]) / sgd
+            rows.append({"eta": eta, "rule": name,
+                         "predicted": by[name]["predicted_trace_rate"] / by["SGD"]["predicted_trace_rate"],
+                         "predicted_limit": by[name]["predicted_trace_rate_limit"] / by["SGD"]["predicted_trace_rate_limit"],
+                         "measured": float(per_seed.mean()),
+                         "measured_std": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else float("nan")})
+    if len(etas) >= 2:
+        for name in ("SGD", "Local", "QSR"):
+            ratios = [next(r for r in runs if r["rule"] == name and r["eta"] == e) for e in etas]
+            rows.append({"eta": 0.0, "rule": name + " measured/predicted",
+                         "predicted": 1.0, "predicted_limit": 1.0,
+                         "measured": extrapolate_to_zero_eta(etas, [r["measured_trace_rate"] / r["predicted_trace_rate"]
+                                                                    for r in ratios]),
+                         "measured_std": float("nan")})
+    return rows
+
+
+def cifar_table(cifar: dict) -> str:
+    head = (f"{'rule':6s} {'eta':>6s} {'H':>4s} {'pred dtrH/dt':>12s} {'measured':>18s} {'ratio':>6s} "
+            f"{'pred dlmax/dt':>13s} {'measured':>16s}")
+    lines = [head, "-" * len(head)]
+    for r in cifar["runs"]:
+        lines.append(f"{r['rule']:6s} {r['eta']:6g} {r['local_steps']:4d} {r['predicted_trace_rate']:12.4g} "
+                     f"{r['measured_trace_rate']:10.4g}+-{r['measured_trace_rate_std']:6.2g} "
+                     f"{r['measured_trace_rate'] / r['predicted_trace_rate']:6.3f} "
+                     f"{r['predicted_lambda_max_rate']:13.4g} "
+                     f"{r['measured_lambda_max_rate']:8.4g}+-{r['measured_lambda_max_rate_std']:6.2g}")
+    lines.append("")
+    lines.append(f"{'ratio of d trH/dt':28s} {'eta':>6s} {'predicted':>10s} {'eta->0 limit':>12s} {'measured':>16s}")
+    for r in cifar["ratios"]:
+        label = f"{r['rule']}/SGD" if r["eta"] else r["rule"] + " (eta->0 fit)"
+        lines.append(f"{label:28s} {r['eta']:6g} {r['predicted']:10.4f} {r['predicted_limit']:12.4f} "
+                     f"{r['measured']:8.4f}+-{r['measured_std']:6.3f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- figures
+def toy_figure(toy: dict, folder: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    for name, r in toy["rules"].items():
+        etas = [row["eta"] for row in r["rows"]]
+        ratios = [row["measured"] / r["predicted"] for row in r["rows"]]
+        errs = [row["stderr"] / abs(r["predicted"]) for row in r["rows"]]
+        line = ax.errorbar(etas, ratios, yerr=errs, marker="o", label=name, capsize=2)
+        ax.errorbar([0.0], [r["ratio"]], yerr=[r["extrapolated_stderr"] / abs(r["predicted"])], marker="*",
+                    markersize=10, color=line[0].get_color(), capsize=2)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel(r"learning rate $\eta$")
+    ax.set_ylabel(r"measured / predicted $d\log p_1/dt$")
+    ax.set_title("diagonal net, label noise: discrete runs vs slow SDE (stars: $\\eta\\to0$)")
+    ax.legend()
+    paths = save_figure(fig, "demo_toy_extrapolation", folder)
+    plt.close(fig)
+    return paths
+
+
+def cifar_figures(cifar: dict, folder: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    from experiments.plotstyle import band
+
+    paths = []
+    etas = sorted({r["eta"] for r in cifar["runs"]})
+    fig, axes = plt.subplots(1, len(etas), figsize=(5.5 * len(etas), 3.6), squeeze=False)
+    for ax, eta in zip(axes[0], etas):
+        for r in (r for r in cifar["runs"] if r["eta"] == eta):
+            t = np.array(r["times"])
+            trace = np.array(r["trace"])                      # (seeds, n)
+            line = band(ax, t, trace - trace[:, :1], label=f"{r['rule']} measured")
+            ax.plot(t, r["predicted_trace_rate"] * t, ls="--", color=line.get_color(), label=f"{r['rule']} predicted")
+        ax.set_xlabel(SLOW_TIME_LABEL)
+        ax.set_ylabel(r"tr $H(t)$ - tr $H(0)$ at the projection")
+        ax.set_title(f"CIFAR-10 MLP point, $\\eta$ = {eta:g}, $\\sigma$ = {cifar['runs'][0]['sigma']:g}")
+        ax.legend(fontsize=7)
+    paths += save_figure(fig, "demo_cifar_trace", folder)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    markers = {"SGD": "o", "Local": "s", "QSR": "^"}
+    lo = hi = 0.0
+    for r in cifar["runs"]:
+        p, m, e = r["predicted_trace_rate"], r["measured_trace_rate"], r["measured_trace_rate_std"]
+        ax.errorbar([p], [m], yerr=[0 if math.isnan(e) else e], marker=markers[r["rule"]], capsize=2,
+                    ls="none", label=f"{r['rule']} $\\eta$={r['eta']:g}")
+        lo, hi = min(lo, p, m), max(hi, p, m)
+    ax.plot([lo * 1.1, 0], [lo * 1.1, 0], color="k", lw=0.8, ls="--", label="identity")
+    ax.set_xlabel(r"predicted $d\,$tr$H/dt$ (per unit slow time)")
+    ax.set_ylabel(r"measured $d\,$tr$H/dt$ (mean $\pm$ std over seeds)")
+    ax.legend(fontsize=7)
+    paths += save_figure(fig, "demo_cifar_rates", folder)
+    plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------------------------- entry point
+def git_revision() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _finite(obj):
+    """NaN / inf -> None (strict JSON), recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json_atomic(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_finite(payload), f, indent=1, allow_nan=False, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _jsonable(settings) -> dict:
+    return json.loads(json.dumps(asdict(settings)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default: CIFAR10_DIR, else ./data)")
+    parser.add_argument("--download", action="store_true", help="download CIFAR-10 into the data folder if missing")
+    parser.add_argument("--out", default=str(FIGURES_DIR), help="folder for demo_*.png/pdf and demo_results.json")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(TORCH_THREADS)
+    import matplotlib
+    matplotlib.use("Agg")
+    apply_style()
+    out = Path(args.out)
+    toy_s, cifar_s = (QUICK_TOY, QUICK_CIFAR) if args.quick else (ToySettings(), CifarSettings())
+    start = time.perf_counter()
+    say = lambda msg: print(msg, flush=True)   # noqa: E731
+    say(f"demo ({'quick' if args.quick else 'full'} mode, {TORCH_THREADS} torch thread): output in {out}")
+    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "git_revision": git_revision(), "command": " ".join(["python -m experiments.demo", *(argv if argv is not None else sys.argv[1:])]),
+               "quick": args.quick, "torch_threads": TORCH_THREADS, "torch_version": torch.__version__,
+               "toy_settings": _jsonable(toy_s), "cifar_settings": _jsonable(cifar_s)}
+
+    say("(a) toy: diagonal net with label noise, discrete runs vs slow SDE")
+    toy = run_toy(toy_s, say)
+    results["toy"] = toy
+    figures = toy_figure(toy, out)
+    say(toy_table(toy, toy_s.etas))
+
+    root = resolve_cifar10_dir(args.data_dir)
+    try:
+        if args.download:
+            download_cifar10(root)
+        load_cifar10(root, "train")
+        have_data = True
+    except FileNotFoundError as err:
+        have_data = False
+        results["cifar10"] = None
+        results["cifar10_missing"] = str(err)
+        say(f"(b) skipped: no CIFAR-10 found in {root}.\n    To run it: download the binary version "
+            "(https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz) into a folder and pass --data-dir "
+            "FOLDER (or set CIFAR10_DIR), or rerun with --download to fetch it into that folder.")
+    if have_data:
+        say(f"(b) CIFAR-10 from {root}: predicted vs measured d trH/dt under label noise")
+        cifar = run_cifar(root, cifar_s, say)
+        results["cifar10"] = cifar
+        results["cifar10_root"] = str(root)
+        figures += cifar_figures(cifar, out)
+        say(cifar_table(cifar))
+    results["figures"] = [str(p) for p in figures]
+    results["wall_seconds"] = time.perf_counter() - start
+    write_json_atomic(results, out / RESULTS_NAME)
+    say(f"wrote {out / RESULTS_NAME} and {len(figures)} figure files; wall time {results['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

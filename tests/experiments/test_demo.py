@@ -1,0 +1,117 @@
+"""`python -m experiments.demo --quick` on a tiny real CIFAR-10 subset (10 images at 4x4, GELU MLP).
+
+Budget: about 60 s on one thread (two runs of the quick toy part, one tiny continuation set,
+and 100 reverse passes for the per-eigendirection reference).
+"""
+import contextlib
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from experiments import demo
+from experiments.drift_check import prepare_point
+from sde.label_noise import gauss_newton_geometry, jacobian_pairing_grad, sharpness_gradients
+
+RULES = ("SGD", "Local", "QSR")
+
+
+def run_demo(args):
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        status = demo.main(args)
+    return status, buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def with_data(cifar10_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    status, printed = run_demo(["--quick", "--data-dir", str(cifar10_dir), "--out", str(out)])
+    return status, printed, out, json.loads((out / demo.RESULTS_NAME).read_text())
+
+
+def test_results_carry_predicted_and_measured_rates_for_every_rule(with_data):
+    status, printed, _, res = with_data
+    assert status == 0
+    assert res["git_revision"] and res["date"] and res["torch_threads"] == 1
+    assert res["cifar_settings"]["seeds"] == demo.QUICK_CIFAR.seeds
+    runs = res["cifar10"]["runs"]
+    assert sorted(r["rule"] for r in runs) == sorted(RULES)
+    for r in runs:
+        # label noise lowers the trace in every rule; prediction and measurement both negative,
+        # and within 30% of each other even at this tiny size (drift_check finds 2-20% at eta = 0.004)
+        assert r["predicted_trace_rate"] < 0 and r["measured_trace_rate"] < 0
+        assert 0.7 < r["measured_trace_rate"] / r["predicted_trace_rate"] < 1.3
+        assert len(r["measured_trace_rate_per_seed"]) == demo.QUICK_CIFAR.seeds
+        assert r["max_projection_loss"] <= 1e-10
+    # every row of the printed table is there
+    for name in RULES:
+        assert any(line.startswith(name) for line in printed.splitlines())
+
+
+def test_toy_sgd_rate_extrapolates_to_the_slow_sde(with_data):
+    toy = with_data[3]["toy"]["rules"]
+    sgd = toy["SGD"]
+    # closed form -4 sigma^2 m_1 / B = -4 * 1 * 1 / 8
+    assert sgd["predicted"] == pytest.approx(-0.5, rel=1e-12)
+    # 64 seeds give a standard error of ~1.3% on the extrapolated value; 6% is > 4 standard
+    # errors, while the raw eta = 0.04 rate is ~5-10% off (the O(eta) bias extrapolation removes)
+    assert abs(sgd["extrapolated"] / sgd["predicted"] - 1) < 0.06
+    assert abs(sgd["extrapolated"] - sgd["predicted"]) < 5 * sgd["extrapolated_stderr"] + 0.01
+    for name in RULES:
+        assert [row["eta"] for row in toy[name]["rows"]] == list(demo.QUICK_TOY.etas)
+
+
+def _psi(x):
+    return (np.expm1(-x) + x) / x
+
+
+def test_local_over_sgd_predicted_ratio_is_the_closed_form_weighting(with_data, cifar10_dir):
+    res = with_data[3]
+    s = demo.QUICK_CIFAR
+    obj, zeta, _ = prepare_point(cifar10_dir, s.point)       # deterministic: the same point as the demo
+    geometry = gauss_newton_geometry(obj, zeta)
+    assert geometry.trace == pytest.approx(res["cifar10"]["point"]["trace"], rel=1e-9)
+    g_trace = sharpness_gradients(obj, geometry).trace
+    # contribution c_i of each Hessian eigendirection v_i to d trH/dt: g . P d3L[v_i v_i^T]
+    contributions = []
+    for i in range(len(geometry.eigenvalues)):
+        e = torch.zeros_like(geometry.eigenvalues)
+        e[i] = 1
+        pairing = geometry.gram_function_times_jacobian(e)
+        d3 = 2 / geometry.num_samples * geometry.tangent_project(jacobian_pairing_grad(obj, zeta, pairing))
+        contributions.append(float(g_trace @ d3))
+    c = np.array(contributions)
+    lam = geometry.eigenvalues.numpy()
+    weights = 1 + (s.workers - 1) * _psi(2 * s.beta * lam)            # THEORY.md, label noise
+    closed_form = float((weights * c).sum() / c.sum())
+    ratio = next(r for r in res["cifar10"]["ratios"] if r["rule"] == "Local")
+    # both are sums of the same float64 terms in different orders: agreement to rounding
+    assert ratio["predicted"] == pytest.approx(closed_form, rel=1e-8)
+    assert 1 < ratio["predicted"] < s.workers
+    qsr = next(r for r in res["cifar10"]["ratios"] if r["rule"] == "QSR")
+    assert qsr["predicted_limit"] == pytest.approx(s.workers, rel=1e-10)
+
+
+def test_figures_are_written(with_data):
+    out = with_data[2]
+    for stem in ("demo_toy_extrapolation", "demo_cifar_trace", "demo_cifar_rates"):
+        for ext in ("png", "pdf"):
+            assert (out / f"{stem}.{ext}").stat().st_size > 1000
+
+
+def test_without_data_runs_the_toy_and_says_how_to_get_cifar10(tmp_path, monkeypatch):
+    monkeypatch.delenv("CIFAR10_DIR", raising=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    status, printed = run_demo(["--quick", "--data-dir", str(empty), "--out", str(tmp_path / "out")])
+    assert status == 0
+    assert "no CIFAR-10 found" in printed and "--download" in printed and "--data-dir" in printed
+    res = json.loads((tmp_path / "out" / demo.RESULTS_NAME).read_text())
+    assert res["cifar10"] is None
+    assert all(math.isfinite(res["toy"]["rules"][n]["extrapolated"]) for n in RULES)
+    assert (tmp_path / "out" / "demo_toy_extrapolation.png").exists()
+    assert not (tmp_path / "out" / "demo_cifar_trace.png").exists()
