@@ -12,12 +12,7 @@ from sde.toys import DiagonalNet, RankOneFactorization, Sphere
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _diagonal_net():

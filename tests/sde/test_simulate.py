@@ -17,12 +17,7 @@ from sde.simulate import EulerMaruyama, euler_maruyama, save_times, simulate
 from sde.toys import DiagonalNet, RankOneFactorization, Sphere
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _slope(steps, errors):

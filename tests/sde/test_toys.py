@@ -16,12 +16,7 @@ from sde.toys import DiagonalNet, RankOneFactorization, Sphere
 RULES = [SGD(4), LocalSGD(2, 2, 0.3), LocalSGD(4, 1, 1.5), QSR(2, 2)]
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _net():
