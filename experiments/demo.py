@@ -250,9 +250,10 @@ def cifar_table(cifar: dict) -> str:
     lines.append("")
     lines.append(f"{'ratio of d trH/dt':28s} {'eta':>6s} {'predicted':>10s} {'eta->0 limit':>12s} {'measured':>16s}")
     for r in cifar["ratios"]:
-        label = f"{r['rule']}/SGD" if r["eta"] else r["rule"] + " (eta->0 fit)"
+        label = f"{r['rule']}/SGD" if r["eta"] else r["rule"] + " meas/pred (eta->0)"
+        spread = "" if math.isnan(r["measured_std"]) else f"+-{r['measured_std']:6.3f}"  # two-point fit: no spread
         lines.append(f"{label:28s} {r['eta']:6g} {r['predicted']:10.4f} {r['predicted_limit']:12.4f} "
-                     f"{r['measured']:8.4f}+-{r['measured_std']:6.3f}")
+                     f"{r['measured']:8.4f}{spread}")
     return "\n".join(lines)
 
 

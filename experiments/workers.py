@@ -114,6 +114,13 @@ class Workers:
         self.wd_mask = weight_decay_mask(self.model, wd_norm_bias=sgd.wd_norm_bias)
         if backend == "serial":
             self._copies = [self._bind_copy(k) for k in range(self.K)]
+            # per worker: its trainable parameters (views of params[k]) and momentum views, bound
+            # once so a step does no per-parameter Python bookkeeping beyond the update itself
+            self._copy_params = [[p for p in m.parameters() if p.requires_grad] for m in self._copies]
+            self._momentum_views = [list(_split_views(self.momentum[k], *self._p_layout, ()).values())
+                                    for k in range(self.K)]
+            mask = _split_views(self.wd_mask, *self._p_layout, ())
+            self._decayed = [i for i, t in enumerate(mask.values()) if bool(t.reshape(-1)[0])]
         else:
             self.params.requires_grad_(True)
 
@@ -229,10 +236,48 @@ class Workers:
                 d = d.add(self.momentum, alpha=o.momentum) if o.nesterov else self.momentum
             self.params.sub_(d, alpha=lr)
 
+    def _sgd_row_(self, k: int, grads: list[Tensor], lr: float) -> None:
+        """`apply_sgd_` for worker k alone, on per-parameter views (`grads` is used as scratch).
+
+        The same operations in the same order as the (K, D) update, element by element (equal up
+        to rounding: the weight decay is an add rather than a masked addcmul); done right after worker k's backward pass while its gradients are
+        still in cache, and without concatenating them into a (K, D) buffer.
+        """
+        o, params, mom = self.sgd, self._copy_params[k], self._momentum_views[k]
+        with torch.no_grad():
+            d = grads
+            if o.weight_decay and self._decayed:
+                torch._foreach_add_([grads[i] for i in self._decayed],
+                                    [params[i] for i in self._decayed], alpha=o.weight_decay)
+            if o.momentum:
+                torch._foreach_mul_(mom, o.momentum)
+                torch._foreach_add_(mom, d)
+                d = torch._foreach_add(d, mom, alpha=o.momentum) if o.nesterov else mom
+            torch._foreach_add_(params, d, alpha=-lr)
+
+    def _serial_step(self, x: Tensor, y: Tensor, lr: float) -> tuple[Tensor, Tensor]:
+        losses, correct = [], []
+        for k, m in enumerate(self._copies):
+            params = self._copy_params[k]
+            for p in params:
+                p.grad = None
+            with self._autocast():
+                logits = m(x[k])
+            loss = F.cross_entropy(self._loss_logits(logits), y[k])
+            loss.backward()
+            self._sgd_row_(k, [p.grad for p in params], lr)
+            for p in params:
+                p.grad = None
+            losses.append(loss.detach())
+            correct.append((logits.detach().argmax(-1) == y[k]).sum())
+        return torch.stack(losses), torch.stack(correct)
+
     def step(self, x: Tensor, y: Tensor, lr: float) -> tuple[Tensor, Tensor]:
         """One local SGD step of every worker on its own batch; returns (losses (K,), correct (K,))."""
         if x.shape[0] != self.K or y.shape[0] != self.K:
             raise ValueError(f"expected batches stacked over K={self.K} workers, got x {tuple(x.shape)}")
+        if self.backend == "serial":
+            return self._serial_step(self._prepare(x), y, lr)
         losses, correct, grads = self.forward_backward(x, y)
         self.apply_sgd_(grads, lr)
         return losses, correct

@@ -89,6 +89,30 @@ def test_H1_without_momentum_is_minibatch_sgd_with_the_total_batch(backend):
         torch.testing.assert_close(w.params[k].detach(), expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_serial_fused_per_worker_update_equals_the_stacked_update(nesterov):
+    # The serial step updates each worker from its per-parameter grads right after its backward
+    # pass (no (K, D) gradient buffer); it must equal autograd grads concatenated into (K, D)
+    # plus `apply_sgd_`, with weight decay masked off norm layers and biases.
+    model = build_model("resnet20", width=4).double()
+    sgd = SGDOptions(momentum=0.9, nesterov=nesterov, weight_decay=1e-2, wd_norm_bias=False)
+    fused, ref = (Workers(model, 3, backend="serial", sgd=sgd) for _ in range(2))
+    assert 0 < len(fused._decayed) < len(fused._copy_params[0])
+    for i, (x, y) in enumerate(_batches(3, 4, (3, 8, 8), 3, seed=11, classes=10)):
+        losses, correct = fused.step(x, y, lr=0.1 + 0.05 * i)
+        ref_losses, ref_correct, grads = ref.forward_backward(x, y)
+        # the reference gradients are the autograd gradients of each worker's own copy
+        assert torch.equal(grads[1], torch.cat([p.grad.reshape(-1) for p in ref._copy_params[1]]))
+        ref.apply_sgd_(grads, lr=0.1 + 0.05 * i)
+        # float64: the two update paths differ only in rounding (fused multiply-adds)
+        torch.testing.assert_close(losses, ref_losses, rtol=0, atol=1e-12)
+        assert torch.equal(correct, ref_correct)
+    assert (fused.params[0] - fused.params[1]).abs().max() > 1e-3
+    for name in ("params", "momentum", "buffers"):
+        torch.testing.assert_close(getattr(fused, name), getattr(ref, name), rtol=0, atol=1e-12)
+    assert all(p.grad is None for p in fused._copy_params[0])
+
+
 def test_weight_decay_mask_excludes_norm_layers_and_biases_like_param_groups_no_wd():
     model = build_model("resnet20", width=4)
     mask = weight_decay_mask(model, wd_norm_bias=False)
