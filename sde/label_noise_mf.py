@@ -260,7 +260,8 @@ def predict_label_noise_rates_cg(obj: Objective, zeta: Tensor, rules, *, sigma: 
 
     eig = top_eigenpairs(_AtZeta(), 1, tol=lanczos_tol, max_matvecs=2000, generator=generator)
     if not eig.converged:
-        raise RuntimeError(f"Lanczos for lambda_max did not reach tol {lanczos_tol:.1e} in 2000 Hessian-vector products")
+        raise RuntimeError(f"Lanczos for lambda_max did not reach tol {lanczos_tol:.1e} "
+                           "in 2000 Hessian-vector products")
     u = eig.vectors[:, 0]
     ju0 = jacobian_times(obj, zeta, u)
     pairing = lambda t: sum((jvp(lambda tt: obj.forward(tt, x), (t,), (u,))[1] * ju0[s:s + len(x)]).sum()
