@@ -9,7 +9,8 @@ work on these rows whatever the backend.
 Backends (exactly equivalent, BatchNorm buffers included; tests/experiments/test_workers.py):
 - "serial": the authors' design and the reference. K deep copies of the model whose
   parameters and buffers are views of row k; each step runs the K copies one after another
-  with plain autograd.
+  with plain autograd and updates worker k from its own gradients right after its backward
+  pass (`forward_backward` + `apply_sgd_` is the same step with the (K, D) gradients).
 - "vmap": one `torch.func.functional_call` of the model vmapped over the worker dimension,
   parameters and buffers passed as (K, ...) views of the stacked rows, one backward pass for
   all workers (the per-worker losses are summed; workers do not interact).
@@ -240,8 +241,9 @@ class Workers:
         """`apply_sgd_` for worker k alone, on per-parameter views (`grads` is used as scratch).
 
         The same operations in the same order as the (K, D) update, element by element (equal up
-        to rounding: the weight decay is an add rather than a masked addcmul); done right after worker k's backward pass while its gradients are
-        still in cache, and without concatenating them into a (K, D) buffer.
+        to rounding: the weight decay is an add rather than a masked addcmul). Run right after
+        worker k's backward pass, while its gradients are still in cache, it needs no (K, D)
+        gradient buffer and no concatenation (measured ~1-2% of a ResNet-20 step).
         """
         o, params, mom = self.sgd, self._copy_params[k], self._momentum_views[k]
         with torch.no_grad():
