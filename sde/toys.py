@@ -21,22 +21,15 @@ import math
 import torch
 from torch import Tensor
 
+from sde.label_noise import drift_weights
 from sde.problem import Problem
-from sde.psi import psi
-from sde.rules import QSR, SGD, check_rule
+from sde.rules import check_rule
 
 __all__ = ["DiagonalNet", "Sphere", "RankOneFactorization", "eigen_weight"]
 
 
-def eigen_weight(rule, lam: Tensor) -> Tensor:
-    """Label-noise weight of a Hessian eigenvalue lam: 1 (SGD), 1 + (K-1) psi(2 beta lam)
-    (Local SGD, Gu et al. 2023), K (QSR, Gu et al. 2024)."""
-    check_rule(rule)
-    if isinstance(rule, SGD):
-        return torch.ones_like(lam)
-    if isinstance(rule, QSR):
-        return torch.full_like(lam, float(rule.workers))
-    return 1.0 + (rule.workers - 1) * psi(2.0 * rule.beta * lam)
+# The label-noise weight of a Hessian eigenvalue (1, 1 + (K-1) psi(2 beta lam), K) has one home.
+eigen_weight = drift_weights
 
 
 def _label_noise_cov(per_sample_jac: Tensor, residuals: Tensor, sigma: float) -> Tensor:
