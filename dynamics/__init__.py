@@ -1,7 +1,10 @@
 """Measurement on a fixed-data training loss: Hessian-vector products, top eigenpairs, trace,
-spectral density, third-order contractions and gradient-noise probes (DESIGN.md, "Public contracts")."""
+spectral density, matrix functions f(A) v and traces tr(f(A) B) by Lanczos, third-order
+contractions and gradient-noise probes (DESIGN.md, "Public contracts")."""
 from dynamics.density import SpectralDensity, spectral_density
 from dynamics.lanczos import EigenResult, MatrixOperator, power_iteration, top_eigenpairs
+from dynamics.matrix_function import (FunctionApplication, FunctionTraceEstimate, apply_function,
+                                      trace_function_product)
 from dynamics.noise import Alignment, NoiseProbe, noise_probe
 from dynamics.objective import Objective
 from dynamics.third_order import GradTraceEstimate, LowRank, grad_trace_hessian, third_order
@@ -11,6 +14,7 @@ __all__ = [
     "Objective",
     "top_eigenpairs", "power_iteration", "EigenResult", "MatrixOperator",
     "hessian_trace", "TraceEstimate",
+    "apply_function", "FunctionApplication", "trace_function_product", "FunctionTraceEstimate",
     "spectral_density", "SpectralDensity",
     "third_order", "LowRank", "grad_trace_hessian", "GradTraceEstimate",
     "noise_probe", "NoiseProbe", "Alignment",
