@@ -8,17 +8,41 @@ from dynamics import Objective
 from tests.reference import (classification_batches, dense_loss_hessian, finite_difference_hessian,
                              tiny_cnn_bn, tiny_mlp)
 
+def relu_resnet_block(seed: int = 0) -> nn.Module:
+    """Strided conv -> BN -> ReLU -> grouped conv with bias -> BN -> ReLU -> pool -> linear, float64:
+    every layer FastDoubleBackward replaces, for 3 x 6 x 6 inputs (D = 188)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+        for bn in (model[1], model[4]):
+            bn.running_mean.copy_(torch.randn(4, generator=gen, dtype=torch.float64) * 0.3)
+            bn.running_var.copy_(1.0 + torch.rand(4, generator=gen, dtype=torch.float64))
+    return model
+
+
 CASES = {  # name -> (model builder, image inputs?, bn mode)
     "mlp": (tiny_mlp, False, "eval"),
     "cnn-eval": (tiny_cnn_bn, True, "eval"),
     "cnn-train": (tiny_cnn_bn, True, "train"),
+    "relu-cnn-eval": (relu_resnet_block, True, "eval"),
+}
+HVP_OPTIONS = {  # label -> Objective keyword arguments
+    "forward": dict(hvp_mode="forward"),
+    "reverse-stock": dict(hvp_mode="reverse", fast_backward=False),
+    "reverse-fast": dict(hvp_mode="reverse", fast_backward=True),
+    "reverse-fast-cached": dict(hvp_mode="reverse", fast_backward=True, cache_graphs=True),
 }
 
 
-def make_objective(case: str, hvp_mode: str = "forward", sizes=(7, 5)) -> Objective:
+def make_objective(case: str, hvp_mode: str = "forward", sizes=(7, 5), **options) -> Objective:
     build, image, bn = CASES[case]
     data = classification_batches(sum(sizes), image=image, sizes=list(sizes))
-    return Objective(build(), nn.CrossEntropyLoss(), data, bn=bn, hvp_mode=hvp_mode)
+    return Objective(build(), nn.CrossEntropyLoss(), data, bn=bn, hvp_mode=hvp_mode, **options)
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +50,10 @@ def dense_hessians():
     return {case: dense_loss_hessian(make_objective(case)) for case in CASES}
 
 
-@pytest.mark.parametrize("hvp_mode", ["forward", "reverse"])
+@pytest.mark.parametrize("option", list(HVP_OPTIONS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_hvp_matches_dense_hessian(case, hvp_mode, dense_hessians):
-    obj = make_objective(case, hvp_mode)
+def test_hvp_matches_dense_hessian(case, option, dense_hessians):
+    obj = make_objective(case, **HVP_OPTIONS[option])
     H = dense_hessians[case]
     V = torch.randn(obj.dim, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     # rtol 1e-5 as in DESIGN.md; both sides are exact in float64, so agreement is ~1e-14.
@@ -41,7 +65,7 @@ def test_hvp_matches_dense_hessian(case, hvp_mode, dense_hessians):
                                rtol=1e-5, atol=1e-10)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", ["mlp", "cnn-eval", "cnn-train"])  # smooth models only (no ReLU kinks)
 def test_dense_hessian_matches_finite_differences(case, dense_hessians):
     obj = make_objective(case)
     H = dense_hessians[case]
@@ -62,6 +86,35 @@ def test_loss_grad_hvp_do_not_depend_on_the_split(case):
     torch.testing.assert_close(whole.hvp(v), split.hvp(v), rtol=1e-11, atol=1e-14)
     # The mean of per-sample gradients is the gradient (eval-mode normalization only).
     torch.testing.assert_close(split.per_sample_grads().mean(0), whole.grad(), rtol=1e-11, atol=1e-14)
+
+
+def test_graph_cache_follows_theta_buffers_and_data(dense_hessians):
+    obj = make_objective("relu-cnn-eval", hvp_mode="reverse", cache_graphs=True)
+    H = dense_hessians["relu-cnn-eval"]
+    V = torch.randn(obj.dim, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    torch.testing.assert_close(obj.hvp(V[:, 0]), H @ V[:, 0], rtol=1e-5, atol=1e-10)
+    graphs = obj._graphs.graphs
+    torch.testing.assert_close(obj.hvp(V[:, 1]), H @ V[:, 1], rtol=1e-5, atol=1e-10)  # from the cache
+    assert obj._graphs.graphs is graphs and len(graphs) == 2  # one graph per batch, reused
+    # Another theta: rebuilt there, and the old graphs are dropped.
+    theta = obj.params + 0.1 * V[:, 0]
+    torch.testing.assert_close(obj.hvp(V[:, 1], theta), dense_loss_hessian(obj, theta) @ V[:, 1],
+                               rtol=1e-5, atol=1e-10)
+    assert obj._graphs.graphs is not graphs
+    # A buffer changed in place (BN running statistics): the cache must not serve the old graph.
+    obj.hvp(V[:, 0])  # cache at the model's parameters again
+    fresh = make_objective("relu-cnn-eval", hvp_mode="reverse")
+    for model in (obj.model, fresh.model):
+        with torch.no_grad():
+            model[1].running_var.mul_(1.5)
+    torch.testing.assert_close(obj.hvp(V[:, 0]), fresh.hvp(V[:, 0]), rtol=1e-12, atol=1e-14)
+    # A data tensor changed in place.
+    for o in (obj, fresh):
+        with torch.no_grad():
+            o.data[0][0].mul_(0.5)
+    torch.testing.assert_close(obj.hvp(V[:, 0]), fresh.hvp(V[:, 0]), rtol=1e-12, atol=1e-14)
+    obj.clear_cache()
+    assert obj._graphs is None
 
 
 def test_train_mode_batchnorm_uses_batch_statistics_and_leaves_buffers_alone():
