@@ -22,6 +22,12 @@
   gradients), exact with all N samples (`noise_samples=None`), or unbiased with m Gaussian
   sample-mixtures Z = P G_c^T Xi / sqrt(N m), Xi (N, m) ~ N(0, 1) (`noise_samples=m`). The Ito
   correction -(1/(2B)) U Lambda^-1 U^T d3L[Z Z^T] costs one third-order pass per column of Z.
+- Noise from another objective (`noise_obj`): by default Sigma is the per-sample-gradient
+  covariance of `obj` itself. When SGD's noise does not come from the samples of the loss whose
+  Hessian defines Gamma (e.g. flipped labels: the Hessian is that of the expected, soft-target
+  loss, the noise that of sampled (x_i, flipped label) draws), pass an `Objective` over those
+  draws as `noise_obj`: its per-sample gradients, centred by their own mean, give Sigma (a
+  Monte Carlo estimate; `sde.flipped_labels.sampled_noise_objective`). Same parameters (D).
 - `diffusion` is returned as the (D, n) factor A = Z / sqrt(B) (A A^T = S_par / B); dW is then
   n-dimensional. (The dense problem's A is the symmetric square root; both give the same law.)
 
@@ -66,12 +72,14 @@ class MatrixFreeProblem:
         noise_samples: None (exact tangent noise, N third-order passes) or m > 0 random mixtures.
         chunk_size: samples per vmap call for per-sample gradients.
         generator: draws the Lanczos start vector and the noise mixtures.
+        noise_obj: `dynamics.Objective` whose per-sample-gradient covariance is Sigma (default
+            `obj`); same parameter vector, bn="eval" (module docstring).
     """
 
     def __init__(self, obj, *, rank: int | None = None, max_rank: int = 32,
                  rank_rtol: float = DEFAULT_RANK_RTOL, eig_tol: float = 1e-8, max_matvecs: int = 2000,
                  noise_samples: int | None = None, chunk_size: int = 64,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, noise_obj=None):
         from dynamics.objective import Objective
         if not isinstance(obj, Objective):
             raise ValueError(f"MatrixFreeProblem needs a dynamics.Objective, got {type(obj).__name__}")
@@ -85,7 +93,15 @@ class MatrixFreeProblem:
             raise ValueError(f"rank_rtol must be in (0, 1), got {rank_rtol}")
         if noise_samples is not None and not (isinstance(noise_samples, int) and noise_samples >= 1):
             raise ValueError(f"noise_samples must be None or an int >= 1, got {noise_samples!r}")
+        if noise_obj is not None:
+            if not isinstance(noise_obj, Objective):
+                raise ValueError(f"noise_obj must be a dynamics.Objective, got {type(noise_obj).__name__}")
+            if noise_obj.dim != obj.dim:
+                raise ValueError(f"noise_obj has D = {noise_obj.dim} parameters, obj has {obj.dim}")
+            if noise_obj.bn == "train":
+                raise ValueError("noise_obj needs per-sample gradients: build it with bn='eval'")
         self.obj = obj
+        self.noise_obj = noise_obj if noise_obj is not None else obj
         self.rank, self.max_rank, self.rank_rtol = rank, max_rank, rank_rtol
         self.eig_tol, self.max_matvecs = eig_tol, max_matvecs
         self.noise_samples, self.chunk_size = noise_samples, chunk_size
@@ -126,7 +142,7 @@ class MatrixFreeProblem:
     # ------------------------------------------------------------------ tangent noise factor
     def tangent_noise_factor(self, zeta: Tensor, U: Tensor) -> Tensor:
         """Z (D, n) with Z Z^T = P Sigma P (exact, n = N) or its unbiased estimate (n = noise_samples)."""
-        obj = self.obj
+        obj = self.noise_obj
         N = obj.num_samples
         chunks = list(obj.iter_per_sample_grads(zeta, chunk_size=self.chunk_size))
         mean = sum(G.sum(0) for G in chunks) / N
@@ -164,7 +180,7 @@ class MatrixFreeProblem:
         B, c_I, c_II, beta = _rule_constants(rule)
         state = self.normal_space(zeta)
         U, lam = state.basis, state.values
-        probe = noise_probe(obj, U, theta=zeta, chunk_size=self.chunk_size, with_mixed=True)
+        probe = noise_probe(self.noise_obj, U, theta=zeta, chunk_size=self.chunk_size, with_mixed=True)
         C, X = probe.cov_in_basis, probe.mixed
         sums = lam[:, None] + lam[None, :]
 
