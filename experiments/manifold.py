@@ -12,6 +12,12 @@ Pipeline: `cifar_subset` (balanced real images, optionally avg-pooled to 16x16) 
 `build_small_cnn` (GELU CNN without normalization, ~10k parameters) -> `train_to_interpolation`
 (full-batch Adam) -> `project_to_manifold` (gradient descent then Gauss-Newton minimum-norm
 steps in float64 until L <= tol), which returns a `ProjectionReport`.
+
+Matrix-free variant for thousands of images (N C up to D, e.g. 2,000 images and 20,000 equations):
+`project_to_manifold_cg`, the same Gauss-Newton map with the Gram systems (J J^T) a = r solved by
+`gram_solve_cg` (conjugate gradients on Jacobian-vector / vector-Jacobian products) under
+`GramPreconditionerMF` (block-Jacobi scaling by the per-sample blocks J_i J_i^T plus a randomized
+Nystrom deflation of the scaled Gram's top eigenvalues); memory O(N C rank + D), no (N C, D) array.
 """
 from __future__ import annotations
 
@@ -22,8 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch.func import jacrev, jvp, vjp, vmap
+
 from dynamics.objective import Objective
 from sde.label_noise import output_jacobian
+from sde.label_noise_mf import jacobian_times, jacobian_transpose_times
 from experiments.data import load_cifar10, normalize
 
 from experiments.datasets import subset
@@ -245,4 +254,206 @@ def project_to_manifold(obj: Objective, theta: Tensor | None = None, *, tol: flo
     if raise_on_failure and not report.converged:
         raise RuntimeError(f"projection onto Gamma failed: loss {loss:.3e} > tol {tol:.1e} after "
                            f"{steps} Gauss-Newton steps (start loss {initial:.3e})")
+    return theta, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Matrix-free projection (issue #6): neither the (N C, D) Jacobian nor the Gram matrix is formed
+# ---------------------------------------------------------------------------------------------
+
+def per_sample_gram_blocks(obj: Objective, theta: Tensor, *, chunk_size: int = 64) -> Tensor:
+    """J_i J_i^T for every sample i, shape (N, C, C); per-sample Jacobians exist `chunk_size` at a time.
+
+    Memory chunk_size x C x D. The traces sum to ||J||_F^2, so on Gamma tr H = blocks' traces / N.
+    Assumes no normalization layers (each sample's outputs depend on that sample only).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    theta = theta.detach()
+
+    def single(t: Tensor, x: Tensor) -> Tensor:
+        return obj.forward(t, x.unsqueeze(0))[0]
+
+    blocks = []
+    inputs = torch.cat([x for x, _ in obj.data])
+    for start in range(0, len(inputs), chunk_size):
+        jac = vmap(jacrev(single), in_dims=(None, 0))(theta, inputs[start:start + chunk_size])  # (n, C, D)
+        blocks.append(jac @ jac.transpose(1, 2))
+    return torch.cat(blocks)
+
+
+def _gram_times_block(obj: Objective, theta: Tensor, block: Tensor) -> Tensor:
+    """J J^T applied to each of m output-space vectors, block (m, N, C) -> (m, N, C), by vmapped vjp / jvp."""
+    weights, start = torch.zeros(len(block), obj.dim, dtype=theta.dtype, device=theta.device), 0
+    outs = []
+    for x, _ in obj.data:
+        _, pull = vjp(lambda t: obj.forward(t, x), theta)
+        weights = weights + vmap(pull)(block[:, start:start + len(x)])[0]
+        start += len(x)
+    for x, _ in obj.data:
+        outs.append(vmap(lambda w: jvp(lambda t: obj.forward(t, x), (theta,), (w,))[1])(weights))
+    return torch.cat(outs, dim=1)
+
+
+@dataclass(frozen=True)
+class GramPreconditionerMF:
+    """Matrix-free preconditioner M^-1 = S Q S of the Gram matrix G = J J^T (N C, N C).
+
+    S: symmetric inverse square roots of the per-sample blocks J_i J_i^T (block-Jacobi scaling,
+    (N, C, C)). Q: randomized Nystrom deflation of the scaled Gram A = S G S (Frangella, Tropp &
+    Udell, "Randomized Nystrom preconditioning", SIMAX 2023, with mu = 0): with A's top-l
+    approximate eigenpairs (U, lambda), Q = lambda_l U diag(1/lambda) U^T + (I - U U^T), which maps
+    the l largest eigenvalues of A near lambda_l. On image data the scaled Gram of a network has a
+    few large outliers (shared modes of all samples) over a slowly decaying bulk; deflating them
+    is what makes conjugate gradients affordable here. rank 0 gives plain block-Jacobi.
+    """
+    block_inv_sqrt: Tensor   # (N, C, C)
+    vectors: Tensor          # (N C, l) orthonormal
+    values: Tensor           # (l,) descending, positive
+
+    @classmethod
+    def at(cls, obj: Objective, theta: Tensor, *, rank: int = 200, chunk_size: int = 64, block: int = 16,
+           generator: torch.Generator | None = None) -> "GramPreconditionerMF":
+        """Build at theta: one per-sample-Jacobian pass and `rank` Gram products (`block` at a time)."""
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        theta = theta.detach()
+        blocks = per_sample_gram_blocks(obj, theta, chunk_size=chunk_size)
+        values, vectors = torch.linalg.eigh(blocks)
+        floor = values.amax(-1, keepdim=True) * 1e-12
+        inv_sqrt = torch.where(values > floor, values.clamp_min(1e-300).rsqrt(), torch.zeros_like(values))
+        s = (vectors * inv_sqrt.unsqueeze(-2)) @ vectors.transpose(-1, -2)
+        n, c = blocks.shape[:2]
+        if rank == 0:
+            empty = torch.zeros(n * c, 0, dtype=theta.dtype, device=theta.device)
+            return cls(block_inv_sqrt=s, vectors=empty, values=empty[0])
+        if rank >= n * c:
+            raise ValueError(f"rank must be below N C = {n * c}, got {rank}")
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        omega, _ = torch.linalg.qr(torch.randn(n * c, rank, generator=gen, dtype=theta.dtype).to(theta.device))
+        scale = lambda m: (s @ m.reshape(-1, n, c).unsqueeze(-1)).squeeze(-1)   # (m, N, C) -> (m, N, C)
+        cols = []
+        for j in range(0, rank, block):
+            w = scale(omega[:, j:j + block].T.reshape(-1, n, c))
+            cols.append(scale(_gram_times_block(obj, theta, w)).reshape(-1, n * c).T)
+        y = torch.cat(cols, dim=1)                                              # A omega, (N C, l)
+        shift = torch.finfo(y.dtype).eps * y.norm()
+        y = y + shift * omega
+        chol = torch.linalg.cholesky(omega.T @ y, upper=True)
+        b = torch.linalg.solve_triangular(chol, y, upper=True, left=False)      # y chol^-1
+        u, sing, _ = torch.linalg.svd(b, full_matrices=False)
+        lam = (sing ** 2 - shift).clamp_min(0)
+        keep = lam > lam[0] * 1e-12
+        return cls(block_inv_sqrt=s, vectors=u[:, keep], values=lam[keep])
+
+    def _scale(self, r: Tensor) -> Tensor:
+        return (self.block_inv_sqrt @ r.unsqueeze(-1)).squeeze(-1)
+
+    def apply(self, r: Tensor) -> Tensor:
+        """M^-1 r for r (N, C)."""
+        z = self._scale(r).reshape(-1)
+        if len(self.values):
+            coef = self.vectors.T @ z
+            z = z - self.vectors @ coef + self.vectors @ (coef * (self.values[-1] / self.values))
+        return self._scale(z.reshape(r.shape))
+
+
+class GramSolveNotConverged(RuntimeError):
+    """Conjugate gradients on (J J^T) a = r did not reach the requested relative residual."""
+
+
+def gram_solve_cg(obj: Objective, theta: Tensor, r: Tensor, preconditioner: GramPreconditionerMF, *,
+                  rtol: float, max_iter: int) -> tuple[Tensor, int]:
+    """(a (N, C) with (J J^T) a = r, iterations): preconditioned CG on J v / J^T a products.
+
+    r: (N, C) output-space right-hand side; J the output Jacobian at theta, applied only through
+    `sde.label_noise_mf.jacobian_times` / `jacobian_transpose_times` (one forward-mode and one
+    reverse pass over all samples per iteration). Stops when ||J J^T a - r|| <= rtol ||r||;
+    GramSolveNotConverged after max_iter iterations.
+    """
+    a, res = torch.zeros_like(r), r.clone()
+    target = rtol * r.norm()
+    if res.norm() <= target:
+        return a, 0
+    z = preconditioner.apply(res)
+    p, rz = z, (res * z).sum()
+    for it in range(1, max_iter + 1):
+        gp = jacobian_times(obj, theta, jacobian_transpose_times(obj, theta, p))
+        step = rz / (p * gp).sum()
+        a, res = a + step * p, res - step * gp
+        if res.norm() <= target:
+            return a, it
+        z = preconditioner.apply(res)
+        rz_new = (res * z).sum()
+        p, rz = z + (rz_new / rz) * p, rz_new
+    raise GramSolveNotConverged(f"conjugate gradients on J J^T did not converge: relative residual "
+                                f"{float(res.norm() / r.norm()):.2e} > rtol {rtol:.1e} after {max_iter} iterations")
+
+
+@dataclass(frozen=True)
+class MatrixFreeProjectionReport(ProjectionReport):
+    """`ProjectionReport` plus the conjugate-gradient iterations of each Gauss-Newton step."""
+    cg_iterations: tuple[int, ...]
+
+
+def project_to_manifold_cg(obj: Objective, theta: Tensor | None = None, *, tol: float = 1e-10,
+                           gd_steps: int = 0, gd_lr: float | None = None, max_gauss_newton: int = 30,
+                           cg_rtol: float = 1e-4, cg_max_iter: int = 5000,
+                           preconditioner: GramPreconditionerMF | None = None, preconditioner_rank: int = 200,
+                           refresh_after: int | None = 500, generator: torch.Generator | None = None,
+                           raise_on_failure: bool = True) -> tuple[Tensor, MatrixFreeProjectionReport]:
+    """`project_to_manifold` without the dense Jacobian: for thousands of images (N C up to D).
+
+    The same map (optional gradient descent, then Gauss-Newton minimum-norm steps
+    delta = -J^T a, (J J^T) a = r, halved when the full step raises L, until L <= tol), but the
+    Gram system is solved by `gram_solve_cg` to relative residual `cg_rtol` (an inexact Newton
+    step: each step shrinks the residual by about cg_rtol until the quadratic term takes over).
+    Memory O((N C) rank + D + 64 C D) instead of O(N C D). The preconditioner
+    (`GramPreconditionerMF`, Nystrom rank min(`preconditioner_rank`, N C - 1), sketch drawn from `generator`) is built
+    once at the first Gauss-Newton point and reused, unless one is given (e.g. from a nearby point
+    of Gamma, for repeated projections); it is rebuilt at the current point after a step whose CG
+    needed more than `refresh_after` iterations (None: never), since far from where it was built
+    (Gauss-Newton from an initialization moves theta by O(10)) it loses its effect. The CG iterations of each step are
+    in the report. ValueError if N C > D; RuntimeError (or the report with converged=False)
+    if L > tol at the end.
+    """
+    theta0 = (obj.params if theta is None else theta).detach().clone()
+    if tol <= 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    if gd_steps and (gd_lr is None or gd_lr <= 0):
+        raise ValueError("gd_steps > 0 needs a positive gd_lr")
+    if not 0 < cg_rtol < 1:
+        raise ValueError(f"cg_rtol must be in (0, 1), got {cg_rtol}")
+    equations = obj.num_samples * NUM_CLASSES
+    if equations > obj.dim:
+        raise ValueError(f"N*C = {equations} equations exceed D = {obj.dim} parameters: "
+                         "Gamma is not a manifold of interpolating solutions here")
+    theta = theta0.clone()
+    initial = obj.loss(theta).item()
+    for _ in range(gd_steps):
+        theta = theta - gd_lr * obj.grad(theta)
+    steps, loss, iterations = 0, obj.loss(theta).item(), []
+    while loss > tol and steps < max_gauss_newton:
+        if preconditioner is None:
+            preconditioner = GramPreconditionerMF.at(obj, theta, rank=min(preconditioner_rank, equations - 1),
+                                                     generator=generator)
+        outputs = torch.cat([obj.forward(theta, x) for x, _ in obj.data]).detach()
+        a, its = gram_solve_cg(obj, theta, residuals(obj, outputs), preconditioner, rtol=cg_rtol,
+                               max_iter=cg_max_iter)
+        iterations.append(its)
+        if refresh_after is not None and its > refresh_after:
+            preconditioner = None
+        step = jacobian_transpose_times(obj, theta, a)
+        candidate = theta - step
+        new_loss = obj.loss(candidate).item()
+        if new_loss > loss:  # damped step when the full step overshoots (far from Gamma)
+            candidate = theta - 0.5 * step
+            new_loss = obj.loss(candidate).item()
+        theta, loss, steps = candidate, new_loss, steps + 1
+    report = MatrixFreeProjectionReport(loss=loss, initial_loss=initial, gd_steps=gd_steps,
+                                        gauss_newton_steps=steps, distance=(theta - theta0).norm().item(),
+                                        converged=loss <= tol, cg_iterations=tuple(iterations))
+    if raise_on_failure and not report.converged:
+        raise RuntimeError(f"projection onto Gamma failed: loss {loss:.3e} > tol {tol:.1e} after "
+                           f"{steps} Gauss-Newton steps (start loss {initial:.3e}; CG iterations {iterations})")
     return theta, report

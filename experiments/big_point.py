@@ -1,0 +1,329 @@
+"""A point of Gamma at 2,000+ real CIFAR-10 images and its label-noise predictions, matrix-free (issue #6).
+
+Setting (loss convention of `experiments.manifold`): n class-balanced real CIFAR-10 images
+avg-pooled to 8x8, a float64 GELU MLP 192 -> 192 -> 64 -> 10 (D = 50,058, so the normal space,
+of dimension N C = 20,000 at n = 2,000, is a proper subspace), squared loss on one-hot targets.
+`prepare_big_point` projects the network onto Gamma with
+`experiments.manifold.project_to_manifold_cg` (Gauss-Newton, Gram solves by preconditioned
+conjugate gradients, no (N C, D) Jacobian), by default straight from the initialization: the
+minimum-norm Gauss-Newton path is the training (points reached by full-batch Adam first, an
+option, had Gram matrices too ill-conditioned for CG at n = 2,000; /work/notes/big-point.md). `predict_rates_preconditioned` is the exact
+matrix-free prediction of `sde.label_noise_mf.predict_label_noise_rates_cg` (SGD, QSR at
+eta -> 0; slow time t = eta^2 x steps per worker) with the tangent projection solved under the
+Nystrom-deflated preconditioner `GramPreconditionerMF` instead of block-Jacobi alone: at
+n = 2,000 the block-Jacobi-scaled Gram has outliers ~100x its bulk, which block-Jacobi CG
+pays for in iterations. Run as
+
+    OMP_NUM_THREADS=1 python -m experiments.big_point --n 2000 --out big_point.json
+
+(1 torch thread, set deliberately: the cores are shared).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp
+
+from dynamics.lanczos import top_eigenpairs
+from dynamics.objective import Objective
+from experiments.manifold import (GramPreconditionerMF, MatrixFreeProjectionReport, build_small_mlp, cifar_subset,
+                                  gram_solve_cg, project_to_manifold_cg, squared_loss_objective,
+                                  train_to_interpolation)
+from sde.label_noise import PredictedRates
+from sde.label_noise_mf import (ExactProjectionRates, jacobian_frobenius_pass, jacobian_times,
+                                jacobian_transpose_times)
+from sde.rules import QSR, SGD, LocalSGD, check_rule
+
+
+@dataclass(frozen=True)
+class BigPointSetup:
+    """n real images (n/10 per class) at image_size, MLP widths `hidden`, Adam steps before the projection
+    (0: Gauss-Newton from the initialization), Nystrom rank and inexact-Newton CG tolerance of the projection."""
+    n: int = 2000
+    image_size: int = 8
+    hidden: tuple[int, ...] = (192, 64)
+    model_seed: int = 0
+    adam_steps: int = 0
+    adam_lr: float = 1e-3
+    preconditioner_rank: int = 200
+    cg_rtol: float = 0.05
+
+
+def big_point_objective(root: str | Path, setup: BigPointSetup) -> Objective:
+    x, y = cifar_subset(root, setup.n, image_size=setup.image_size)
+    model = build_small_mlp(image_size=setup.image_size, hidden=tuple(setup.hidden),
+                            generator=torch.Generator().manual_seed(setup.model_seed))
+    return squared_loss_objective(model, x, y)
+
+
+def prepare_big_point(root: str | Path, setup: BigPointSetup = BigPointSetup(), *, cache: str | Path | None = None
+                      ) -> tuple[Objective, Tensor, MatrixFreeProjectionReport | None, dict]:
+    """(objective, zeta on Gamma with L <= 1e-10, projection report, cost) for `setup`, never forming J.
+
+    cost: seconds of training and projection, peak resident memory (GB). With `cache`, zeta is
+    loaded from / saved to that file (keyed by the setup; report None and cost {} when loaded).
+    """
+    obj = big_point_objective(root, setup)
+    key = json.loads(json.dumps(asdict(setup)))
+    if cache is not None and Path(cache).exists():
+        saved = torch.load(cache)
+        if saved.get("setup") == key:
+            return obj, saved["zeta"], None, saved.get("cost", {})
+    t0 = time.time()
+    theta = obj.params
+    if setup.adam_steps:
+        theta = train_to_interpolation(obj, steps=setup.adam_steps, lr=setup.adam_lr, target_loss=1e-5)
+    t1 = time.time()
+    zeta, report = project_to_manifold_cg(obj, theta, tol=1e-10, cg_rtol=setup.cg_rtol, max_gauss_newton=40,
+                                          cg_max_iter=20000, preconditioner_rank=setup.preconditioner_rank)
+    cost = {"train_seconds": t1 - t0, "projection_seconds": time.time() - t1, "peak_rss_gb": _peak_rss_gb()}
+    if cache is not None:
+        tmp = Path(str(cache) + ".tmp")
+        torch.save({"setup": key, "zeta": zeta, "cost": cost, "report": asdict(report)}, tmp)
+        os.replace(tmp, cache)
+    return obj, zeta, report, cost
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # Linux reports kB
+
+
+def predict_rates_preconditioned(obj: Objective, zeta: Tensor, rules, *, sigma: float,
+                                 preconditioner: GramPreconditionerMF, rtol: float = 1e-10, max_iter: int = 20000,
+                                 lanczos_tol: float = 1e-10, chunk_size: int = 64,
+                                 generator: torch.Generator | None = None) -> ExactProjectionRates:
+    """`predict_label_noise_rates_cg` with the tangent projection preconditioned by `preconditioner`.
+
+    Same quantities (P grad tr H = (1/N) P grad ||J||_F^2, P grad lambda_max = (2/N) P grad
+    <J(theta) u, J0 u>, drift -(sigma^2 w / 4B) P grad tr H with w = 1 for SGD, K for QSR) and
+    the same stopping rule (||J J^T a - J v|| <= rtol ||J v||); only the CG preconditioner differs.
+    """
+    rules = list(rules)
+    for rule in rules:
+        check_rule(rule)
+        if not isinstance(rule, (SGD, QSR)):
+            raise ValueError(f"{rule!r}: only SGD and QSR (eta -> 0) have this exact matrix-free path")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    zeta = zeta.detach()
+    loss = obj.loss(zeta).item()
+    if loss > 1e-8:
+        raise ValueError(f"zeta is not on Gamma: L = {loss:.3e} > 1e-8")
+    n = obj.num_samples
+
+    def project(v: Tensor) -> tuple[Tensor, int]:
+        a, iters = gram_solve_cg(obj, zeta, jacobian_times(obj, zeta, v), preconditioner, rtol=rtol, max_iter=max_iter)
+        return v - jacobian_transpose_times(obj, zeta, a), iters
+
+    frob_grad, _, frob = jacobian_frobenius_pass(obj, zeta, chunk_size)
+    g_trace, it_trace = project(frob_grad / n)
+
+    class _AtZeta:  # the Hessian at zeta as a symmetric operator for Lanczos
+        dim, dtype, device = obj.dim, obj.dtype, obj.device
+
+        @staticmethod
+        def hvp(v: Tensor) -> Tensor:
+            return obj.hvp(v, zeta)
+
+    eig = top_eigenpairs(_AtZeta(), 1, tol=lanczos_tol, max_matvecs=2000, generator=generator)
+    if not eig.converged:
+        raise RuntimeError(f"Lanczos for lambda_max did not reach tol {lanczos_tol:.1e} "
+                           "in 2000 Hessian-vector products")
+    u = eig.vectors[:, 0]
+    ju0 = jacobian_times(obj, zeta, u)
+    inputs = [x for x, _ in obj.data]
+    starts = [0]
+    for x in inputs[:-1]:
+        starts.append(starts[-1] + len(x))
+    pairing = lambda t: sum((jvp(lambda tt: obj.forward(tt, x), (t,), (u,))[1] * ju0[s:s + len(x)]).sum()
+                            for x, s in zip(inputs, starts))
+    g_lmax, it_lmax = project(2 / n * grad(pairing)(zeta))
+    out = []
+    for rule in rules:
+        weight = 1.0 if isinstance(rule, SGD) else float(rule.workers)
+        drift = -(sigma ** 2) * weight / (4 * rule.total_batch) * g_trace
+        out.append(PredictedRates(rule=rule, sigma=float(sigma), trace_rate=float(g_trace @ drift),
+                                  lambda_max_rate=float(g_lmax @ drift), trace=frob / n,
+                                  lambda_max=float(eig.values[0]), drift=drift))
+    return ExactProjectionRates(rates=out, cg_iterations=(it_trace, it_lmax), lanczos_matvecs=eig.matvecs)
+
+
+
+def predict_local_sgd_rates_preconditioned(obj: Objective, zeta: Tensor, rules, *, sigma: float,
+                                           preconditioner: GramPreconditionerMF, num_probes: int = 30,
+                                           deflate: int = 50, rtol: float = 1e-10, max_iter: int = 20000,
+                                           generator: torch.Generator | None = None) -> list[dict]:
+    """Local SGD rates at zeta by the estimator of `sde.label_noise_mf.predict_label_noise_rates_lanczos`
+    with the two tangent projections u_s = P grad s solved under `preconditioner`:
+
+        d s/dt = -(sigma^2 / 4B) [ u_s . grad tr H + (K-1) tr(psi(2 beta G) DG[u_s]) ],
+
+    the trace by `dynamics.trace_function_product` (Rademacher probes, top-`deflate` Gram
+    eigenpairs exact, control variate tr DG[u_s] = u_s . grad tr H). Returns one dict per rule
+    (trace_rate, lambda_max_rate and their standard errors, costs).
+    """
+    from dynamics.matrix_function import trace_function_product
+    from sde.label_noise_mf import GramDerivativeOperator, GramOperator, lambda_max_pairing_grad
+    from sde.psi import psi
+    rules = list(rules)
+    for rule in rules:
+        if not isinstance(rule, LocalSGD):
+            raise ValueError(f"{rule!r}: this function is for Local SGD rules")
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    zeta = zeta.detach()
+    n = obj.num_samples
+
+    def project(v: Tensor) -> tuple[Tensor, int]:
+        a, iters = gram_solve_cg(obj, zeta, jacobian_times(obj, zeta, v), preconditioner, rtol=rtol, max_iter=max_iter)
+        return v - jacobian_transpose_times(obj, zeta, a), iters
+
+    t0 = time.time()
+    frob_grad, _, frob = jacobian_frobenius_pass(obj, zeta, 64)
+    grad_trace = frob_grad / n
+    g_trace, it_trace = project(grad_trace)
+    gram = GramOperator(obj, zeta)
+    eig = top_eigenpairs(gram, deflate, tol=1e-10, max_matvecs=50 * deflate + 500, max_basis=2 * deflate + 40,
+                         generator=gen)
+    if not eig.converged:
+        raise RuntimeError(f"top-{deflate} Gram eigenpairs did not converge in {eig.matvecs} products")
+    lam, vecs = eig.values, eig.vectors
+    u1 = gram.parameter_vectors(vecs[:, :1], lam[:1])[:, 0]
+    g_lmax, it_lmax = project(lambda_max_pairing_grad(obj, zeta, u1))
+    sgd_terms = (float(g_trace @ grad_trace), float(g_lmax @ grad_trace))
+    t1 = time.time()
+    betas = sorted({float(r.beta) for r in rules})
+    beta_t = torch.tensor(betas, dtype=torch.float64)
+    f = lambda x: psi(2 * x.clamp(min=0)[:, None] * beta_t[None, :])
+    ops = [GramDerivativeOperator(gram, g_trace), GramDerivativeOperator(gram, g_lmax)]
+    est = trace_function_product(gram, f, ops, num_probes=num_probes, generator=gen, deflate=(lam, vecs),
+                                 b_trace=list(sgd_terms), tol=1e-8, max_steps=400)
+    out = []
+    for rule in rules:
+        i, scale, km1 = betas.index(float(rule.beta)), -(sigma ** 2) / (4 * rule.total_batch), rule.workers - 1
+        out.append({"rule": repr(rule), "trace": frob / n, "lambda_max": float(lam[0]),
+                    "trace_rate": scale * (sgd_terms[0] + km1 * float(est.value[i, 0])),
+                    "trace_rate_stderr": abs(scale) * km1 * float(est.stderr[i, 0]),
+                    "lambda_max_rate": scale * (sgd_terms[1] + km1 * float(est.value[i, 1])),
+                    "lambda_max_rate_stderr": abs(scale) * km1 * float(est.stderr[i, 1]),
+                    "sgd_rate_same_batch": scale * sgd_terms[0],
+                    "cg_iterations": [it_trace, it_lmax], "eigen_matvecs": eig.matvecs,
+                    "lanczos_matvecs": est.matvecs, "derivative_matvecs": est.b_matvecs,
+                    "converged": bool(est.converged), "seconds_projections": t1 - t0,
+                    "seconds_traces": time.time() - t1})
+    return out
+
+
+
+RULES = (SGD(8), QSR(4, 2, alpha=0.08))   # notebook 04's batches: SGD B = 8; QSR K = 4, B_loc = 2 (eta -> 0)
+LOCAL_RULES = (LocalSGD(4, 2, 0.4),)      # notebook 04's Local SGD: K = 4, B_loc = 2, beta = 0.4
+SIGMA = 0.1
+
+
+def _rows(tag: str, n: int, result: ExactProjectionRates, seconds: float, **extra) -> list[dict]:
+    return [{"path": tag, "n": n, "rule": repr(r.rule), "trace": r.trace, "lambda_max": r.lambda_max,
+             "trace_rate": r.trace_rate, "lambda_max_rate": r.lambda_max_rate,
+             "cg_iterations": list(result.cg_iterations), "lanczos_matvecs": result.lanczos_matvecs,
+             "seconds": seconds, "peak_rss_gb": _peak_rss_gb(), **extra} for r in result.rates]
+
+
+def sgd_trace_rate_sweep(obj: Objective, zeta: Tensor, preconditioner: GramPreconditionerMF,
+                         rtols: tuple[float, ...], *, batch: int = 8, sigma: float = SIGMA) -> list[dict]:
+    """SGD d tr H/dt = -(sigma^2 / 4B) ||P grad tr H||^2 with P solved at each CG tolerance in `rtols`."""
+    frob_grad, _, _ = jacobian_frobenius_pass(obj, zeta, 64)
+    v = frob_grad / obj.num_samples
+    rhs = jacobian_times(obj, zeta, v)
+    rows = []
+    for rtol in rtols:
+        t = time.time()
+        a, iters = gram_solve_cg(obj, zeta, rhs, preconditioner, rtol=rtol, max_iter=50000)
+        g = v - jacobian_transpose_times(obj, zeta, a)
+        rows.append({"rtol": rtol, "trace_rate": -(sigma ** 2) / (4 * batch) * float(g @ g), "cg_iterations": iters,
+                     "seconds": time.time() - t})
+    return rows
+
+
+def run(root: str | Path, ns: list[int], *, out: str | Path, cache_dir: str | Path, exact_max_n: int = 200,
+        block_jacobi_max_n: int = 500, sweep: tuple[float, ...] = (1e-3, 1e-5, 1e-7, 1e-10),
+        rtol: float = 1e-10, local: bool = True) -> list[dict]:
+    """At every n in `ns`: the point; SGD / QSR rates (preconditioned CG at `rtol`) and Local SGD rates
+    (stochastic trace, `predict_local_sgd_rates_preconditioned`); block-Jacobi `predict_label_noise_rates_cg`
+    for n <= block_jacobi_max_n; the exact dense path for n <= exact_max_n; a CG-tolerance sweep of
+    the SGD trace rate at the largest n. Appends one JSON line per row to `out`."""
+    from sde.label_noise import gauss_newton_geometry, predict_label_noise_rates, sharpness_gradients
+    from sde.label_noise_mf import predict_label_noise_rates_cg
+    rows = []
+
+    def emit(new: list[dict]) -> None:
+        rows.extend(new)
+        with open(out, "a") as f:
+            for row in new:
+                f.write(json.dumps(row) + "\n")
+                print({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    for n in ns:
+        setup = BigPointSetup(n=n)
+        obj, zeta, report, cost = prepare_big_point(root, setup, cache=Path(cache_dir) / f"big_point_n{n}.pt")
+        emit([{"path": "point", "n": n, "D": obj.dim, "loss": obj.loss(zeta).item(),
+               "report": asdict(report) if report else None, **cost}])
+        t = time.time()
+        pre = GramPreconditionerMF.at(obj, zeta, rank=min(setup.preconditioner_rank, 10 * n - 1))
+        build = time.time() - t
+        t = time.time()
+        res = predict_rates_preconditioned(obj, zeta, RULES, sigma=SIGMA, preconditioner=pre, rtol=rtol,
+                                           generator=torch.Generator().manual_seed(0))
+        emit(_rows("cg_nystrom", n, res, time.time() - t, rtol=rtol, preconditioner_seconds=build))
+        t = time.time()
+        local_rows = [] if not local else predict_local_sgd_rates_preconditioned(
+            obj, zeta, LOCAL_RULES, sigma=SIGMA, preconditioner=pre, rtol=rtol,
+            generator=torch.Generator().manual_seed(0))
+        emit([{"path": "local_sgd_nystrom", "n": n, "seconds": time.time() - t, "peak_rss_gb": _peak_rss_gb(), **r}
+              for r in local_rows])
+        if n == max(ns) and sweep:
+            emit([{"path": "sweep", "n": n, **r} for r in sgd_trace_rate_sweep(obj, zeta, pre, sweep)])
+        if n <= block_jacobi_max_n:
+            t = time.time()
+            res = predict_label_noise_rates_cg(obj, zeta, RULES, sigma=SIGMA, rtol=rtol, max_iter=50000,
+                                               generator=torch.Generator().manual_seed(0))
+            emit(_rows("cg_block_jacobi", n, res, time.time() - t, rtol=rtol))
+        if n <= exact_max_n:
+            t = time.time()
+            geo = gauss_newton_geometry(obj, zeta)
+            grads = sharpness_gradients(obj, geo)
+            exact = [predict_label_noise_rates(obj, geo, rule, sigma=SIGMA, gradients=grads)
+                     for rule in (*RULES, *LOCAL_RULES)]
+            emit(_rows("exact_dense", n, ExactProjectionRates(rates=exact, cg_iterations=(0, 0), lanczos_matvecs=0),
+                       time.time() - t))
+            del geo, grads
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None, help="folder with cifar-10-binary.tar.gz (default: CIFAR10_DIR)")
+    parser.add_argument("--n", type=int, nargs="+", default=[200, 500, 1000, 2000])
+    parser.add_argument("--exact-max-n", type=int, default=200, help="dense exact path up to this n (memory N C D)")
+    parser.add_argument("--block-jacobi-max-n", type=int, default=500,
+                        help="block-Jacobi predict_label_noise_rates_cg up to this n (its CG iterations grow fast)")
+    parser.add_argument("--no-local", action="store_true", help="skip the Local SGD (stochastic trace) rates")
+    parser.add_argument("--sweep", type=float, nargs="*", default=[1e-3, 1e-5, 1e-7, 1e-10],
+                        help="CG tolerances of the SGD trace-rate sweep at the largest n")
+    parser.add_argument("--cache-dir", default="big_point_cache")
+    parser.add_argument("--out", default="big_point.jsonl")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    root = args.data or os.environ.get("CIFAR10_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    run(root, args.n, out=args.out, cache_dir=args.cache_dir, exact_max_n=args.exact_max_n,
+        block_jacobi_max_n=args.block_jacobi_max_n, sweep=tuple(args.sweep), local=not args.no_local)
+
+
+if __name__ == "__main__":
+    main()
