@@ -30,17 +30,15 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp
 
-from dynamics.lanczos import top_eigenpairs
 from dynamics.objective import Objective
 from experiments.manifold import (GramPreconditionerMF, MatrixFreeProjectionReport, build_small_mlp, cifar_subset,
                                   gram_solve_cg, project_to_manifold_cg, squared_loss_objective,
                                   train_to_interpolation)
-from sde.label_noise import PredictedRates
 from sde.label_noise_mf import (ExactProjectionRates, jacobian_frobenius_pass, jacobian_times,
-                                jacobian_transpose_times)
-from sde.rules import QSR, SGD, LocalSGD, check_rule
+                                jacobian_transpose_times, predict_label_noise_rates_cg,
+                                predict_label_noise_rates_lanczos)
+from sde.rules import QSR, SGD, LocalSGD
 
 
 @dataclass(frozen=True)
@@ -96,130 +94,55 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # Linux reports kB
 
 
+class PreconditionedTangentProjector:
+    """P v = v - J^T a with (J J^T) a = J v solved by CG under a `GramPreconditionerMF` at zeta.
+
+    The drop-in `projector` of `sde.label_noise_mf.predict_label_noise_rates_cg` / `_lanczos`:
+    `.project(v)` returns (P v (D,), CG iterations)."""
+
+    def __init__(self, obj: Objective, zeta: Tensor, preconditioner: GramPreconditionerMF, *,
+                 rtol: float = 1e-10, max_iter: int = 20000):
+        self.obj, self.zeta, self.preconditioner = obj, zeta.detach(), preconditioner
+        self.rtol, self.max_iter = rtol, max_iter
+
+    def project(self, v: Tensor) -> tuple[Tensor, int]:
+        obj, zeta = self.obj, self.zeta
+        a, iters = gram_solve_cg(obj, zeta, jacobian_times(obj, zeta, v), self.preconditioner,
+                                 rtol=self.rtol, max_iter=self.max_iter)
+        return v - jacobian_transpose_times(obj, zeta, a), iters
+
+
 def predict_rates_preconditioned(obj: Objective, zeta: Tensor, rules, *, sigma: float,
                                  preconditioner: GramPreconditionerMF, rtol: float = 1e-10, max_iter: int = 20000,
                                  lanczos_tol: float = 1e-10, chunk_size: int = 64,
                                  generator: torch.Generator | None = None) -> ExactProjectionRates:
-    """`predict_label_noise_rates_cg` with the tangent projection preconditioned by `preconditioner`.
-
-    Same quantities (P grad tr H = (1/N) P grad ||J||_F^2, P grad lambda_max = (2/N) P grad
-    <J(theta) u, J0 u>, drift -(sigma^2 w / 4B) P grad tr H with w = 1 for SGD, K for QSR) and
-    the same stopping rule (||J J^T a - J v|| <= rtol ||J v||); only the CG preconditioner differs.
-    """
-    rules = list(rules)
-    for rule in rules:
-        check_rule(rule)
-        if not isinstance(rule, (SGD, QSR)):
-            raise ValueError(f"{rule!r}: only SGD and QSR (eta -> 0) have this exact matrix-free path")
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    zeta = zeta.detach()
-    loss = obj.loss(zeta).item()
-    if loss > 1e-8:
-        raise ValueError(f"zeta is not on Gamma: L = {loss:.3e} > 1e-8")
-    n = obj.num_samples
-
-    def project(v: Tensor) -> tuple[Tensor, int]:
-        a, iters = gram_solve_cg(obj, zeta, jacobian_times(obj, zeta, v), preconditioner, rtol=rtol, max_iter=max_iter)
-        return v - jacobian_transpose_times(obj, zeta, a), iters
-
-    frob_grad, _, frob = jacobian_frobenius_pass(obj, zeta, chunk_size)
-    g_trace, it_trace = project(frob_grad / n)
-
-    class _AtZeta:  # the Hessian at zeta as a symmetric operator for Lanczos
-        dim, dtype, device = obj.dim, obj.dtype, obj.device
-
-        @staticmethod
-        def hvp(v: Tensor) -> Tensor:
-            return obj.hvp(v, zeta)
-
-    eig = top_eigenpairs(_AtZeta(), 1, tol=lanczos_tol, max_matvecs=2000, generator=generator)
-    if not eig.converged:
-        raise RuntimeError(f"Lanczos for lambda_max did not reach tol {lanczos_tol:.1e} "
-                           "in 2000 Hessian-vector products")
-    u = eig.vectors[:, 0]
-    ju0 = jacobian_times(obj, zeta, u)
-    inputs = [x for x, _ in obj.data]
-    starts = [0]
-    for x in inputs[:-1]:
-        starts.append(starts[-1] + len(x))
-    pairing = lambda t: sum((jvp(lambda tt: obj.forward(tt, x), (t,), (u,))[1] * ju0[s:s + len(x)]).sum()
-                            for x, s in zip(inputs, starts))
-    g_lmax, it_lmax = project(2 / n * grad(pairing)(zeta))
-    out = []
-    for rule in rules:
-        weight = 1.0 if isinstance(rule, SGD) else float(rule.workers)
-        drift = -(sigma ** 2) * weight / (4 * rule.total_batch) * g_trace
-        out.append(PredictedRates(rule=rule, sigma=float(sigma), trace_rate=float(g_trace @ drift),
-                                  lambda_max_rate=float(g_lmax @ drift), trace=frob / n,
-                                  lambda_max=float(eig.values[0]), drift=drift))
-    return ExactProjectionRates(rates=out, cg_iterations=(it_trace, it_lmax), lanczos_matvecs=eig.matvecs)
-
+    """`predict_label_noise_rates_cg` (exact SGD / QSR rates, eta -> 0) with the tangent projection
+    preconditioned by `preconditioner`; same quantities and stopping rule, only CG differs."""
+    projector = PreconditionedTangentProjector(obj, zeta, preconditioner, rtol=rtol, max_iter=max_iter)
+    return predict_label_noise_rates_cg(obj, zeta, rules, sigma=sigma, rtol=rtol, max_iter=max_iter,
+                                        lanczos_tol=lanczos_tol, chunk_size=chunk_size, generator=generator,
+                                        projector=projector)
 
 
 def predict_local_sgd_rates_preconditioned(obj: Objective, zeta: Tensor, rules, *, sigma: float,
                                            preconditioner: GramPreconditionerMF, num_probes: int = 30,
                                            deflate: int = 50, rtol: float = 1e-10, max_iter: int = 20000,
                                            generator: torch.Generator | None = None) -> list[dict]:
-    """Local SGD rates at zeta by the estimator of `sde.label_noise_mf.predict_label_noise_rates_lanczos`
-    with the two tangent projections u_s = P grad s solved under `preconditioner`:
-
-        d s/dt = -(sigma^2 / 4B) [ u_s . grad tr H + (K-1) tr(psi(2 beta G) DG[u_s]) ],
-
-    the trace by `dynamics.trace_function_product` (Rademacher probes, top-`deflate` Gram
-    eigenpairs exact, control variate tr DG[u_s] = u_s . grad tr H). Returns one dict per rule
-    (trace_rate, lambda_max_rate and their standard errors, costs).
-    """
-    from dynamics.matrix_function import trace_function_product
-    from sde.label_noise_mf import GramDerivativeOperator, GramOperator, lambda_max_pairing_grad
-    from sde.psi import psi
-    rules = list(rules)
+    """Local SGD rates at zeta by `sde.label_noise_mf.predict_label_noise_rates_lanczos` with the two
+    tangent projections solved under `preconditioner`. One dict per rule (rates, standard errors, costs)."""
     for rule in rules:
         if not isinstance(rule, LocalSGD):
             raise ValueError(f"{rule!r}: this function is for Local SGD rules")
+    projector = PreconditionedTangentProjector(obj, zeta, preconditioner, rtol=rtol, max_iter=max_iter)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    zeta = zeta.detach()
-    n = obj.num_samples
-
-    def project(v: Tensor) -> tuple[Tensor, int]:
-        a, iters = gram_solve_cg(obj, zeta, jacobian_times(obj, zeta, v), preconditioner, rtol=rtol, max_iter=max_iter)
-        return v - jacobian_transpose_times(obj, zeta, a), iters
-
-    t0 = time.time()
-    frob_grad, _, frob = jacobian_frobenius_pass(obj, zeta, 64)
-    grad_trace = frob_grad / n
-    g_trace, it_trace = project(grad_trace)
-    gram = GramOperator(obj, zeta)
-    eig = top_eigenpairs(gram, deflate, tol=1e-10, max_matvecs=50 * deflate + 500, max_basis=2 * deflate + 40,
-                         generator=gen)
-    if not eig.converged:
-        raise RuntimeError(f"top-{deflate} Gram eigenpairs did not converge in {eig.matvecs} products")
-    lam, vecs = eig.values, eig.vectors
-    u1 = gram.parameter_vectors(vecs[:, :1], lam[:1])[:, 0]
-    g_lmax, it_lmax = project(lambda_max_pairing_grad(obj, zeta, u1))
-    sgd_terms = (float(g_trace @ grad_trace), float(g_lmax @ grad_trace))
-    t1 = time.time()
-    betas = sorted({float(r.beta) for r in rules})
-    beta_t = torch.tensor(betas, dtype=torch.float64)
-    f = lambda x: psi(2 * x.clamp(min=0)[:, None] * beta_t[None, :])
-    ops = [GramDerivativeOperator(gram, g_trace), GramDerivativeOperator(gram, g_lmax)]
-    est = trace_function_product(gram, f, ops, num_probes=num_probes, generator=gen, deflate=(lam, vecs),
-                                 b_trace=list(sgd_terms), tol=1e-8, max_steps=400)
-    out = []
-    for rule in rules:
-        i, scale, km1 = betas.index(float(rule.beta)), -(sigma ** 2) / (4 * rule.total_batch), rule.workers - 1
-        out.append({"rule": repr(rule), "trace": frob / n, "lambda_max": float(lam[0]),
-                    "trace_rate": scale * (sgd_terms[0] + km1 * float(est.value[i, 0])),
-                    "trace_rate_stderr": abs(scale) * km1 * float(est.stderr[i, 0]),
-                    "lambda_max_rate": scale * (sgd_terms[1] + km1 * float(est.value[i, 1])),
-                    "lambda_max_rate_stderr": abs(scale) * km1 * float(est.stderr[i, 1]),
-                    "sgd_rate_same_batch": scale * sgd_terms[0],
-                    "cg_iterations": [it_trace, it_lmax], "eigen_matvecs": eig.matvecs,
-                    "lanczos_matvecs": est.matvecs, "derivative_matvecs": est.b_matvecs,
-                    "converged": bool(est.converged), "seconds_projections": t1 - t0,
-                    "seconds_traces": time.time() - t1})
-    return out
-
+    res = predict_label_noise_rates_lanczos(obj, zeta, rules, sigma=sigma, num_probes=num_probes, deflate=deflate,
+                                            generator=gen, rtol=rtol, max_iter=max_iter, projector=projector)
+    return [{"rule": repr(r.rule), "trace": r.trace, "lambda_max": r.lambda_max,
+             "trace_rate": r.trace_rate, "trace_rate_stderr": r.trace_rate_stderr,
+             "lambda_max_rate": r.lambda_max_rate, "lambda_max_rate_stderr": r.lambda_max_rate_stderr,
+             "cg_iterations": list(res.cg_iterations), "eigen_matvecs": res.eigen_matvecs,
+             "lanczos_matvecs": res.lanczos_matvecs, "derivative_matvecs": res.derivative_matvecs,
+             "converged": bool(res.converged), "seconds": res.seconds} for r in res.rates]
 
 
 RULES = (SGD(8), QSR(4, 2, alpha=0.08))   # notebook 04's batches: SGD B = 8; QSR K = 4, B_loc = 2 (eta -> 0)
@@ -258,7 +181,6 @@ def run(root: str | Path, ns: list[int], *, out: str | Path, cache_dir: str | Pa
     for n <= block_jacobi_max_n; the exact dense path for n <= exact_max_n; a CG-tolerance sweep of
     the SGD trace rate at the largest n. Appends one JSON line per row to `out`."""
     from sde.label_noise import gauss_newton_geometry, predict_label_noise_rates, sharpness_gradients
-    from sde.label_noise_mf import predict_label_noise_rates_cg
     rows = []
 
     def emit(new: list[dict]) -> None:

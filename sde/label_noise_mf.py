@@ -265,7 +265,7 @@ class ExactProjectionRates:
 
 def predict_label_noise_rates_cg(obj: Objective, zeta: Tensor, rules, *, sigma: float, rtol: float = 1e-10,
                                  max_iter: int = 5000, lanczos_tol: float = 1e-10, chunk_size: int = 64,
-                                 generator: torch.Generator | None = None) -> ExactProjectionRates:
+                                 generator: torch.Generator | None = None, projector=None) -> ExactProjectionRates:
     """Exact label-noise rates for SGD and QSR (eta -> 0) without forming J or the Hessian.
 
     P grad tr H = (1/N) P grad ||J(theta)||_F^2 (chunked per-sample Jacobians), P grad lambda_max =
@@ -274,7 +274,8 @@ def predict_label_noise_rates_cg(obj: Objective, zeta: Tensor, rules, *, sigma: 
     d tr H/dt = -(sigma^2 w / 4B) ||P grad tr H||^2. Local SGD (and QSR at finite eta) needs
     psi(2 beta H) and is rejected (ValueError): use `predict_label_noise_rates_lanczos` (matrix-free,
     stochastic) or `predict_label_noise_rates` (exact path). Assumes no normalization layers (batch = per-sample outputs).
-    Cost: one chunked per-sample-Jacobian pass, two CG solves (each iteration one J and one J^T
+    `projector` (optional, `.project(v) -> (P v, cg_iterations)`) replaces the block-Jacobi
+    `TangentProjector`. Cost: one chunked per-sample-Jacobian pass, two CG solves (each iteration one J and one J^T
     product over all samples; `cg_iterations` in the result) and a top-1 Lanczos.
     """
     rules = list(rules)
@@ -288,7 +289,8 @@ def predict_label_noise_rates_cg(obj: Objective, zeta: Tensor, rules, *, sigma: 
     n = obj.num_samples
 
     frob_grad, blocks, frob = jacobian_frobenius_pass(obj, zeta, chunk_size)
-    projector = TangentProjector.from_blocks(obj, zeta, blocks, rtol=rtol, max_iter=max_iter)
+    if projector is None:
+        projector = TangentProjector.from_blocks(obj, zeta, blocks, rtol=rtol, max_iter=max_iter)
     g_trace, it_trace = projector.project(frob_grad / n)
 
     class _AtZeta:  # the Hessian at zeta as a symmetric operator for Lanczos
@@ -464,7 +466,8 @@ def predict_label_noise_rates_lanczos(obj: Objective, zeta: Tensor, rules, *, si
                                       deflate: int = 50, eta: float | None = None,
                                       generator: torch.Generator | None = None, function_tol: float = 1e-8,
                                       max_lanczos_steps: int = 400, rtol: float = 1e-10, max_iter: int = 5000,
-                                      eigen_tol: float = 1e-10, chunk_size: int = 64) -> LanczosRates:
+                                      eigen_tol: float = 1e-10, chunk_size: int = 64,
+                                      projector=None) -> LanczosRates:
     """Label-noise rates for SGD, QSR and LOCAL SGD at zeta on Gamma, matrix-free, with standard errors.
 
     For a scalar s (tr H or lambda_max) with tangent gradient u_s = P grad s (exact, by
@@ -488,6 +491,8 @@ def predict_label_noise_rates_lanczos(obj: Objective, zeta: Tensor, rules, *, si
         generator: all random draws (Lanczos start vectors, probes); seed 0 if None.
         function_tol, max_lanczos_steps: per-probe Lanczos for psi(2 beta G) z (relative change).
         rtol, max_iter: CG of the tangent projections; eigen_tol: top-k Gram eigenpairs.
+        projector: optional object with `.project(v) -> (P v, cg_iterations)` replacing the default
+            block-Jacobi `TangentProjector` (e.g. a better-preconditioned one for large N).
     Raises ValueError for bad input or zeta off Gamma, ProjectionNotConverged, RuntimeError if
     the top-k eigenpairs do not converge within 50 k + 500 Gram products.
     """
@@ -505,7 +510,8 @@ def predict_label_noise_rates_lanczos(obj: Objective, zeta: Tensor, rules, *, si
 
     clock = time.perf_counter()
     frob_grad, blocks, frob = jacobian_frobenius_pass(obj, zeta, chunk_size)
-    projector = TangentProjector.from_blocks(obj, zeta, blocks, rtol=rtol, max_iter=max_iter)
+    if projector is None:
+        projector = TangentProjector.from_blocks(obj, zeta, blocks, rtol=rtol, max_iter=max_iter)
     grad_trace = frob_grad / n
     g_trace, it_trace = projector.project(grad_trace)
     seconds = {"projections": time.perf_counter() - clock}

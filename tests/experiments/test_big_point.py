@@ -48,3 +48,22 @@ def test_preconditioned_prediction_equals_exact_and_block_jacobi_paths(on_gamma)
         predict_rates_preconditioned(obj, zeta, [LocalSGD(2, 2, 0.5)], sigma=0.3, preconditioner=pre)
     with pytest.raises(ValueError, match="not on Gamma"):
         predict_rates_preconditioned(obj, zeta + 0.1, rules, sigma=0.3, preconditioner=pre)
+
+
+def test_preconditioned_local_sgd_rates_match_exact_path_within_stderr(on_gamma):
+    """Local SGD (K = 2, beta = 0.5) through the Nystrom-preconditioned projector: within 4 standard
+    errors of the exact Gram-eigendecomposition path (the stochastic part is the Lanczos trace)."""
+    obj, zeta = on_gamma
+    from experiments.big_point import predict_local_sgd_rates_preconditioned
+    rule = LocalSGD(2, 2, 0.5)
+    pre = GramPreconditionerMF.at(obj, zeta, rank=40)
+    (got,) = predict_local_sgd_rates_preconditioned(obj, zeta, [rule], sigma=0.3, preconditioner=pre,
+                                                    num_probes=30, deflate=20, rtol=1e-13,
+                                                    generator=torch.Generator().manual_seed(0))
+    exact = predict_label_noise_rates(obj, gauss_newton_geometry(obj, zeta), rule, sigma=0.3)
+    assert 0 < got["trace_rate_stderr"] < 0.05 * abs(exact.trace_rate)
+    assert abs(got["trace_rate"] - exact.trace_rate) <= 4 * got["trace_rate_stderr"] + 1e-9 * abs(exact.trace_rate)
+    assert abs(got["lambda_max_rate"] - exact.lambda_max_rate) <= (4 * got["lambda_max_rate_stderr"]
+                                                                    + 1e-9 * abs(exact.lambda_max_rate))
+    with pytest.raises(ValueError, match="Local SGD rules"):
+        predict_local_sgd_rates_preconditioned(obj, zeta, [SGD(4)], sigma=0.3, preconditioner=pre)
