@@ -33,8 +33,34 @@ class RegimeWarning(UserWarning):
     """A continuation run left the small-learning-rate / small-drift regime the theory covers."""
 
 
+class RoundSchedule:
+    """Rounds of a continuation config (fields rule, eta, rounds, checkpoint_every, seeds,
+    steps_per_round_sgd, qsr_alpha): validation, H per round and the per-worker batch."""
+
+    def _check_rounds(self) -> None:
+        for name in ("rounds", "checkpoint_every", "seeds", "steps_per_round_sgd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.rule, QSR) and (self.qsr_alpha or self.rule.alpha) is None:
+            raise ValueError("QSR continuation needs qsr_alpha (or rule.alpha): H = (alpha/eta)^2")
+
+    @property
+    def local_steps(self) -> int:
+        """H, the steps per worker between averagings (per checkpoint unit for SGD)."""
+        if isinstance(self.rule, SGD):
+            return self.steps_per_round_sgd
+        if isinstance(self.rule, LocalSGD):
+            return max(1, round(self.rule.beta / self.eta))
+        alpha = self.qsr_alpha if self.qsr_alpha is not None else self.rule.alpha
+        return max(1, round((alpha / self.eta) ** 2))
+
+    @property
+    def local_batch(self) -> int:
+        return self.rule.batch_size if isinstance(self.rule, SGD) else self.rule.local_batch
+
+
 @dataclass(frozen=True)
-class ContinuationConfig:
+class ContinuationConfig(RoundSchedule):
     """One continuation experiment: `rule` run for `rounds` rounds at step `eta`, label-noise std `sigma`.
 
     For SGD a "round" is `steps_per_round_sgd` steps (checkpoint spacing). `checkpoint_every`
@@ -60,25 +86,7 @@ class ContinuationConfig:
         for name in ("eta", "sigma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("rounds", "checkpoint_every", "seeds", "steps_per_round_sgd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if isinstance(self.rule, QSR) and (self.qsr_alpha or self.rule.alpha) is None:
-            raise ValueError("QSR continuation needs qsr_alpha (or rule.alpha): H = (alpha/eta)^2")
-
-    @property
-    def local_steps(self) -> int:
-        """H, the steps per worker between averagings (per checkpoint unit for SGD)."""
-        if isinstance(self.rule, SGD):
-            return self.steps_per_round_sgd
-        if isinstance(self.rule, LocalSGD):
-            return max(1, round(self.rule.beta / self.eta))
-        alpha = self.qsr_alpha if self.qsr_alpha is not None else self.rule.alpha
-        return max(1, round((alpha / self.eta) ** 2))
-
-    @property
-    def local_batch(self) -> int:
-        return self.rule.batch_size if isinstance(self.rule, SGD) else self.rule.local_batch
+        self._check_rounds()
 
 
 @dataclass(frozen=True)

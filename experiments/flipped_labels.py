@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from dynamics.objective import Objective
-from experiments.continuation import RegimeWarning, fit_slope  # noqa: F401 (RegimeWarning re-exported)
+from experiments.continuation import RegimeWarning, RoundSchedule, fit_slope  # noqa: F401 (RegimeWarning re-exported)
 from experiments.manifold import GramPreconditioner, _gram_solve, build_small_mlp, cifar_subset
 from sde.flipped_labels import (_centred_basis, _metric_roots, closed_form_rates, flip_geometry, flip_labels,
                                 flip_sharpness_gradients, soft_cross_entropy, soft_target_objective)
@@ -209,7 +209,7 @@ def prepare_flip_point(root: str | Path, setup: FlipSetup = FlipSetup(), *, cach
 
 # ---------------------------------------------------------------------- continuation
 @dataclass(frozen=True)
-class FlipContinuationConfig:
+class FlipContinuationConfig(RoundSchedule):
     """`rule` run for `rounds` rounds at step `eta` with flip probability `p`.
 
     For SGD a round is `steps_per_round_sgd` steps; `checkpoint_every` rounds between projections;
@@ -233,24 +233,7 @@ class FlipContinuationConfig:
             raise ValueError(f"eta must be positive, got {self.eta}")
         if not 0 < self.p < 0.9:
             raise ValueError(f"p must be in (0, 0.9) (C = 10), got {self.p}")
-        for name in ("rounds", "checkpoint_every", "seeds", "steps_per_round_sgd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if isinstance(self.rule, QSR) and (self.qsr_alpha or self.rule.alpha) is None:
-            raise ValueError("QSR continuation needs qsr_alpha (or rule.alpha): H = (alpha/eta)^2")
-
-    @property
-    def local_steps(self) -> int:
-        if isinstance(self.rule, SGD):
-            return self.steps_per_round_sgd
-        if isinstance(self.rule, LocalSGD):
-            return max(1, round(self.rule.beta / self.eta))
-        alpha = self.qsr_alpha if self.qsr_alpha is not None else self.rule.alpha
-        return max(1, round((alpha / self.eta) ** 2))
-
-    @property
-    def local_batch(self) -> int:
-        return self.rule.batch_size if isinstance(self.rule, SGD) else self.rule.local_batch
+        self._check_rounds()
 
 
 @dataclass(frozen=True)
