@@ -6,21 +6,14 @@ and the dense Gauss-Newton projection `project_to_manifold`. Runtime: a few seco
 """
 import pytest
 import torch
-from torch import nn
 
 from experiments.manifold import (GramPreconditionerMF, GramSolveNotConverged, cifar_subset, gram_solve_cg,
-                                  per_sample_gram_blocks, project_to_manifold, project_to_manifold_cg,
-                                  squared_loss_objective)
+                                  per_sample_gram_blocks, project_to_manifold, project_to_manifold_cg)
 from sde.label_noise import output_jacobian
+from tests.experiments.test_drift_check import tiny_mlp_objective
 
 
-def _objective(x, y, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 24), nn.GELU(), nn.Linear(24, 10)).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * (0.3 if p.dim() > 1 else 0.1))
-    return squared_loss_objective(model, x, y)
+_objective = tiny_mlp_objective   # the float64 GELU MLP 48 -> 24 -> 10 of test_drift_check
 
 
 @pytest.fixture(scope="module")
