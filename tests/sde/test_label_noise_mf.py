@@ -27,6 +27,13 @@ from sde.rules import QSR, SGD, LocalSGD
 from tests.reference import classification_batches, tiny_mlp
 
 
+def _exact_rates(obj, zeta, rules, sigma=0.4):
+    """The exact (Jacobian / Gram) path's geometry at zeta and its rates for each rule."""
+    geo = gauss_newton_geometry(obj, zeta)
+    grads = sharpness_gradients(obj, geo)
+    return geo, [predict_label_noise_rates(obj, geo, rule, sigma=sigma, gradients=grads) for rule in rules]
+
+
 @pytest.fixture(scope="module")
 def on_gamma():
     obj = Objective(tiny_mlp(seed=4, d_in=5, width=7, d_out=3), half_squared_error,
@@ -40,10 +47,8 @@ def test_matrix_free_equals_exact_at_full_rank(on_gamma):
     rules = [SGD(4), LocalSGD(2, 2, 0.8), QSR(2, 2)]
     mf = predict_label_noise_rates_matrix_free(obj, zeta, rules, sigma=0.4, rank=12, tol=1e-12,
                                                generator=torch.Generator().manual_seed(0))
-    geo = gauss_newton_geometry(obj, zeta)
-    grads = sharpness_gradients(obj, geo)
-    for rule, got in zip(rules, mf):
-        exact = predict_label_noise_rates(obj, geo, rule, sigma=0.4, gradients=grads)
+    geo, exacts = _exact_rates(obj, zeta, rules)
+    for got, exact in zip(mf, exacts):
         assert got.trace_rate == pytest.approx(exact.trace_rate, rel=1e-6)
         assert got.lambda_max_rate == pytest.approx(exact.lambda_max_rate, rel=1e-6)
         torch.testing.assert_close(got.drift, exact.drift, rtol=0, atol=1e-6 * exact.drift.norm().item())
@@ -67,10 +72,8 @@ def test_cg_projection_rates_equal_exact_path(on_gamma):
     rules = [SGD(4), QSR(2, 2), QSR(3, 1)]
     got = predict_label_noise_rates_cg(obj, zeta, rules, sigma=0.4, rtol=1e-13,
                                        generator=torch.Generator().manual_seed(0))
-    geo = gauss_newton_geometry(obj, zeta)
-    grads = sharpness_gradients(obj, geo)
-    for rule, mf in zip(rules, got.rates):
-        exact = predict_label_noise_rates(obj, geo, rule, sigma=0.4, gradients=grads)
+    geo, exacts = _exact_rates(obj, zeta, rules)
+    for mf, exact in zip(got.rates, exacts):
         assert mf.trace_rate == pytest.approx(exact.trace_rate, rel=1e-8)
         assert mf.lambda_max_rate == pytest.approx(exact.lambda_max_rate, rel=1e-8)
         torch.testing.assert_close(mf.drift, exact.drift, rtol=0, atol=1e-8 * exact.drift.norm().item())
@@ -147,10 +150,8 @@ def test_lanczos_rates_equal_exact_path_at_full_deflation(on_gamma):
     rules = [SGD(4), QSR(2, 2), LocalSGD(2, 2, 0.9)] + LOCAL_RULES
     options = dict(sigma=0.4, num_probes=3, deflate=12, rtol=1e-13, eigen_tol=1e-12, function_tol=1e-12)
     got = predict_label_noise_rates_lanczos(obj, zeta, rules, generator=torch.Generator().manual_seed(0), **options)
-    geo = gauss_newton_geometry(obj, zeta)
-    grads = sharpness_gradients(obj, geo)
-    for rule, mf in zip(rules, got.rates):
-        exact = predict_label_noise_rates(obj, geo, rule, sigma=0.4, gradients=grads)
+    geo, exacts = _exact_rates(obj, zeta, rules)
+    for mf, exact in zip(got.rates, exacts):
         assert mf.trace_rate == pytest.approx(exact.trace_rate, rel=1e-8)
         assert mf.lambda_max_rate == pytest.approx(exact.lambda_max_rate, rel=1e-8)
         assert mf.trace_rate_stderr <= 1e-9 * abs(exact.trace_rate)
@@ -170,10 +171,8 @@ def test_lanczos_rates_within_stderr_of_exact_path_and_limits(on_gamma):
     got = predict_label_noise_rates_lanczos(obj, zeta, rules, sigma=0.4, num_probes=40, deflate=3,
                                             generator=torch.Generator().manual_seed(1))
     assert got.converged and got.derivative_matvecs == 3 + 40
-    geo = gauss_newton_geometry(obj, zeta)
-    grads = sharpness_gradients(obj, geo)
-    for rule, mf in zip(rules[2:8], got.rates[2:8]):
-        exact = predict_label_noise_rates(obj, geo, rule, sigma=0.4, gradients=grads)
+    geo, exacts = _exact_rates(obj, zeta, rules[2:8])
+    for mf, exact in zip(got.rates[2:8], exacts):
         for value, se, ref in ((mf.trace_rate, mf.trace_rate_stderr, exact.trace_rate),
                                (mf.lambda_max_rate, mf.lambda_max_rate_stderr, exact.lambda_max_rate)):
             assert 0 < se < 0.03 * abs(ref)
