@@ -5,10 +5,12 @@ noise of std sigma on every target at every draw (squared loss 1/2 ||f - y||^2, 
 with replacement), several seeds at once: all seeds x workers are one stacked parameter tensor
 (S K, D) and one `torch.func.vmap`-ed gradient per step. At checkpoints (always at the end of
 a communication round, when the workers have just been averaged) each seed's iterate is
-projected onto Gamma (`project_to_manifold`: gradient descent, a discretized gradient flow,
-then Gauss-Newton to L <= 1e-10) and tr H = ||J||_F^2 / N and lambda_max (top eigenvalue of
-J J^T / N) are read THERE, never at the iterate, whose off-manifold offset of order
-eta sigma^2 / B swamps the drift (DESIGN.md, Known traps).
+projected onto Gamma and tr H = ||J||_F^2 / N and lambda_max (top eigenvalue of J J^T / N) are
+read THERE, never at the iterate, whose off-manifold offset of order eta sigma^2 / B swamps the
+drift (DESIGN.md, Known traps). Two readings: at Phi to second order (`correction=`, see
+`experiments.phi_reading`: the Gauss-Newton projection alone is not Phi at second order and adds
+a spurious drift), or the older one, a few gradient-descent steps then Gauss-Newton to
+L <= 1e-10 (`project_to_manifold`).
 
 Slow time t = eta^2 x steps per worker. Local SGD: H = round(beta / eta) local steps per round;
 QSR: H = round((alpha / eta)^2).
@@ -25,6 +27,7 @@ from torch.func import grad, vmap
 
 from dynamics.objective import Objective
 from experiments.manifold import GramPreconditioner, half_squared_error, project_to_manifold
+from experiments.phi_reading import PhiCorrection, read_at_phi
 from sde.label_noise import output_jacobian
 from sde.rules import QSR, SGD, LocalSGD, check_rule
 
@@ -91,13 +94,16 @@ class ContinuationConfig(RoundSchedule):
 
 @dataclass(frozen=True)
 class ContinuationResult:
-    """Projected sharpness along the run: times (n,) slow time; trace, lambda_max (n, seeds)."""
+    """Projected sharpness along the run: times (n,) slow time; trace, lambda_max (n, seeds) at Phi
+    (second-order corrected) or at the Gauss-Newton projection; raw_* always at the latter."""
     config: ContinuationConfig
     times: Tensor
     trace: Tensor
     lambda_max: Tensor
     projection_loss: Tensor
     projection_distance: Tensor
+    raw_trace: Tensor
+    raw_lambda_max: Tensor
 
 
 def sharpness_on_manifold(obj: Objective, theta: Tensor, *,
@@ -129,8 +135,12 @@ def _stacked_data(obj: Objective) -> tuple[Tensor, Tensor]:
 
 
 def run_continuation(obj: Objective, zeta: Tensor, config: ContinuationConfig, *,
-                     generator: torch.Generator) -> ContinuationResult:
+                     generator: torch.Generator, correction: PhiCorrection | None = None) -> ContinuationResult:
     """Run `config` from zeta (on Gamma) and record projected tr H, lambda_max at checkpoints.
+
+    With `correction` (a `PhiCorrection` at zeta) every reading is at Phi(iterate) to second order
+    (`experiments.phi_reading.read_at_phi`: two Gauss-Newton projections, config.gd_steps
+    ignored); without, at the projection after config.gd_steps gradient-descent steps.
 
     Guards: ValueError if L(zeta) > 1e-8 or eta lambda_max(zeta) > config.max_eta_lambda (before
     any step); RegimeWarning if the relative change of tr H exceeds config.max_relative_change
@@ -163,6 +173,14 @@ def run_continuation(obj: Objective, zeta: Tensor, config: ContinuationConfig, *
             return batched_grad(t, xb, tb)
         return torch.stack([single_grad(t[m], xb[m], tb[m]) for m in range(len(t))])
     times, traces, lmaxes, losses, dists = [0.0], [[trace0] * cfg.seeds], [[lmax0] * cfg.seeds], [[0.0] * cfg.seeds], [[0.0] * cfg.seeds]
+    raws = [[(trace0, lmax0)] * cfg.seeds]
+
+    def project(t: Tensor) -> tuple[Tensor, float]:
+        proj, report = project_to_manifold(obj, t, preconditioner=reference)
+        return proj, report.loss
+
+    def read(z: Tensor) -> tuple[float, float]:
+        return sharpness_on_manifold(obj, z, reference=reference)
     steps = 0
     for r in range(1, cfg.rounds + 1):
         for _ in range(H):
@@ -174,20 +192,27 @@ def run_continuation(obj: Objective, zeta: Tensor, config: ContinuationConfig, *
             theta = theta.view(cfg.seeds, workers, -1).mean(1).repeat_interleave(workers, 0)
         if r % cfg.checkpoint_every:
             continue
-        row_t, row_l, row_loss, row_d = [], [], [], []
+        row_t, row_l, row_raw, row_loss, row_d = [], [], [], [], []
         for s in range(cfg.seeds):
             iterate = theta[s * workers]
-            lr = 1.0 / _largest_lambda_seen(lmaxes)
-            proj, report = project_to_manifold(obj, iterate, gd_steps=cfg.gd_steps, gd_lr=lr,
-                                               preconditioner=reference)
-            tr, lm = sharpness_on_manifold(obj, proj, reference=reference)
-            row_t.append(tr), row_l.append(lm), row_loss.append(report.loss)
+            if correction is not None:
+                reading = read_at_phi(iterate, correction, project, read)
+                (tr, lm), raw, proj, loss = reading.corrected, reading.raw, reading.projection, reading.residual
+            else:
+                lr = 1.0 / _largest_lambda_seen(lmaxes)
+                proj, report = project_to_manifold(obj, iterate, gd_steps=cfg.gd_steps, gd_lr=lr,
+                                                   preconditioner=reference)
+                tr, lm = raw = read(proj)
+                loss = report.loss
+            row_t.append(tr), row_l.append(lm), row_raw.append(raw), row_loss.append(loss)
             row_d.append((proj - zeta).norm().item())
         times.append(steps * cfg.eta ** 2)
-        traces.append(row_t), lmaxes.append(row_l), losses.append(row_loss), dists.append(row_d)
+        traces.append(row_t), lmaxes.append(row_l), raws.append(row_raw), losses.append(row_loss), dists.append(row_d)
+    raw = torch.tensor(raws)
     result = ContinuationResult(config=cfg, times=torch.tensor(times), trace=torch.tensor(traces),
                                 lambda_max=torch.tensor(lmaxes), projection_loss=torch.tensor(losses),
-                                projection_distance=torch.tensor(dists))
+                                projection_distance=torch.tensor(dists), raw_trace=raw[..., 0],
+                                raw_lambda_max=raw[..., 1])
     _check_regime(result, zeta)
     return result
 

@@ -25,6 +25,7 @@ from dynamics.objective import Objective
 from experiments.continuation import ContinuationConfig, fit_slope, run_continuation
 from experiments.manifold import (ProjectionReport, build_small_cnn, build_small_mlp, cifar_subset, project_to_manifold,
                                   squared_loss_objective, train_to_interpolation)
+from experiments.phi_reading import PhiCorrection
 from sde.label_noise import gauss_newton_geometry, predict_label_noise_rates, sharpness_gradients
 from sde.rules import QSR, SGD, LocalSGD
 
@@ -83,6 +84,8 @@ class DriftComparison:
     measured_lambda_max_rate_std: float
     max_projection_loss: float
     seconds: float
+    phi_corrected: bool = False            # readings at Phi to second order (else at Gauss-Newton)
+    raw_trace_rate: float | None = None    # slope read at the Gauss-Newton projection (same runs)
 
     @property
     def trace_ratio(self) -> float:
@@ -91,8 +94,11 @@ class DriftComparison:
 
 
 def compare_rule(obj: Objective, zeta: Tensor, config: ContinuationConfig, *, seed: int = 0,
-                 geometry=None, gradients=None) -> DriftComparison:
-    """Predict (exact path) and measure (continuation, projected readings) for one config."""
+                 geometry=None, gradients=None, correction: PhiCorrection | None = None) -> DriftComparison:
+    """Predict (exact path) and measure (continuation, projected readings) for one config.
+
+    With `correction` (`PhiCorrection.at(obj, geometry, gradients)`) the readings are at Phi to
+    second order (`experiments.phi_reading`); raw_trace_rate is then the Gauss-Newton reading's slope."""
     start = time.perf_counter()
     geometry = geometry or gauss_newton_geometry(obj, zeta)
     gradients = gradients or sharpness_gradients(obj, geometry)
@@ -105,7 +111,7 @@ def compare_rule(obj: Objective, zeta: Tensor, config: ContinuationConfig, *, se
         limit = predict_label_noise_rates(obj, geometry, rule, sigma=config.sigma, gradients=gradients)
     else:
         pred = limit = predict_label_noise_rates(obj, geometry, rule, sigma=config.sigma, gradients=gradients)
-    result = run_continuation(obj, zeta, config, generator=torch.Generator().manual_seed(seed))
+    result = run_continuation(obj, zeta, config, generator=torch.Generator().manual_seed(seed), correction=correction)
     tr = fit_slope(result.times, result.trace)
     lm = fit_slope(result.times, result.lambda_max)
     return DriftComparison(
@@ -115,7 +121,8 @@ def compare_rule(obj: Objective, zeta: Tensor, config: ContinuationConfig, *, se
         predicted_lambda_max_rate=pred.lambda_max_rate, predicted_trace_rate_limit=limit.trace_rate,
         measured_trace_rate=tr.mean, measured_trace_rate_std=tr.std, measured_lambda_max_rate=lm.mean,
         measured_lambda_max_rate_std=lm.std, max_projection_loss=float(result.projection_loss.max()),
-        seconds=time.perf_counter() - start)
+        seconds=time.perf_counter() - start, phi_corrected=correction is not None,
+        raw_trace_rate=fit_slope(result.times, result.raw_trace).mean)
 
 
 def extrapolate_to_zero_eta(etas, values) -> float:
@@ -160,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn")
     parser.add_argument("--n", type=int, default=100, help="images for --model mlp")
     parser.add_argument("--vectorize", action="store_true", help="vmap all seeds x workers every step")
+    parser.add_argument("--no-phi-correction", action="store_true",
+                        help="read at the Gauss-Newton projection after gradient descent (the pre-2026-12-03 reading)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     import os
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     obj, zeta, _ = prepare_point(root, setup, cache=args.cache)
     geometry = gauss_newton_geometry(obj, zeta)
     gradients = sharpness_gradients(obj, geometry)
+    correction = None if args.no_phi_correction else PhiCorrection.at(obj, geometry, gradients)
     names = {"sgd": 0, "local": 1, "qsr": 2}
     for eta in args.eta:
         for sigma in args.sigma:
@@ -175,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.vectorize:
                 configs = [dataclasses.replace(c, vectorize=True) for c in configs]
             for name in args.rules:
-                row = compare_rule(obj, zeta, configs[names[name]], geometry=geometry, gradients=gradients)
+                row = compare_rule(obj, zeta, configs[names[name]], geometry=geometry, gradients=gradients,
+                                   correction=correction)
                 with open(args.out, "a") as f:
                     f.write(json.dumps(asdict(row)) + "\n")
                 print(f"{row.rule:45s} eta={eta} sigma={sigma} pred={row.predicted_trace_rate:.4g} "

@@ -9,8 +9,8 @@ flipped-label SGD / Local SGD / QSR from it (issue 6, the cross-entropy half):
   orthonormal, orthogonal to 1: the centred residual in C - 1 coordinates) until
   ||centred(f - log q)|| <= tol, float64; the Gram systems reuse `experiments.manifold`'s solver
   and preconditioner.
-- `phi_reading` / `PhiCorrection`: the Gauss-Newton projection is not Phi at second order (twice
-  Phi's term along Hessian eigenvectors); the reading is corrected to s(Phi(theta)) + O(|x|^3).
+- `phi_reading`: the Gauss-Newton projection is not Phi at second order (twice Phi's term along
+  Hessian eigenvectors); the reading is corrected to s(Phi(theta)) + O(|x|^3) (`experiments.phi_reading`).
 - `prepare_flip_point`: balanced real CIFAR-10 subset, small GELU MLP, Adam on the soft-target
   cross-entropy, then the projection.
 - `run_flip_continuation`: seeds x workers stacked and vmapped; each step draws B_loc samples
@@ -39,6 +39,7 @@ from torch.func import grad, vmap
 from dynamics.objective import Objective
 from experiments.continuation import RegimeWarning, RoundSchedule, fit_slope  # noqa: F401 (RegimeWarning re-exported)
 from experiments.manifold import GramPreconditioner, _gram_solve, build_small_mlp, cifar_subset
+from experiments.phi_reading import PhiCorrection, read_at_phi  # noqa: F401 (PhiCorrection re-exported)
 from sde.flipped_labels import (_centred_basis, _metric_roots, closed_form_rates, flip_geometry, flip_labels,
                                 flip_sharpness_gradients, soft_cross_entropy, soft_target_objective)
 from sde.label_noise import output_jacobian
@@ -256,52 +257,17 @@ class FlipContinuationResult:
         return self.projection_residual
 
 
-@dataclass(frozen=True)
-class PhiCorrection:
-    """What the second-order reading at Phi needs, computed once at zeta: the Hessian's normal
-    eigenvectors U (D, r), eigenvalues (r,), and dH = U^T (d_g Hessian) U (r, r) for g the
-    tangent gradient of tr H and of lambda_max (`sde.flipped_labels.hessian_derivative_in_basis`)."""
-    basis: Tensor
-    eigenvalues: Tensor
-    d_hessian_trace: Tensor
-    d_hessian_lambda_max: Tensor
-
-    @classmethod
-    def at(cls, obj: Objective, geometry, gradients) -> "PhiCorrection":
-        from sde.flipped_labels import hessian_derivative_in_basis
-        U = geometry.hessian_eigenvectors(len(geometry.eigenvalues))
-        return cls(basis=U, eigenvalues=geometry.eigenvalues,
-                   d_hessian_trace=hessian_derivative_in_basis(obj, geometry.theta, gradients.trace, U),
-                   d_hessian_lambda_max=hessian_derivative_in_basis(obj, geometry.theta, gradients.lambda_max, U))
-
-
 def phi_reading(obj: Objective, theta: Tensor, correction: PhiCorrection, *, preconditioner=None,
                 reference: Tensor | None = None) -> tuple[tuple[float, float], tuple[float, float], Tensor, float]:
     """(tr H, lambda_max) at Phi(theta) to second order in the normal offset, the same at the
-    Gauss-Newton projection z = Pi(theta), z, and the final residual.
+    Gauss-Newton projection z = Pi(theta), z, and the final residual (`experiments.phi_reading`
+    with the soft-target projection and sharpness)."""
+    def project(t: Tensor) -> tuple[Tensor, float]:
+        z, report = project_to_flip_manifold(obj, t, preconditioner=preconditioner)
+        return z, report.residual
 
-    Pi (Gauss-Newton) is not Phi (gradient flow) at second order: along a Hessian eigenvector
-    its tangent term is twice Phi's (tests/experiments/test_flipped_labels.py). With x = theta - z,
-    Pi(z - x) = z + d2Pi[x x^T] + O(x^3) (reflection) and Phi(theta) = z + 1/2 (d2Phi - d2Pi)[x x^T]
-    + O(x^3), d2Phi[x x^T] = -P d3L[Lyap^-1(x x^T)] for normal x, so for s = tr H, lambda_max:
-
-        s(Phi(theta)) = s(z) - (s(Pi(z - x)) - s(z)) / 2 - 1/2 a^T (dH / (lambda_i + lambda_j)) a,
-
-    a = U^T x. The dH, U of `correction` are those at zeta (error O(|z - zeta| |x|^2)).
-    Checked against an adaptive-RK gradient flow on a tiny net: the error falls as |x|^3.
-    """
-    z, rep1 = project_to_flip_manifold(obj, theta, preconditioner=preconditioner)
-    x = theta - z
-    z2, rep2 = project_to_flip_manifold(obj, z - x, preconditioner=preconditioner)
-    s_z = flip_sharpness_on_manifold(obj, z, reference=reference)
-    s_z2 = flip_sharpness_on_manifold(obj, z2, reference=reference)
-    a = correction.basis.T @ x
-    lam = correction.eigenvalues
-    sums = lam[:, None] + lam[None, :]
-    out = []
-    for k, dH in enumerate((correction.d_hessian_trace, correction.d_hessian_lambda_max)):
-        out.append(s_z[k] - 0.5 * (s_z2[k] - s_z[k]) - 0.5 * float(a @ ((dH / sums) @ a)))
-    return (out[0], out[1]), s_z, z, max(rep1.residual, rep2.residual)
+    reading = read_at_phi(theta, correction, project, lambda z: flip_sharpness_on_manifold(obj, z, reference=reference))
+    return reading.corrected, reading.raw, reading.projection, reading.residual
 
 
 def run_flip_continuation(obj: Objective, labels: Tensor, zeta: Tensor, config: FlipContinuationConfig, *,
