@@ -10,7 +10,8 @@ eta -> 0 (`sde.analysis.extrapolate_to_zero`) and compared with the slow-SDE rat
 (b) Real CIFAR-10: a point zeta of Gamma of a small GELU MLP on a class-balanced subset
 (`experiments.drift_check.prepare_point`), the predicted d tr H/dt and d lambda_max/dt for SGD,
 Local SGD and QSR (`sde.label_noise`, exact path), and continuation runs with Gaussian label
-noise read at projections onto Gamma (`experiments.continuation`), mean +/- std over seeds.
+noise read at Phi, the gradient-flow projection onto Gamma, to second order (`experiments.continuation`,
+`experiments.phi_reading`), mean +/- std over seeds.
 
 Slow time t = eta^2 x steps per worker. One torch thread (set here, deliberately: the machine's
 2 cores are shared and small tensor work does not gain from a second thread). Without data the
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from experiments.continuation import ContinuationConfig, fit_slope, run_continuation
+from experiments.phi_reading import PhiCorrection
 from experiments.data import download_cifar10, load_cifar10, resolve_cifar10_dir
 from experiments.drift_check import PointSetup, extrapolate_to_zero_eta, prepare_point
 from experiments.plotstyle import FIGURES_DIR, SLOW_TIME_LABEL, apply_style, save_figure
@@ -167,6 +169,7 @@ def run_cifar(root: Path, s: CifarSettings, progress=print) -> dict:
     obj, zeta, report = prepare_point(root, s.point)
     geometry = gauss_newton_geometry(obj, zeta)
     gradients = sharpness_gradients(obj, geometry)
+    correction = PhiCorrection.at(obj, geometry, gradients)      # readings at Phi (experiments.phi_reading)
     progress(f"  point: N={s.point.n} images {s.point.image_size}x{s.point.image_size}, D={obj.dim}, "
              f"L(zeta)={geometry.loss:.2e}, tr H={geometry.trace:.3f}, lambda_max={geometry.lambda_max:.3f} "
              f"({time.perf_counter() - start:.0f} s)")
@@ -186,7 +189,8 @@ def run_cifar(root: Path, s: CifarSettings, progress=print) -> dict:
             pred = limit if run_rule is rule else predict_label_noise_rates(obj, geometry, run_rule, sigma=s.sigma,
                                                                              gradients=gradients)
             t0 = time.perf_counter()
-            res = run_continuation(obj, zeta, config, generator=torch.Generator().manual_seed(s.seed))
+            res = run_continuation(obj, zeta, config, generator=torch.Generator().manual_seed(s.seed),
+                                   correction=correction)
             tr, lm = fit_slope(res.times, res.trace), fit_slope(res.times, res.lambda_max)
             out["runs"].append({
                 "rule": name, "repr": repr(rule), "eta": eta, "sigma": s.sigma,
@@ -200,6 +204,7 @@ def run_cifar(root: Path, s: CifarSettings, progress=print) -> dict:
                 "measured_trace_rate_per_seed": tr.per_seed.tolist(),
                 "measured_lambda_max_rate": lm.mean, "measured_lambda_max_rate_std": lm.std,
                 "measured_lambda_max_rate_per_seed": lm.per_seed.tolist(),
+                "raw_trace_rate": fit_slope(res.times, res.raw_trace).mean,   # read at Gauss-Newton, not Phi
                 "times": res.times.tolist(), "trace": res.trace.T.tolist(), "lambda_max": res.lambda_max.T.tolist(),
                 "max_projection_loss": float(res.projection_loss.max()),
                 "max_projection_distance": float(res.projection_distance.max()),
