@@ -138,6 +138,19 @@ def extrapolate_to_zero_eta(etas, values) -> float:
     return float(val.mean() - slope * eta.mean())
 
 
+def steps_per_eta(etas, steps) -> list[int]:
+    """Steps per worker for each eta: `steps` is one count for every eta or one count per eta
+    (e.g. a fixed slow time eta^2 x steps at every eta). ValueError on a length mismatch or a count < 1."""
+    etas, steps = list(etas), list(steps)
+    if len(steps) == 1:
+        steps = steps * len(etas)
+    if len(steps) != len(etas):
+        raise ValueError(f"--steps needs one value or one per eta ({len(etas)}), got {len(steps)}")
+    if any(s < 1 for s in steps):
+        raise ValueError(f"every step count must be >= 1, got {steps}")
+    return steps
+
+
 def default_configs(eta: float = 0.004, sigma: float = 0.1, steps: int = 5000, seeds: int = 4,
                     checkpoints: int = 5, *, qsr_alpha: float = 0.08) -> list[ContinuationConfig]:
     """SGD (B = 8), Local SGD (K = 4, B_loc = 2, beta = 0.4) and QSR (K = 4, B_loc = 2, alpha = qsr_alpha)."""
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eta", type=float, nargs="+", default=[0.004])
     parser.add_argument("--sigma", type=float, nargs="+", default=[0.1])
     parser.add_argument("--rules", nargs="+", default=["sgd", "local", "qsr"])
-    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--steps", type=int, nargs="+", default=[5000], help="one value, or one per --eta")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--checkpoints", type=int, default=5)
     parser.add_argument("--qsr-alpha", type=float, default=0.08)
@@ -170,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-phi-correction", action="store_true",
                         help="read at the Gauss-Newton projection after gradient descent (the pre-2026-12-03 reading)")
     args = parser.parse_args(argv)
+    steps_list = steps_per_eta(args.eta, args.steps)         # checked before the costly setup
     torch.set_num_threads(1)
     import os
     root = args.data or os.environ.get("CIFAR10_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -179,9 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     gradients = sharpness_gradients(obj, geometry)
     correction = None if args.no_phi_correction else PhiCorrection.at(obj, geometry, gradients)
     names = {"sgd": 0, "local": 1, "qsr": 2}
-    for eta in args.eta:
+    for eta, steps in zip(args.eta, steps_list):
         for sigma in args.sigma:
-            configs = default_configs(eta, sigma, args.steps, args.seeds, args.checkpoints, qsr_alpha=args.qsr_alpha)
+            configs = default_configs(eta, sigma, steps, args.seeds, args.checkpoints, qsr_alpha=args.qsr_alpha)
             if args.vectorize:
                 configs = [dataclasses.replace(c, vectorize=True) for c in configs]
             for name in args.rules:

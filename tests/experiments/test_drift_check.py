@@ -155,6 +155,21 @@ def test_extrapolation_to_zero_eta_is_exact_on_lines():
         extrapolate_to_zero_eta([0.1], [1.0])
 
 
+def test_steps_per_eta_broadcasts_or_pairs_and_cli_checks_before_setup(tmp_path):
+    from experiments.drift_check import main, steps_per_eta
+    assert steps_per_eta([0.004, 0.008], [3000]) == [3000, 3000]
+    assert steps_per_eta([0.004, 0.008, 0.002], [4000, 1000, 16000]) == [4000, 1000, 16000]
+    with pytest.raises(ValueError, match="one per eta"):
+        steps_per_eta([0.004, 0.008], [1, 2, 3])
+    with pytest.raises(ValueError, match=">= 1"):
+        steps_per_eta([0.004], [0])
+    # the mismatch is caught before the (minutes-long) point preparation: no data folder needed
+    with pytest.raises(ValueError, match="one per eta"):
+        main(["--out", str(tmp_path / "rows.jsonl"), "--data", str(tmp_path / "missing"),
+              "--eta", "0.004", "0.008", "--steps", "1", "2", "3"])
+    assert not (tmp_path / "rows.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_sgd_rate_extrapolated_to_zero_eta_within_5_percent(tiny):
     """Measured / predicted d tr H/dt at eta = 0.004 and 0.002 (8 seeds each), extrapolated
