@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -363,24 +364,61 @@ class GramSolveNotConverged(RuntimeError):
 
 
 def gram_solve_cg(obj: Objective, theta: Tensor, r: Tensor, preconditioner: GramPreconditionerMF, *,
-                  rtol: float, max_iter: int) -> tuple[Tensor, int]:
-    """(a (N, C) with (J J^T) a = r, iterations): preconditioned CG on J v / J^T a products.
+                  rtol: float, max_iter: int, x0: Tensor | None = None, shift: float = 0.0,
+                  callback: Callable[[int, float, Tensor], None] | None = None) -> tuple[Tensor, int]:
+    """(a (N, C) with (J J^T + shift I) a = r, iterations): preconditioned CG on J v / J^T a products.
 
     r: (N, C) output-space right-hand side; J the output Jacobian at theta, applied only through
     `sde.label_noise_mf.jacobian_times` / `jacobian_transpose_times` (one forward-mode and one
-    reverse pass over all samples per iteration). Stops when ||J J^T a - r|| <= rtol ||r||;
+    reverse pass over all samples per iteration). Stops when ||(J J^T + shift I) a - r|| <= rtol ||r||;
     GramSolveNotConverged after max_iter iterations.
+
+    x0: optional starting guess (N, C) (warm start, e.g. the solution for a nearby right-hand side;
+    one extra Gram product). callback(iteration, relative residual, J^T a) is called after every
+    iteration (and at iteration 0); J^T a (D,) is kept by the CG recurrence from the J^T p of each
+    product (a D-vector update, no extra pass). For r = J v, v - J^T a is the approximate tangent
+    projection of v, and CG minimizes its error ||J^T (a - a*)|| = ||P~v - P v|| (Craig's method),
+    so (shift 0) ||v - J^T a||^2 decreases monotonically to ||P v||^2 while the residual need not:
+    when J J^T has a cluster of numerically null eigenvalues the residual climbs back (1e-8 -> 1e-4)
+    and ||v - J^T a||^2 drops in steps, one null direction at a time (seen at the n = 1,000 and
+    2,000 points, benchmarks/results/big_point_findings.md).
+
+    shift >= 0 (Tikhonov, in Gram units = N x Hessian units): v - J^T a is then the tangent
+    projection with the directions of Gram eigenvalue << shift counted as tangent and those >> shift
+    as normal (relative distortion shift / eigenvalue); it bounds the condition number by
+    lambda_max / shift. For a Gram with a cluster of numerically-null eigenvalues (a Jacobian of
+    numerically deficient rank) it is the way to get the projection onto the well-defined normal
+    space; with shift 0 CG keeps resolving that cluster one direction at a time.
     """
-    a, res = torch.zeros_like(r), r.clone()
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0, got {shift}")
+    track = callback is not None
+    if x0 is None:
+        a, res = torch.zeros_like(r), r.clone()
+        jta = torch.zeros_like(theta) if track else None
+    else:
+        if x0.shape != r.shape:
+            raise ValueError(f"x0 must have the shape of r {tuple(r.shape)}, got {tuple(x0.shape)}")
+        a = x0.clone()
+        jta = jacobian_transpose_times(obj, theta, a)
+        res = r - jacobian_times(obj, theta, jta) - shift * a
     target = rtol * r.norm()
+    if track:
+        callback(0, float(res.norm() / r.norm()), jta)
     if res.norm() <= target:
         return a, 0
     z = preconditioner.apply(res)
     p, rz = z, (res * z).sum()
     for it in range(1, max_iter + 1):
-        gp = jacobian_times(obj, theta, jacobian_transpose_times(obj, theta, p))
+        jtp = jacobian_transpose_times(obj, theta, p)
+        gp = jacobian_times(obj, theta, jtp)
+        if shift:
+            gp = gp + shift * p
         step = rz / (p * gp).sum()
         a, res = a + step * p, res - step * gp
+        if track:
+            jta = jta + step * jtp
+            callback(it, float(res.norm() / r.norm()), jta)
         if res.norm() <= target:
             return a, it
         z = preconditioner.apply(res)

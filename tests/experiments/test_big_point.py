@@ -67,3 +67,38 @@ def test_preconditioned_local_sgd_rates_match_exact_path_within_stderr(on_gamma)
                                                                     + 1e-9 * abs(exact.lambda_max_rate))
     with pytest.raises(ValueError, match="Local SGD rules"):
         predict_local_sgd_rates_preconditioned(obj, zeta, [SGD(4)], sigma=0.3, preconditioner=pre)
+
+
+def test_projector_reuses_and_warm_starts_solves_and_sweep_reads_one_run(on_gamma):
+    """`PreconditionedTangentProjector` returns a solved v's projection without CG, warm-starts a
+    nearby v (same projection as a cold solve), and `sgd_trace_rate_sweep` reads every tolerance from
+    one CG run: its rates converge to the exact SGD trace rate with non-increasing magnitude."""
+    from experiments.big_point import PreconditionedTangentProjector, sgd_trace_rate_sweep
+    obj, zeta = on_gamma
+    geo = gauss_newton_geometry(obj, zeta)
+    pre = GramPreconditionerMF.at(obj, zeta, rank=40)
+    logged = []
+    proj = PreconditionedTangentProjector(obj, zeta, pre, rtol=1e-12, log=logged.append, log_every=5)
+    v = torch.randn(obj.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    pv, n_cold = proj.project(v)
+    torch.testing.assert_close(pv, geo.tangent_project(v), rtol=0, atol=1e-8 * v.norm().item())
+    again, n_again = proj.project(v.clone())
+    assert n_again == 0 and torch.equal(again, pv)
+    w = v + 1e-5 * torch.randn(obj.dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    pw, n_warm = proj.project(w)
+    assert 0 < n_warm < n_cold
+    torch.testing.assert_close(pw, geo.tangent_project(w), rtol=0, atol=1e-8 * w.norm().item())
+    assert logged[0] == {"solve": 0, "iteration": 0, "rel_residual": 1.0, "sq_norm": pytest.approx(float(v @ v))}
+    assert {row["solve"] for row in logged} == {0, 1}                 # the reused solve logs nothing
+
+    rows = sgd_trace_rate_sweep(obj, zeta, pre, (1e-2, 1e-6, 1e-12), batch=4, sigma=0.3, every=10)
+    exact = predict_label_noise_rates(obj, geo, SGD(4), sigma=0.3)
+    marks = [r for r in rows if r["rtol"] is not None]
+    assert [r["rtol"] for r in marks] == [1e-2, 1e-6, 1e-12] and all(r["reached"] for r in marks)
+    assert marks[-1]["trace_rate"] == pytest.approx(exact.trace_rate, rel=1e-7)
+    ordered = sorted(rows, key=lambda r: r["cg_iterations"])
+    mags = [abs(r["trace_rate"]) for r in ordered]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(mags, mags[1:]))
+    assert abs(marks[0]["trace_rate"]) > abs(exact.trace_rate) * (1 + 1e-9)   # a loose tolerance overestimates
+    unreached = sgd_trace_rate_sweep(obj, zeta, pre, (1e-2, 1e-30), batch=4, sigma=0.3, max_iter=3)
+    assert unreached[-1] == {"rtol": 1e-30, "reached": False, "cg_iterations": 3}

@@ -104,3 +104,48 @@ def test_cg_projection_guards(small, cifar10_dir):
     x, y = cifar_subset(cifar10_dir, 200, image_size=4)             # N C = 2,000 equations, D = 1,426
     with pytest.raises(ValueError, match="exceed D"):
         project_to_manifold_cg(_objective(x, y))
+
+
+def test_cg_warm_start_and_callback_track_the_tangent_projection(small):
+    """r = J v: the callback's J^T a_k is the CG iterate's J^T a (checked against dense J at the end),
+    ||v - J^T a_k||^2 decreases monotonically to ||P v||^2 (CG minimizes ||J^T (a_k - a*)||, Craig's
+    method), and a warm start from a nearby right-hand side's solution saves iterations."""
+    obj = small
+    theta = obj.params
+    jac, gram = _dense_gram(obj, theta)
+    flat = jac.reshape(-1, obj.dim)
+    v = torch.randn(obj.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    pv = v - flat.T @ torch.linalg.solve(gram, flat @ v)                    # dense tangent projection
+    pre = GramPreconditionerMF.at(obj, theta, rank=20)
+    seen = []
+    a, iters = gram_solve_cg(obj, theta, (flat @ v).reshape(20, 10), pre, rtol=1e-12, max_iter=2000,
+                             callback=lambda it, rel, jta: seen.append((it, rel, float((v - jta) @ (v - jta)),
+                                                                        jta.clone())))
+    assert [s[0] for s in seen] == list(range(iters + 1)) and seen[0][1] == 1.0
+    torch.testing.assert_close(seen[-1][3], flat.T @ a.reshape(-1), rtol=0, atol=1e-10 * v.norm().item())
+    sq = torch.tensor([s[2] for s in seen], dtype=torch.float64)
+    assert sq[0] == pytest.approx(float(v @ v), rel=1e-14)
+    # monotone up to rounding (1e-12 relative: sums over D = 1,426 terms of size ||v||^2)
+    assert (sq[1:] <= sq[:-1] + 1e-12 * sq[0]).all()
+    assert sq[-1].item() == pytest.approx(float(pv @ pv), rel=1e-9)
+    # warm start: from the exact solution no iteration; from a nearby right-hand side's solution fewer
+    a0, zero = gram_solve_cg(obj, theta, (flat @ v).reshape(20, 10), pre, rtol=1e-8, max_iter=2000, x0=a)
+    assert zero == 0 and torch.equal(a0, a)
+    w = v + 1e-4 * torch.randn(obj.dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    rw = (flat @ w).reshape(20, 10)
+    cold, n_cold = gram_solve_cg(obj, theta, rw, pre, rtol=1e-11, max_iter=2000)
+    warm, n_warm = gram_solve_cg(obj, theta, rw, pre, rtol=1e-11, max_iter=2000, x0=a)
+    assert n_warm < n_cold
+    torch.testing.assert_close(warm, cold, rtol=0, atol=1e-6 * cold.abs().max().item())   # both to 1e-11 x cond
+    with pytest.raises(ValueError, match="x0"):
+        gram_solve_cg(obj, theta, rw, pre, rtol=1e-8, max_iter=10, x0=a.reshape(-1))
+    # Tikhonov shift: the solution of (J J^T + mu I) a = r (mu = 1e-3 x the smallest Gram eigenvalue
+    # moves the solution visibly, by ~1e-3 relative, so the comparison tests that the shift is applied)
+    mu = 1e-3 * torch.linalg.eigvalsh(gram)[0].item()
+    shifted, _ = gram_solve_cg(obj, theta, rw, pre, rtol=1e-12, max_iter=2000, shift=mu)
+    exact = torch.linalg.solve(gram + mu * torch.eye(200, dtype=torch.float64), rw.reshape(-1))
+    torch.testing.assert_close(shifted.reshape(-1), exact, rtol=0, atol=1e-6 * exact.abs().max().item())
+    assert (shifted - cold).abs().max() > 1e-5 * exact.abs().max()
+    assert gram_solve_cg(obj, theta, rw, pre, rtol=1e-10, max_iter=10, x0=shifted, shift=mu)[1] == 0
+    with pytest.raises(ValueError, match="shift"):
+        gram_solve_cg(obj, theta, rw, pre, rtol=1e-8, max_iter=10, shift=-1.0)
