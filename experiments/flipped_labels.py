@@ -18,6 +18,7 @@ flipped-label SGD / Local SGD / QSR from it (issue 6, the cross-entropy half):
   class (fresh each draw); checkpoints at the end of rounds read tr H and lambda_max of the
   EXPECTED loss at Phi of each seed's iterate (`phi_reading`, `flip_sharpness_on_manifold`).
 - `compare_flip_rule`: closed-form prediction (Sigma = H on Gamma) beside the measured slopes;
+  `flip_drift_path`: the predicted path (no diffusion on Gamma: an ODE), fitted like the measurement;
   `general_formula_predictions`: the general formula with a Monte Carlo Sigma (three routes).
 
 Slow time t = eta^2 x steps per worker; Local SGD H = round(beta / eta), QSR H = round((alpha/eta)^2).
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -40,8 +42,8 @@ from dynamics.objective import Objective
 from experiments.continuation import RegimeWarning, RoundSchedule, fit_slope  # noqa: F401 (RegimeWarning re-exported)
 from experiments.manifold import GramPreconditioner, _gram_solve, build_small_mlp, cifar_subset
 from experiments.phi_reading import PhiCorrection, read_at_phi  # noqa: F401 (PhiCorrection re-exported)
-from sde.flipped_labels import (_centred_basis, _metric_roots, closed_form_rates, flip_geometry, flip_labels,
-                                flip_sharpness_gradients, soft_cross_entropy, soft_target_objective)
+from sde.flipped_labels import (_centred_basis, _metric_roots, closed_form_drift, closed_form_rates, flip_geometry,
+                                flip_labels, flip_sharpness_gradients, soft_cross_entropy, soft_target_objective)
 from sde.label_noise import output_jacobian
 from sde.rules import QSR, SGD, LocalSGD, check_rule
 
@@ -368,17 +370,31 @@ class FlipComparison:
     lambda_max_per_seed: list
     max_projection_residual: float
     seconds: float
+    checkpoint_times: list | None = None    # slow times of the readings (n,), t = 0 first
+    trace_mean_per_checkpoint: list | None = None
+    predicted_trace_rate_path: float = float("nan")       # the fitted slope of the predicted path
+    predicted_lambda_max_rate_path: float = float("nan")  # (`flip_drift_path`) over the same checkpoints
 
     @property
     def trace_ratio(self) -> float:
         return self.measured_trace_rate / self.predicted_trace_rate
 
+    @property
+    def trace_ratio_path(self) -> float:
+        """Measured slope / the same fit of the predicted path (NaN without `path_dt`)."""
+        return self.measured_trace_rate / self.predicted_trace_rate_path
+
 
 def compare_flip_rule(obj: Objective, labels: Tensor, zeta: Tensor, config: FlipContinuationConfig, *,
                       seed: int = 0, geometry=None, gradients=None,
-                      correction: PhiCorrection | None = None) -> FlipComparison:
+                      correction: PhiCorrection | None = None, path_dt: float | None = None) -> FlipComparison:
     """Closed-form prediction (Sigma = H on Gamma; equal to the general formula there) and measurement
-    (readings at Phi to second order when `correction` is given)."""
+    (readings at Phi to second order when `correction` is given).
+
+    The predicted rates are at zeta; the measured slope is a fit over the run, along which the rates
+    change (tr H's rate by 10-20% per 0.1 of slow time on the CIFAR-10 point). With `path_dt` the
+    predicted path (`flip_drift_path`, Heun step path_dt) is fitted at the same checkpoints in the
+    same way: predicted_*_rate_path is the prediction to compare with the measured slope."""
     start = time.perf_counter()
     geometry = geometry or flip_geometry(obj, zeta)
     gradients = gradients or flip_sharpness_gradients(obj, geometry)
@@ -393,6 +409,11 @@ def compare_flip_rule(obj: Objective, labels: Tensor, zeta: Tensor, config: Flip
                                    correction=correction, geometry=geometry)
     tr, lm = fit_slope(result.times, result.trace), fit_slope(result.times, result.lambda_max)
     raw = fit_slope(result.times, result.raw_trace)
+    path_rates = (float("nan"), float("nan"))
+    if path_dt is not None:
+        path = flip_drift_path(obj, zeta, finite if isinstance(rule, QSR) else rule, t1=float(result.times[-1]),
+                               dt=path_dt)
+        path_rates = (path.fitted_slope(result.times, "trace"), path.fitted_slope(result.times, "lambda_max"))
     return FlipComparison(
         rule=repr(rule), eta=config.eta, p=config.p, local_steps=config.local_steps, seeds=config.seeds,
         slow_time=float(result.times[-1]), trace=geometry.trace, lambda_max=geometry.lambda_max,
@@ -402,7 +423,74 @@ def compare_flip_rule(obj: Objective, labels: Tensor, zeta: Tensor, config: Flip
         measured_lambda_max_rate_std=lm.std, raw_trace_rate=raw.mean, raw_trace_rate_std=raw.std,
         trace_per_seed=tr.per_seed.tolist(),
         lambda_max_per_seed=lm.per_seed.tolist(),
-        max_projection_residual=float(result.projection_residual.max()), seconds=time.perf_counter() - start)
+        max_projection_residual=float(result.projection_residual.max()), seconds=time.perf_counter() - start,
+        checkpoint_times=result.times.tolist(), trace_mean_per_checkpoint=result.trace.mean(1).tolist(),
+        predicted_trace_rate_path=path_rates[0], predicted_lambda_max_rate_path=path_rates[1])
+
+
+# ---------------------------------------------------------------------- the predicted path
+@dataclass(frozen=True)
+class FlipPath:
+    """The predicted path from zeta: on Gamma Sigma = H, so the slow SDE has no diffusion and is the ODE
+    d zeta/dt = drift(zeta). times (n,) slow time from 0; trace, lambda_max, trace_rate,
+    lambda_max_rate (n,) at the path's nodes (rates: `closed_form_rates` there); max_residual the
+    worst ||centred(f - log q)|| of the nodes."""
+    rule: object
+    times: Tensor
+    trace: Tensor
+    lambda_max: Tensor
+    trace_rate: Tensor
+    lambda_max_rate: Tensor
+    max_residual: float
+
+    def at(self, times: Tensor, key: str = "trace") -> Tensor:
+        """`key` ("trace" or "lambda_max") at `times` (m,) in [0, times[-1]], by cubic Hermite
+        interpolation of the node values and rates (error O(dt^4))."""
+        if key not in ("trace", "lambda_max"):
+            raise ValueError(f"key must be 'trace' or 'lambda_max', got {key!r}")
+        t = torch.as_tensor(times, dtype=torch.float64)
+        nodes, y, m = self.times, getattr(self, key), getattr(self, key + "_rate")
+        if t.min() < -1e-12 or t.max() > nodes[-1] + 1e-9:
+            raise ValueError(f"times must lie in [0, {float(nodes[-1]):.4g}], got [{float(t.min()):.4g}, "
+                             f"{float(t.max()):.4g}]")
+        k = (torch.searchsorted(nodes, t, right=True) - 1).clamp(0, len(nodes) - 2)
+        h = nodes[k + 1] - nodes[k]
+        s = (t - nodes[k]) / h
+        return ((2 * s ** 3 - 3 * s ** 2 + 1) * y[k] + (s ** 3 - 2 * s ** 2 + s) * h * m[k]
+                + (-2 * s ** 3 + 3 * s ** 2) * y[k + 1] + (s ** 3 - s ** 2) * h * m[k + 1])
+
+    def fitted_slope(self, times: Tensor, key: str = "trace", *, skip: int = 1) -> float:
+        """The slope `experiments.continuation.fit_slope` would report for the path read at `times`."""
+        t = torch.as_tensor(times, dtype=torch.float64)
+        return fit_slope(t, self.at(t, key)[:, None], skip=skip).mean
+
+
+def flip_drift_path(obj: Objective, zeta: Tensor, rule, *, t1: float, dt: float = 0.025,
+                    eta: float | None = None, preconditioner: GramPreconditioner | None = None) -> FlipPath:
+    """Integrate d zeta/dt = `closed_form_drift` (rule, eta as there) from zeta to slow time t1 by Heun's
+    method with steps of at most dt, projecting onto Gamma after each stage (`project_to_flip_manifold`;
+    the drift is tangent, so the projection moves the point by O(dt^2)). Costs about 3 Jacobians and
+    4 third-order contractions per step."""
+    if not t1 > 0 or not dt > 0:
+        raise ValueError(f"t1 and dt must be positive, got t1={t1}, dt={dt}")
+    steps = max(1, math.ceil(t1 / dt - 1e-9))
+    h = t1 / steps
+    pre = preconditioner or flip_preconditioner(obj, zeta)
+    z = zeta.detach()
+    rows, worst = [], float(weighted_residual(obj, z)[1].norm())
+    for k in range(steps + 1):
+        geo = flip_geometry(obj, z, max_residual=1e-8)
+        rates = closed_form_rates(obj, geo, rule, eta=eta)
+        rows.append((k * h, geo.trace, geo.lambda_max, rates.trace_rate, rates.lambda_max_rate))
+        if k == steps:
+            break
+        z1, _ = project_to_flip_manifold(obj, z + h * rates.drift, preconditioner=pre)
+        d2 = closed_form_drift(obj, flip_geometry(obj, z1, max_residual=1e-8), rule, eta=eta)
+        z, report = project_to_flip_manifold(obj, z + 0.5 * h * (rates.drift + d2), preconditioner=pre)
+        worst = max(worst, report.residual)
+    cols = torch.tensor(rows, dtype=torch.float64).T.contiguous()
+    return FlipPath(rule=rule, times=cols[0], trace=cols[1], lambda_max=cols[2], trace_rate=cols[3],
+                    lambda_max_rate=cols[4], max_residual=worst)
 
 
 @dataclass(frozen=True)
@@ -539,6 +627,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", type=int, default=5)
     parser.add_argument("--beta", type=float, default=0.4)
     parser.add_argument("--qsr-alpha", type=float, default=0.08)
+    parser.add_argument("--path-dt", type=float, default=None,
+                        help="also fit the predicted path (`flip_drift_path`, Heun step in slow time, e.g. 0.025)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     root = args.data or os.environ.get("CIFAR10_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -552,14 +642,15 @@ def main(argv: list[str] | None = None) -> None:
                                qsr_alpha=args.qsr_alpha, slow_times=slow)
         for name in args.rules:
             row = compare_flip_rule(obj, labels, zeta, configs[name], geometry=geometry, gradients=gradients,
-                                    correction=correction, seed=args.seed)
+                                    correction=correction, seed=args.seed, path_dt=args.path_dt)
             with open(args.out, "a") as f:
                 f.write(json.dumps({**asdict(row), "seed": args.seed, "date": time.strftime("%Y-%m-%d")}) + "\n")
             print(f"{row.rule:45s} eta={eta} p={args.p} pred={row.predicted_trace_rate:.4g} "
                   f"meas={row.measured_trace_rate:.4g}+-{row.measured_trace_rate_std:.2g} "
                   f"ratio={row.trace_ratio:.3f} raw={row.raw_trace_rate / row.predicted_trace_rate:.3f} "
                   f"lmax pred={row.predicted_lambda_max_rate:.4g} meas={row.measured_lambda_max_rate:.4g}"
-                  f"+-{row.measured_lambda_max_rate_std:.2g} ({row.seconds:.0f}s)", flush=True)
+                  f"+-{row.measured_lambda_max_rate_std:.2g} path pred={row.predicted_trace_rate_path:.4g} "
+                  f"ratio_path={row.trace_ratio_path:.3f} ({row.seconds:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """experiments.flipped_labels: projection onto the soft-target manifold, its second-order match with
 Phi, sharpness readings, continuation runs with flipped labels (tiny float64 network, no data files)."""
+import math
 import sys
 from pathlib import Path
 
@@ -8,10 +9,12 @@ import torch
 from torch.func import hessian
 
 from experiments.continuation import fit_slope
-from experiments.flipped_labels import (FlipContinuationConfig, PhiCorrection, flip_configs, flip_sharpness_on_manifold,
-                                        phi_reading, project_to_flip_manifold, run_flip_continuation, weighted_residual)
+from experiments.flipped_labels import (FlipContinuationConfig, PhiCorrection, compare_flip_rule, flip_configs,
+                                        flip_drift_path, flip_sharpness_on_manifold, phi_reading,
+                                        project_to_flip_manifold, run_flip_continuation, weighted_residual)
 from sde import blocks
-from sde.flipped_labels import dense_flip_problem, flip_geometry, flip_sharpness_gradients, soft_targets
+from sde.flipped_labels import (closed_form_rates, dense_flip_problem, flip_geometry, flip_sharpness_gradients,
+                                soft_targets)
 from sde.projection import project
 from sde.rules import QSR, SGD, LocalSGD
 
@@ -134,3 +137,53 @@ def test_flip_configs_slow_times():
     assert cfgs["local"].rounds * 20 * 0.02 ** 2 == pytest.approx(0.1, rel=0.05)   # whole rounds
     with pytest.raises(ValueError, match="divisible"):
         flip_configs(0.02, 0.1, seeds=2, checkpoints=4, batch=6)
+
+
+@pytest.mark.parametrize("rule", [SGD(2), LocalSGD(2, 1, 0.5)], ids=["sgd", "local"])
+def test_drift_path_integrates_the_closed_form_drift(tiny, rule):
+    """The predicted path stays on Gamma, starts at the closed-form rates, is second order in dt (Heun),
+    its trace change equals the integral of its rates, and `fitted_slope` is the measurement's fit."""
+    _, _, _, obj, zeta, _ = tiny
+    start = closed_form_rates(obj, flip_geometry(obj, zeta, max_residual=1e-10), rule)
+    t1 = 0.1 * start.trace / abs(start.trace_rate)                  # tr H falls by about 10%
+    coarse = flip_drift_path(obj, zeta, rule, t1=t1, dt=t1 / 4)
+    fine = flip_drift_path(obj, zeta, rule, t1=t1, dt=t1 / 8)
+    assert coarse.max_residual <= 1e-10 and fine.max_residual <= 1e-10
+    assert len(coarse.times) == 5 and float(coarse.times[-1]) == pytest.approx(t1)
+    assert float(coarse.trace_rate[0]) == pytest.approx(start.trace_rate, rel=1e-12)
+    assert float(coarse.trace[0]) == pytest.approx(start.trace, rel=1e-12)
+    drop = float(fine.trace[0] - fine.trace[-1])
+    assert 0.05 * start.trace < drop < 0.15 * start.trace
+    # Heun: halving dt changes the end point by ~1/4 of the coarse error; both far below the drop
+    err_coarse = abs(float(coarse.trace[-1] - fine.trace[-1]))
+    assert err_coarse < 1e-3 * drop
+    # Simpson's rule on the fine path's rates reproduces its trace change (d trH/dt = grad trH . drift)
+    r, h = fine.trace_rate, float(fine.times[1] - fine.times[0])
+    simpson = h / 3 * float(r[0] + r[-1] + 4 * r[1:-1:2].sum() + 2 * r[2:-1:2].sum())
+    assert simpson == pytest.approx(float(fine.trace[-1] - fine.trace[0]), rel=1e-3)
+    # Hermite interpolation hits the nodes; the fitted slope of the fine path matches the coarse one
+    assert torch.allclose(fine.at(fine.times), fine.trace, rtol=1e-14, atol=0)
+    checkpoints = torch.linspace(0, t1, 5, dtype=torch.float64)
+    assert coarse.fitted_slope(checkpoints) == pytest.approx(fine.fitted_slope(checkpoints), rel=1e-3)
+    # the fit is the measurement's fit: for an exactly linear reading it returns the slope
+    direct = fit_slope(checkpoints, fine.at(checkpoints)[:, None]).mean
+    assert fine.fitted_slope(checkpoints) == pytest.approx(direct, rel=1e-14)
+    with pytest.raises(ValueError, match="times must lie"):
+        fine.at(torch.tensor([2 * t1], dtype=torch.float64))
+    with pytest.raises(ValueError, match="t1 and dt"):
+        flip_drift_path(obj, zeta, rule, t1=0.0)
+
+
+def test_compare_flip_rule_fits_the_predicted_path(tiny):
+    _, _, y, obj, zeta, _ = tiny
+    cfg = FlipContinuationConfig(LocalSGD(2, 1, 0.05), eta=0.01, p=P_FLIP, rounds=4, seeds=2, max_relative_change=10.0)
+    row = compare_flip_rule(obj, y, zeta, cfg, path_dt=0.002)
+    assert row.checkpoint_times == pytest.approx([k * 5 * 0.01 ** 2 for k in range(5)])
+    assert len(row.trace_mean_per_checkpoint) == 5 and row.trace_mean_per_checkpoint[0] == pytest.approx(row.trace)
+    times = torch.tensor(row.checkpoint_times, dtype=torch.float64)
+    path = flip_drift_path(obj, zeta, cfg.rule, t1=float(times[-1]), dt=0.002)
+    assert row.predicted_trace_rate_path == pytest.approx(path.fitted_slope(times), rel=1e-12)
+    # a short window: the path's fitted slope is the rate at zeta to first order in the window
+    assert row.predicted_trace_rate_path == pytest.approx(row.predicted_trace_rate, rel=0.02)
+    assert row.trace_ratio_path == pytest.approx(row.measured_trace_rate / row.predicted_trace_rate_path)
+    assert math.isnan(compare_flip_rule(obj, y, zeta, cfg).predicted_trace_rate_path)   # NaN without path_dt
