@@ -23,6 +23,7 @@ from torch import Tensor
 
 from dynamics.objective import Objective
 from experiments.continuation import ContinuationConfig, fit_slope, run_continuation
+from experiments.drift_path import checkpoint_times, label_noise_drift_path
 from experiments.manifold import (ProjectionReport, build_small_cnn, build_small_mlp, cifar_subset, project_to_manifold,
                                   squared_loss_objective, train_to_interpolation)
 from experiments.phi_reading import PhiCorrection
@@ -86,19 +87,31 @@ class DriftComparison:
     seconds: float
     phi_corrected: bool = False            # readings at Phi to second order (else at Gauss-Newton)
     raw_trace_rate: float | None = None    # slope read at the Gauss-Newton projection (same runs)
+    predicted_trace_rate_path: float = float("nan")       # the fitted slope of the predicted path
+    predicted_lambda_max_rate_path: float = float("nan")  # (`label_noise_drift_path`) at the same checkpoints
 
     @property
     def trace_ratio(self) -> float:
         """measured / predicted d tr H / dt."""
         return self.measured_trace_rate / self.predicted_trace_rate
 
+    @property
+    def trace_ratio_path(self) -> float:
+        """Measured slope / the same fit of the predicted path (NaN without `path_dt`)."""
+        return self.measured_trace_rate / self.predicted_trace_rate_path
+
 
 def compare_rule(obj: Objective, zeta: Tensor, config: ContinuationConfig, *, seed: int = 0,
-                 geometry=None, gradients=None, correction: PhiCorrection | None = None) -> DriftComparison:
+                 geometry=None, gradients=None, correction: PhiCorrection | None = None,
+                 path_dt: float | None = None) -> DriftComparison:
     """Predict (exact path) and measure (continuation, projected readings) for one config.
 
     With `correction` (`PhiCorrection.at(obj, geometry, gradients)`) the readings are at Phi to
-    second order (`experiments.phi_reading`); raw_trace_rate is then the Gauss-Newton reading's slope."""
+    second order (`experiments.phi_reading`); raw_trace_rate is then the Gauss-Newton reading's slope.
+    The predicted rates are at zeta (t = 0), the measured ones fits over the run, and the rates change
+    along the run. With `path_dt` the predicted path (`experiments.drift_path.label_noise_drift_path`,
+    Heun step path_dt in slow time; QSR at the beta = eta H run) is read at the same checkpoints and
+    fitted in the same way: predicted_*_rate_path is the prediction to compare with the measured slope."""
     start = time.perf_counter()
     geometry = geometry or gauss_newton_geometry(obj, zeta)
     gradients = gradients or sharpness_gradients(obj, geometry)
@@ -114,6 +127,12 @@ def compare_rule(obj: Objective, zeta: Tensor, config: ContinuationConfig, *, se
     result = run_continuation(obj, zeta, config, generator=torch.Generator().manual_seed(seed), correction=correction)
     tr = fit_slope(result.times, result.trace)
     lm = fit_slope(result.times, result.lambda_max)
+    path_rates = (float("nan"), float("nan"))
+    if path_dt is not None:
+        times = checkpoint_times(config)          # = result.times, in float64
+        path = label_noise_drift_path(obj, zeta, finite if isinstance(rule, QSR) else rule, sigma=config.sigma,
+                                      t1=float(times[-1]), dt=path_dt)
+        path_rates = (path.fitted_slope(times, "trace"), path.fitted_slope(times, "lambda_max"))
     return DriftComparison(
         rule=repr(rule), eta=config.eta, sigma=config.sigma, local_steps=config.local_steps,
         seeds=config.seeds, slow_time=float(result.times[-1]), trace=geometry.trace,
@@ -122,7 +141,8 @@ def compare_rule(obj: Objective, zeta: Tensor, config: ContinuationConfig, *, se
         measured_trace_rate=tr.mean, measured_trace_rate_std=tr.std, measured_lambda_max_rate=lm.mean,
         measured_lambda_max_rate_std=lm.std, max_projection_loss=float(result.projection_loss.max()),
         seconds=time.perf_counter() - start, phi_corrected=correction is not None,
-        raw_trace_rate=fit_slope(result.times, result.raw_trace).mean)
+        raw_trace_rate=fit_slope(result.times, result.raw_trace).mean,
+        predicted_trace_rate_path=path_rates[0], predicted_lambda_max_rate_path=path_rates[1])
 
 
 def extrapolate_to_zero_eta(etas, values) -> float:
@@ -182,8 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vectorize", action="store_true", help="vmap all seeds x workers every step")
     parser.add_argument("--no-phi-correction", action="store_true",
                         help="read at the Gauss-Newton projection after gradient descent (the pre-2026-12-03 reading)")
+    parser.add_argument("--path-dt", type=float, default=None,
+                        help="also fit the predicted path (`experiments.drift_path`, Heun step in slow time, e.g. 0.016)")
     args = parser.parse_args(argv)
     steps_list = steps_per_eta(args.eta, args.steps)         # checked before the costly setup
+    if args.path_dt is not None and not args.path_dt > 0:
+        parser.error(f"--path-dt must be positive, got {args.path_dt}")
     torch.set_num_threads(1)
     import os
     root = args.data or os.environ.get("CIFAR10_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -200,12 +224,14 @@ def main(argv: list[str] | None = None) -> None:
                 configs = [dataclasses.replace(c, vectorize=True) for c in configs]
             for name in args.rules:
                 row = compare_rule(obj, zeta, configs[names[name]], geometry=geometry, gradients=gradients,
-                                   correction=correction)
+                                   correction=correction, path_dt=args.path_dt)
                 with open(args.out, "a") as f:
                     f.write(json.dumps(asdict(row)) + "\n")
                 print(f"{row.rule:45s} eta={eta} sigma={sigma} pred={row.predicted_trace_rate:.4g} "
                       f"meas={row.measured_trace_rate:.4g}+-{row.measured_trace_rate_std:.2g} "
-                      f"ratio={row.trace_ratio:.3f} ({row.seconds:.0f}s)", flush=True)
+                      f"ratio={row.trace_ratio:.3f}"
+                      + (f" path pred={row.predicted_trace_rate_path:.4g} ratio_path={row.trace_ratio_path:.3f}"
+                         if args.path_dt is not None else "") + f" ({row.seconds:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":

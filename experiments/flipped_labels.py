@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ from torch.func import grad, vmap
 
 from dynamics.objective import Objective
 from experiments.continuation import RegimeWarning, RoundSchedule, fit_slope  # noqa: F401 (RegimeWarning re-exported)
+from experiments.drift_path import NodeRates, PredictedPath, integrate_drift_path
 from experiments.manifold import GramPreconditioner, _gram_solve, build_small_mlp, cifar_subset
 from experiments.phi_reading import PhiCorrection, read_at_phi  # noqa: F401 (PhiCorrection re-exported)
 from sde.flipped_labels import (_centred_basis, _metric_roots, closed_form_drift, closed_form_rates, flip_geometry,
@@ -429,68 +429,35 @@ def compare_flip_rule(obj: Objective, labels: Tensor, zeta: Tensor, config: Flip
 
 
 # ---------------------------------------------------------------------- the predicted path
-@dataclass(frozen=True)
-class FlipPath:
-    """The predicted path from zeta: on Gamma Sigma = H, so the slow SDE has no diffusion and is the ODE
-    d zeta/dt = drift(zeta). times (n,) slow time from 0; trace, lambda_max, trace_rate,
-    lambda_max_rate (n,) at the path's nodes (rates: `closed_form_rates` there); max_residual the
-    worst ||centred(f - log q)|| of the nodes."""
-    rule: object
-    times: Tensor
-    trace: Tensor
-    lambda_max: Tensor
-    trace_rate: Tensor
-    lambda_max_rate: Tensor
-    max_residual: float
-
-    def at(self, times: Tensor, key: str = "trace") -> Tensor:
-        """`key` ("trace" or "lambda_max") at `times` (m,) in [0, times[-1]], by cubic Hermite
-        interpolation of the node values and rates (error O(dt^4))."""
-        if key not in ("trace", "lambda_max"):
-            raise ValueError(f"key must be 'trace' or 'lambda_max', got {key!r}")
-        t = torch.as_tensor(times, dtype=torch.float64)
-        nodes, y, m = self.times, getattr(self, key), getattr(self, key + "_rate")
-        if t.min() < -1e-12 or t.max() > nodes[-1] + 1e-9:
-            raise ValueError(f"times must lie in [0, {float(nodes[-1]):.4g}], got [{float(t.min()):.4g}, "
-                             f"{float(t.max()):.4g}]")
-        k = (torch.searchsorted(nodes, t, right=True) - 1).clamp(0, len(nodes) - 2)
-        h = nodes[k + 1] - nodes[k]
-        s = (t - nodes[k]) / h
-        return ((2 * s ** 3 - 3 * s ** 2 + 1) * y[k] + (s ** 3 - 2 * s ** 2 + s) * h * m[k]
-                + (-2 * s ** 3 + 3 * s ** 2) * y[k + 1] + (s ** 3 - s ** 2) * h * m[k + 1])
-
-    def fitted_slope(self, times: Tensor, key: str = "trace", *, skip: int = 1) -> float:
-        """The slope `experiments.continuation.fit_slope` would report for the path read at `times`."""
-        t = torch.as_tensor(times, dtype=torch.float64)
-        return fit_slope(t, self.at(t, key)[:, None], skip=skip).mean
+# On Gamma Sigma = H, so the slow SDE has no diffusion and is the ODE d zeta/dt = drift(zeta): the predicted
+# path (`experiments.drift_path`, loss-agnostic). FlipPath is its record (nodes' max_residual: the worst
+# ||centred(f - log q)||); the name is kept for existing callers.
+FlipPath = PredictedPath
 
 
 def flip_drift_path(obj: Objective, zeta: Tensor, rule, *, t1: float, dt: float = 0.025,
-                    eta: float | None = None, preconditioner: GramPreconditioner | None = None) -> FlipPath:
+                    eta: float | None = None, preconditioner: GramPreconditioner | None = None) -> PredictedPath:
     """Integrate d zeta/dt = `closed_form_drift` (rule, eta as there) from zeta to slow time t1 by Heun's
     method with steps of at most dt, projecting onto Gamma after each stage (`project_to_flip_manifold`;
-    the drift is tangent, so the projection moves the point by O(dt^2)). Costs about 3 Jacobians and
-    4 third-order contractions per step."""
+    the drift is tangent, so the projection moves the point by O(dt^2)); `experiments.drift_path.
+    integrate_drift_path`. Costs about 3 Jacobians and 4 third-order contractions per step."""
     if not t1 > 0 or not dt > 0:
         raise ValueError(f"t1 and dt must be positive, got t1={t1}, dt={dt}")
-    steps = max(1, math.ceil(t1 / dt - 1e-9))
-    h = t1 / steps
     pre = preconditioner or flip_preconditioner(obj, zeta)
-    z = zeta.detach()
-    rows, worst = [], float(weighted_residual(obj, z)[1].norm())
-    for k in range(steps + 1):
+
+    def evaluate(z: Tensor) -> NodeRates:
         geo = flip_geometry(obj, z, max_residual=1e-8)
         rates = closed_form_rates(obj, geo, rule, eta=eta)
-        rows.append((k * h, geo.trace, geo.lambda_max, rates.trace_rate, rates.lambda_max_rate))
-        if k == steps:
-            break
-        z1, _ = project_to_flip_manifold(obj, z + h * rates.drift, preconditioner=pre)
-        d2 = closed_form_drift(obj, flip_geometry(obj, z1, max_residual=1e-8), rule, eta=eta)
-        z, report = project_to_flip_manifold(obj, z + 0.5 * h * (rates.drift + d2), preconditioner=pre)
-        worst = max(worst, report.residual)
-    cols = torch.tensor(rows, dtype=torch.float64).T.contiguous()
-    return FlipPath(rule=rule, times=cols[0], trace=cols[1], lambda_max=cols[2], trace_rate=cols[3],
-                    lambda_max_rate=cols[4], max_residual=worst)
+        return NodeRates(trace=rates.trace, lambda_max=rates.lambda_max, trace_rate=rates.trace_rate,
+                         lambda_max_rate=rates.lambda_max_rate, drift=rates.drift, residual=geo.residual)
+
+    def drift(z: Tensor) -> Tensor:
+        return closed_form_drift(obj, flip_geometry(obj, z, max_residual=1e-8), rule, eta=eta)
+
+    def project(z: Tensor) -> Tensor:
+        return project_to_flip_manifold(obj, z, preconditioner=pre)[0]
+
+    return integrate_drift_path(zeta.detach(), evaluate, project, t1=t1, dt=dt, drift=drift, rule=rule)
 
 
 @dataclass(frozen=True)
