@@ -7,7 +7,7 @@ of dimension N C = 20,000 at n = 2,000, is a proper subspace), squared loss on o
 `experiments.manifold.project_to_manifold_cg` (Gauss-Newton, Gram solves by preconditioned
 conjugate gradients, no (N C, D) Jacobian), by default straight from the initialization: the
 minimum-norm Gauss-Newton path is the training (points reached by full-batch Adam first, an
-option, had Gram matrices too ill-conditioned for CG at n = 2,000; /work/notes/big-point.md). `predict_rates_preconditioned` is the exact
+option, had Gram matrices too ill-conditioned for CG at n = 2,000; benchmarks/results/notes/big-point.md). `predict_rates_preconditioned` is the exact
 matrix-free prediction of `sde.label_noise_mf.predict_label_noise_rates_cg` (SGD, QSR at
 eta -> 0; slow time t = eta^2 x steps per worker) with the tangent projection solved under the
 Nystrom-deflated preconditioner `GramPreconditionerMF` instead of block-Jacobi alone: at
