@@ -22,6 +22,21 @@ from tests.experiments.test_drift_check import tiny_mlp_objective
 SIGMA = 0.1
 
 
+def assert_path_integrates_its_rates(coarse, fine, t1: float, *, simpson_rel: float) -> None:
+    """Checks shared by every `PredictedPath` instance (squared loss here, cross-entropy in
+    test_flipped_labels): Simpson's rule on the fine path's rates gives its trace change (the rates are
+    grad trH . drift), Hermite interpolation hits the nodes, the fitted slope converges in dt and is
+    the measurement's `fit_slope` of the interpolated readings."""
+    r, h = fine.trace_rate, float(fine.times[1] - fine.times[0])
+    simpson = h / 3 * float(r[0] + r[-1] + 4 * r[1:-1:2].sum() + 2 * r[2:-1:2].sum())
+    assert simpson == pytest.approx(float(fine.trace[-1] - fine.trace[0]), rel=simpson_rel)
+    assert torch.allclose(fine.at(fine.times), fine.trace, rtol=1e-14, atol=0)
+    checkpoints = torch.linspace(0, t1, 5, dtype=torch.float64)
+    assert coarse.fitted_slope(checkpoints) == pytest.approx(fine.fitted_slope(checkpoints), rel=1e-3)
+    direct = fit_slope(checkpoints, fine.at(checkpoints)[:, None]).mean
+    assert fine.fitted_slope(checkpoints) == pytest.approx(direct, rel=1e-14)
+
+
 @pytest.fixture(scope="module")
 def tiny(cifar10_dir):
     x, y = cifar_subset(cifar10_dir, 10, image_size=4)
@@ -69,18 +84,9 @@ def test_label_noise_path_integrates_the_closed_form_drift(tiny, rule):
     err8 = abs(float(fine.trace[-1] - finest.trace[-1]))
     assert err4 < 1e-3 * drop
     assert 2.5 * 4 / 3 < err4 / err8 < 6 * 4 / 3     # errors measured against dt/4: ratio (1 - 1/16)/(1/4 - 1/16) = 5
-    # Simpson's rule on the finest path's rates reproduces its trace change (d trH/dt = grad trH . drift)
-    r, h = finest.trace_rate, float(finest.times[1] - finest.times[0])
-    simpson = h / 3 * float(r[0] + r[-1] + 4 * r[1:-1:2].sum() + 2 * r[2:-1:2].sum())
-    assert simpson == pytest.approx(float(finest.trace[-1] - finest.trace[0]), rel=1e-4)
-    # Hermite interpolation hits the nodes; the fitted slope converges in dt
-    assert torch.allclose(fine.at(fine.times), fine.trace, rtol=1e-14, atol=0)
-    checkpoints = torch.linspace(0, t1, 5, dtype=torch.float64)
-    assert coarse.fitted_slope(checkpoints) == pytest.approx(finest.fitted_slope(checkpoints), rel=1e-3)
-    direct = fit_slope(checkpoints, finest.at(checkpoints)[:, None]).mean
-    assert finest.fitted_slope(checkpoints) == pytest.approx(direct, rel=1e-14)
+    assert_path_integrates_its_rates(coarse, finest, t1, simpson_rel=1e-4)
     # the point of the path: over a 10% drop the rate changes, and the fitted slope is not the rate at zeta
-    fitted = finest.fitted_slope(checkpoints)
+    fitted = finest.fitted_slope(torch.linspace(0, t1, 5, dtype=torch.float64))
     assert float(finest.trace_rate.min()) <= fitted <= float(finest.trace_rate.max())
     assert abs(fitted / start.trace_rate - 1) > 0.01
     if isinstance(rule, SGD):   # SGD's drift is a gradient flow of tr H on Gamma: tr H only falls

@@ -17,6 +17,7 @@ from sde.flipped_labels import (closed_form_rates, dense_flip_problem, flip_geom
                                 soft_targets)
 from sde.projection import project
 from sde.rules import QSR, SGD, LocalSGD
+from tests.experiments.test_drift_path import assert_path_integrates_its_rates
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sde"))
 from test_flipped_labels import C, N, P_FLIP, _tiny  # noqa: E402
@@ -157,17 +158,7 @@ def test_drift_path_integrates_the_closed_form_drift(tiny, rule):
     # Heun: halving dt changes the end point by ~1/4 of the coarse error; both far below the drop
     err_coarse = abs(float(coarse.trace[-1] - fine.trace[-1]))
     assert err_coarse < 1e-3 * drop
-    # Simpson's rule on the fine path's rates reproduces its trace change (d trH/dt = grad trH . drift)
-    r, h = fine.trace_rate, float(fine.times[1] - fine.times[0])
-    simpson = h / 3 * float(r[0] + r[-1] + 4 * r[1:-1:2].sum() + 2 * r[2:-1:2].sum())
-    assert simpson == pytest.approx(float(fine.trace[-1] - fine.trace[0]), rel=1e-3)
-    # Hermite interpolation hits the nodes; the fitted slope of the fine path matches the coarse one
-    assert torch.allclose(fine.at(fine.times), fine.trace, rtol=1e-14, atol=0)
-    checkpoints = torch.linspace(0, t1, 5, dtype=torch.float64)
-    assert coarse.fitted_slope(checkpoints) == pytest.approx(fine.fitted_slope(checkpoints), rel=1e-3)
-    # the fit is the measurement's fit: for an exactly linear reading it returns the slope
-    direct = fit_slope(checkpoints, fine.at(checkpoints)[:, None]).mean
-    assert fine.fitted_slope(checkpoints) == pytest.approx(direct, rel=1e-14)
+    assert_path_integrates_its_rates(coarse, fine, t1, simpson_rel=1e-3)
     with pytest.raises(ValueError, match="times must lie"):
         fine.at(torch.tensor([2 * t1], dtype=torch.float64))
     with pytest.raises(ValueError, match="t1 and dt"):
