@@ -72,7 +72,7 @@ if point == "mlp":
                          seeds=6, lmeas=lratio * lpred0, lstd=lstd, pred0=pred0, lpred0=lpred0,
                          lim=4 * float(paths[f"sgd_s{sigma:g}"].trace_rate[0]) if name == "QSR" else pred0))
 else:
-    steps_of = {0.0015: 28444, 0.002: 16000, 0.003: 7111, 0.004: 4000, 0.008: 1000}
+    steps_of = {0.001: 64000, 0.0015: 28444, 0.002: 16000, 0.003: 7111, 0.004: 4000, 0.008: 1000}
     for line in open("/work/main/benchmarks/results/cnn_point_rows.jsonl"):
         r = json.loads(line)
         kind = {"SGD": "SGD", "LocalSGD": "Local", "QSR": "QSR"}[r["rule"].split("(")[0]]
