@@ -61,6 +61,13 @@ class RoundSchedule:
     def local_batch(self) -> int:
         return self.rule.batch_size if isinstance(self.rule, SGD) else self.rule.local_batch
 
+    @property
+    def checkpoint_times(self) -> Tensor:
+        """Slow times (n,) float64 of the readings, t = 0 first: every `checkpoint_every` rounds of
+        H = local_steps steps per worker, t = eta^2 x steps (rounds past the last multiple are run, not read)."""
+        every, n = self.checkpoint_every, self.rounds // self.checkpoint_every
+        return torch.tensor([k * every * self.local_steps * self.eta ** 2 for k in range(n + 1)], dtype=torch.float64)
+
 
 @dataclass(frozen=True)
 class ContinuationConfig(RoundSchedule):
@@ -172,7 +179,7 @@ def run_continuation(obj: Objective, zeta: Tensor, config: ContinuationConfig, *
         if vectorize:
             return batched_grad(t, xb, tb)
         return torch.stack([single_grad(t[m], xb[m], tb[m]) for m in range(len(t))])
-    times, traces, lmaxes, losses, dists = [0.0], [[trace0] * cfg.seeds], [[lmax0] * cfg.seeds], [[0.0] * cfg.seeds], [[0.0] * cfg.seeds]
+    traces, lmaxes, losses, dists = [[trace0] * cfg.seeds], [[lmax0] * cfg.seeds], [[0.0] * cfg.seeds], [[0.0] * cfg.seeds]
     raws = [[(trace0, lmax0)] * cfg.seeds]
 
     def project(t: Tensor) -> tuple[Tensor, float]:
@@ -181,13 +188,11 @@ def run_continuation(obj: Objective, zeta: Tensor, config: ContinuationConfig, *
 
     def read(z: Tensor) -> tuple[float, float]:
         return sharpness_on_manifold(obj, z, reference=reference)
-    steps = 0
     for r in range(1, cfg.rounds + 1):
         for _ in range(H):
             idx = torch.randint(0, n, (models, b_loc), generator=generator)
             noise = torch.randn((models, b_loc, y_all.shape[1]), generator=generator, dtype=theta.dtype)
             theta = theta - cfg.eta * step_gradients(theta, x_all[idx], y_all[idx] + cfg.sigma * noise)
-        steps += H
         if workers > 1:
             theta = theta.view(cfg.seeds, workers, -1).mean(1).repeat_interleave(workers, 0)
         if r % cfg.checkpoint_every:
@@ -206,13 +211,12 @@ def run_continuation(obj: Objective, zeta: Tensor, config: ContinuationConfig, *
                 loss = report.loss
             row_t.append(tr), row_l.append(lm), row_raw.append(raw), row_loss.append(loss)
             row_d.append((proj - zeta).norm().item())
-        times.append(steps * cfg.eta ** 2)
         traces.append(row_t), lmaxes.append(row_l), raws.append(row_raw), losses.append(row_loss), dists.append(row_d)
-    raw = torch.tensor(raws)
-    result = ContinuationResult(config=cfg, times=torch.tensor(times), trace=torch.tensor(traces),
-                                lambda_max=torch.tensor(lmaxes), projection_loss=torch.tensor(losses),
-                                projection_distance=torch.tensor(dists), raw_trace=raw[..., 0],
-                                raw_lambda_max=raw[..., 1])
+    f64 = lambda values: torch.tensor(values, dtype=torch.float64)   # readings differ by ~1e-3 of tr H
+    raw = f64(raws)
+    result = ContinuationResult(config=cfg, times=cfg.checkpoint_times, trace=f64(traces), lambda_max=f64(lmaxes),
+                                projection_loss=f64(losses), projection_distance=f64(dists),
+                                raw_trace=raw[..., 0], raw_lambda_max=raw[..., 1])
     _check_regime(result, zeta)
     return result
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from dynamics.objective import Objective
 from experiments.continuation import ContinuationConfig, fit_slope, run_continuation
-from experiments.drift_path import checkpoint_times, label_noise_drift_path
+from experiments.drift_path import label_noise_drift_path
 from experiments.manifold import (ProjectionReport, build_small_cnn, build_small_mlp, cifar_subset, project_to_manifold,
                                   squared_loss_objective, train_to_interpolation)
 from experiments.phi_reading import PhiCorrection
@@ -129,7 +129,7 @@ def compare_rule(obj: Objective, zeta: Tensor, config: ContinuationConfig, *, se
     lm = fit_slope(result.times, result.lambda_max)
     path_rates = (float("nan"), float("nan"))
     if path_dt is not None:
-        times = checkpoint_times(config)          # = result.times, in float64
+        times = result.times
         path = label_noise_drift_path(obj, zeta, finite if isinstance(rule, QSR) else rule, sigma=config.sigma,
                                       t1=float(times[-1]), dt=path_dt)
         path_rates = (path.fitted_slope(times, "trace"), path.fitted_slope(times, "lambda_max"))

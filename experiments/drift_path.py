@@ -163,10 +163,3 @@ def label_noise_drift_path(obj: Objective, zeta: Tensor, rule, *, sigma: float, 
 
     return integrate_drift_path(zeta, evaluate, project, t1=t1, dt=dt, drift=drift, rule=rule)
 
-
-def checkpoint_times(config) -> Tensor:
-    """The slow times (n,) at which `experiments.continuation.run_continuation` reads `config`
-    (t = 0 first): every `checkpoint_every` rounds of H = config.local_steps steps, eta^2 x steps."""
-    every, H = config.checkpoint_every, config.local_steps
-    n = config.rounds // every
-    return torch.tensor([(k * every * H) * config.eta ** 2 for k in range(n + 1)], dtype=torch.float64)

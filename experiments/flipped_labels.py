@@ -307,13 +307,11 @@ def run_flip_continuation(obj: Objective, labels: Tensor, zeta: Tensor, config: 
     first = [[trace0] * cfg.seeds, [lmax0] * cfg.seeds, [trace0] * cfg.seeds, [lmax0] * cfg.seeds,
              [0.0] * cfg.seeds, [0.0] * cfg.seeds]
     rows = [[row] for row in first]
-    times, steps = [0.0], 0
     for r in range(1, cfg.rounds + 1):
         for _ in range(H):
             idx = torch.randint(0, n, (models, b_loc), generator=generator)
             drawn = flip_labels(labels[idx], cfg.p, C, generator=generator)
             theta = theta - cfg.eta * batched_grad(theta, x_all[idx], drawn)
-        steps += H
         if workers > 1:
             theta = theta.view(cfg.seeds, workers, -1).mean(1).repeat_interleave(workers, 0)
         if r % cfg.checkpoint_every:
@@ -332,11 +330,10 @@ def run_flip_continuation(obj: Objective, labels: Tensor, zeta: Tensor, config: 
                 res = report.residual
             for row, value in zip(new, (tr, lm, raw_tr, raw_lm, res, float((proj - zeta).norm()))):
                 row.append(value)
-        times.append(steps * cfg.eta ** 2)
         for row, value in zip(rows, new):
             row.append(value)
     t = lambda values: torch.tensor(values, dtype=torch.float64)
-    result = FlipContinuationResult(config=cfg, times=t(times), trace=t(rows[0]), lambda_max=t(rows[1]),
+    result = FlipContinuationResult(config=cfg, times=cfg.checkpoint_times, trace=t(rows[0]), lambda_max=t(rows[1]),
                                     raw_trace=t(rows[2]), raw_lambda_max=t(rows[3]),
                                     projection_residual=t(rows[4]), projection_distance=t(rows[5]))
     from experiments.continuation import _check_regime
@@ -430,9 +427,7 @@ def compare_flip_rule(obj: Objective, labels: Tensor, zeta: Tensor, config: Flip
 
 # ---------------------------------------------------------------------- the predicted path
 # On Gamma Sigma = H, so the slow SDE has no diffusion and is the ODE d zeta/dt = drift(zeta): the predicted
-# path (`experiments.drift_path`, loss-agnostic). FlipPath is its record (nodes' max_residual: the worst
-# ||centred(f - log q)||); the name is kept for existing callers.
-FlipPath = PredictedPath
+# path (`experiments.drift_path.PredictedPath`; its max_residual is the worst ||centred(f - log q)|| of the nodes).
 
 
 def flip_drift_path(obj: Objective, zeta: Tensor, rule, *, t1: float, dt: float = 0.025,

@@ -13,7 +13,7 @@ import torch
 
 from experiments.continuation import ContinuationConfig, fit_slope, run_continuation, sharpness_on_manifold
 from experiments.drift_check import compare_rule
-from experiments.drift_path import NodeRates, checkpoint_times, integrate_drift_path, label_noise_drift_path
+from experiments.drift_path import NodeRates, integrate_drift_path, label_noise_drift_path
 from experiments.manifold import cifar_subset, project_to_manifold
 from sde.label_noise import gauss_newton_geometry, predict_label_noise_rates
 from sde.rules import QSR, SGD, LocalSGD
@@ -111,16 +111,19 @@ def test_path_time_rescalings_are_exact(tiny):
 
 def test_checkpoint_times_are_the_runs_and_compare_rule_fits_the_path(tiny):
     obj, zeta = tiny
-    local = ContinuationConfig(LocalSGD(2, 1, 0.03), eta=0.01, sigma=SIGMA, rounds=6, checkpoint_every=2, seeds=1,
+    # H = 3 steps per round, a reading every 2 rounds; the 7th round is run but not read
+    local = ContinuationConfig(LocalSGD(2, 1, 0.03), eta=0.01, sigma=SIGMA, rounds=7, checkpoint_every=2, seeds=1,
                                max_relative_change=10.0)
+    assert local.checkpoint_times.dtype == torch.float64
+    assert local.checkpoint_times.tolist() == pytest.approx([k * 6 * 0.01 ** 2 for k in range(4)], rel=1e-15)
     res = run_continuation(obj, zeta, local, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(checkpoint_times(local), res.times.to(torch.float64), rtol=1e-6, atol=0)
-    assert checkpoint_times(local).tolist() == pytest.approx([k * 6 * 0.01 ** 2 for k in range(4)])
+    assert res.trace.shape == (4, 1) and res.trace.dtype == torch.float64
+    assert torch.equal(res.times, local.checkpoint_times)
 
     cfg = ContinuationConfig(SGD(2), eta=0.01, sigma=SIGMA, rounds=4, steps_per_round_sgd=10, seeds=2,
                              max_relative_change=10.0)
     row = compare_rule(obj, zeta, cfg, path_dt=0.001)
-    times = checkpoint_times(cfg)
+    times = cfg.checkpoint_times
     path = label_noise_drift_path(obj, zeta, cfg.rule, sigma=SIGMA, t1=float(times[-1]), dt=0.001)
     assert row.predicted_trace_rate_path == pytest.approx(path.fitted_slope(times), rel=1e-9)
     assert row.predicted_lambda_max_rate_path == pytest.approx(path.fitted_slope(times, "lambda_max"), rel=1e-9)

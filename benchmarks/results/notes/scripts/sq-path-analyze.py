@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from experiments.demo import CifarSettings, continuation_config
 from experiments.drift_check import PointSetup, default_configs, extrapolate_to_zero_eta
-from experiments.drift_path import PredictedPath, checkpoint_times
+from experiments.drift_path import PredictedPath
 from sde.analysis import extrapolate_to_zero
 from sde.rules import SGD, LocalSGD, QSR
 
@@ -68,7 +68,7 @@ if point == "mlp":
         pred0, ratio, std = float(p.trace_rate[0]), float(m.group(8)), float(m.group(7))
         lpred0, lratio, lstd = float(p.lambda_max_rate[0]), float(m.group(13)), float(m.group(12))
         assert abs(pred0 / float(m.group(5)) - 1) < 1e-3, (pred0, m.group(5))
-        runs.append(dict(kind=name, eta=eta, sigma=sigma, key=key, times=checkpoint_times(cfg), meas=ratio * pred0, std=std,
+        runs.append(dict(kind=name, eta=eta, sigma=sigma, key=key, times=cfg.checkpoint_times, meas=ratio * pred0, std=std,
                          seeds=6, lmeas=lratio * lpred0, lstd=lstd, pred0=pred0, lpred0=lpred0,
                          lim=4 * float(paths[f"sgd_s{sigma:g}"].trace_rate[0]) if name == "QSR" else pred0))
 else:
@@ -77,7 +77,7 @@ else:
         r = json.loads(line)
         kind = {"SGD": "SGD", "LocalSGD": "Local", "QSR": "QSR"}[r["rule"].split("(")[0]]
         cfg = default_configs(r["eta"], 0.1, steps_of[r["eta"]], 4, 5)[["SGD", "Local", "QSR"].index(kind)]
-        times = checkpoint_times(cfg)
+        times = cfg.checkpoint_times
         assert abs(float(times[-1]) / r["slow_time"] - 1) < 1e-6 and cfg.local_steps == r["local_steps"] or kind == "SGD"
         key = {"SGD": "sgd", "Local": "local"}.get(kind) or f"qsr_H{cfg.local_steps}"
         assert abs(float(paths[key].trace_rate[0]) / r["predicted_trace_rate"] - 1) < 1e-9
