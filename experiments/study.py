@@ -8,6 +8,11 @@ are reported as mean +/- std over seeds, never one lucky run).
     curves = load_curves(specs)              # {("main", "SGD"): Curves, ...}
     rows = summarize(curves, ["test_acc"])   # final values, mean / std (ddof=1) / n over seeds
 
+Continuations (Gu et al., ICLR 2023: Local SGD started from a point SGD has reached): every run of
+a seed starts from that seed's pre-trained network, `grid(..., init={seed: ".../final.pt"})`;
+`train_from` loads it into every worker before the first step (fresh momentum, same schedules as
+a run from scratch), and the run folder records the checkpoint's SHA-256 in `init.json`.
+
 A run's folder is `root/group/method/seed{seed}`. Each `Curves` holds the evaluation epochs
 and steps (identical for every seed of one method, since the synchronization and learning-rate
 schedules are deterministic) and one (n_seeds, T) array per metrics field, NaN where a record
@@ -15,6 +20,7 @@ has no value (sharpness is measured only at the `track_sharpness` evaluations).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -34,11 +40,13 @@ FIELDS = ("lr", "H", "train_loss", "train_acc", "test_loss", "test_acc", "worker
 @dataclass(frozen=True)
 class RunSpec:
     """One run of a study: its group (a setting such as "main" or "large_lr"), the method
-    name, the seed and the full config (whose `out` is the run's folder)."""
+    name, the seed, the full config (whose `out` is the run's folder) and, for a
+    continuation, `init`: the final.pt whose network the run starts from."""
     group: str
     method: str
     seed: int
     config: TrainConfig
+    init: str | None = None
 
     @property
     def out(self) -> Path:
@@ -47,10 +55,11 @@ class RunSpec:
 
 def grid(base: TrainConfig, methods: Mapping[str, Mapping], *, seeds: Sequence[int],
          root: str | Path, group: str = "main", sharpness_points: int = 0,
-         **shared) -> list[RunSpec]:
+         init: Mapping[int, str | Path] | None = None, **shared) -> list[RunSpec]:
     """Every method x seed: `base` with `shared` overrides, then the method's overrides, the
     seed and out = root/group/method/seed{seed}; with `sharpness_points`, sharpness tracked at
-    that many evaluations (`track_sharpness_evenly`). Invalid combinations raise ValueError
+    that many evaluations (`track_sharpness_evenly`); with `init` ({seed: final.pt}), each run
+    continues from its seed's checkpoint (`train_from`). Invalid combinations raise ValueError
     here, before any training."""
     if not methods:
         raise ValueError("grid needs at least one method")
@@ -59,6 +68,10 @@ def grid(base: TrainConfig, methods: Mapping[str, Mapping], *, seeds: Sequence[i
     for name in methods:
         if not name or "/" in name:
             raise ValueError(f"method names become folder names; got {name!r}")
+    if init is not None:
+        missing = [s for s in seeds if s not in init]
+        if missing:
+            raise ValueError(f"init names no checkpoint for seeds {missing}")
     specs = []
     for name, overrides in methods.items():
         for seed in seeds:
@@ -66,7 +79,8 @@ def grid(base: TrainConfig, methods: Mapping[str, Mapping], *, seeds: Sequence[i
             cfg = base.replace(**{**shared, **overrides, "seed": int(seed), "out": str(out)})
             if sharpness_points:
                 cfg = track_sharpness_evenly(cfg, sharpness_points)
-            specs.append(RunSpec(group, name, int(seed), cfg))
+            start = None if init is None else str(init[seed])
+            specs.append(RunSpec(group, name, int(seed), cfg, start))
     return specs
 
 
@@ -109,38 +123,133 @@ def track_sharpness_evenly(cfg: TrainConfig, count: int) -> TrainConfig:
     return cfg.replace(track_sharpness=tuple(picks))
 
 
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+INIT_RECORD = "init.json"
+
+
 def is_finished(spec: RunSpec) -> bool:
     """True if spec's folder holds a final.pt and metrics written by the same computation
-    (config fingerprint equal; fields such as `out` or `backend` may differ)."""
+    (config fingerprint equal; fields such as `out` or `backend` may differ) and, for a
+    continuation, started from a checkpoint with the same SHA-256 as `spec.init` now."""
     out = spec.out
     if not (out / "final.pt").exists() or not (out / "metrics.jsonl").exists():
         return False
     try:
         saved = json.loads((out / "config.json").read_text())["config"]
-        return TrainConfig.from_dict(saved).fingerprint() == spec.config.fingerprint()
+        if TrainConfig.from_dict(saved).fingerprint() != spec.config.fingerprint():
+            return False
+        if spec.init is None:
+            return not (out / INIT_RECORD).exists()
+        record = json.loads((out / INIT_RECORD).read_text())
+        return record["sha256"] == file_sha256(spec.init)
     except (OSError, KeyError, ValueError):
         return False
 
 
-def run_grid(specs: Iterable[RunSpec], *, train_fn: Callable | None = None,
-             skip_finished: bool = True,
-             on_run: Callable[[RunSpec, bool, float], None] | None = None) -> list[RunSpec]:
-    """Train every spec in order (in this process, `experiments.trainer.train` unless
-    `train_fn` is given); with `skip_finished` a run whose folder already holds the same
-    computation's results is not repeated. `on_run(spec, skipped, seconds)` is called after
-    each. Returns the specs that were trained."""
+def load_init_state(path: str | Path, cfg: TrainConfig) -> dict:
+    """The network state_dict saved in a trainer's final.pt at `path`, after checking that it
+    was trained with the same architecture as `cfg` (model, width, norm, num_classes);
+    ValueError naming the difference otherwise."""
+    import torch
+    from experiments.trainer import FINAL_FORMAT
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no pre-trained checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != FINAL_FORMAT:
+        raise ValueError(f"{path} is not a trainer's final.pt ({FINAL_FORMAT})")
+    saved = state["config"]
+    differ = [k for k in ("model", "width", "norm", "num_classes") if saved.get(k) != getattr(cfg, k)]
+    if differ:
+        raise ValueError(f"{path} holds another network than the run's config: "
+                         + ", ".join(f"{k} {saved.get(k)!r} != {getattr(cfg, k)!r}" for k in differ))
+    return state["state_dict"]
+
+
+def train_from(cfg: TrainConfig, init: str | Path | None = None, **kwargs):
+    """`experiments.trainer.train(cfg)`, but with every worker starting from the network saved
+    in `init` (a final.pt: parameters and BatchNorm statistics) instead of cfg's random
+    initialization; momentum starts at zero and the schedules at step 0. Writes
+    out/init.json (path, SHA-256 and step of the checkpoint) after the run. `kwargs` go to
+    the `Trainer` (on_round, on_eval). Returns the trainer's RunResult."""
+    from experiments.trainer import Trainer
+    if init is None:
+        return Trainer(cfg, **kwargs).run()
+    state = load_init_state(init, cfg)
+    sha = file_sha256(init)
+    trainer = Trainer(cfg, **kwargs)
+    workers = trainer.workers
+    names = set(workers.named_views(0))
+    if names != set(state):
+        raise ValueError(f"{init} does not fit the network of the run: missing "
+                         f"{sorted(names - set(state))[:3]}, unexpected {sorted(set(state) - names)[:3]}")
+    for k in range(workers.K):
+        workers.load_row_(k, state)
+    result = trainer.run()
+    from experiments.metrics import atomic_write_json
+    atomic_write_json(Path(cfg.out) / INIT_RECORD, {"init": str(init), "sha256": sha})
+    return result
+
+
+def _run_one(spec: RunSpec, train_fn: Callable | None) -> float:
+    import torch
+    start = time.perf_counter()
     if train_fn is None:
-        from experiments.trainer import train as train_fn
-    trained = []
+        torch.set_num_threads(1)   # one thread per run (the notebooks' convention on shared CPUs)
+        train_from(spec.config, spec.init)
+    elif spec.init is None:
+        train_fn(spec.config)
+    else:
+        train_fn(spec.config, init=spec.init)
+    return time.perf_counter() - start
+
+
+def run_grid(specs: Iterable[RunSpec], *, train_fn: Callable | None = None,
+             skip_finished: bool = True, processes: int = 1,
+             on_run: Callable[[RunSpec, bool, float], None] | None = None) -> list[RunSpec]:
+    """Train every spec (`train_from`, i.e. the trainer with one torch thread, unless
+    `train_fn(config)` / `train_fn(config, init=...)` is given); with `skip_finished` a run
+    whose folder already holds the same computation's results is not repeated. `processes`
+    > 1 trains that many specs at a time in child processes (spawned; `train_fn` must then be
+    picklable). `on_run(spec, skipped, seconds)` is called after each. Returns the specs
+    that were trained, in the order given."""
+    specs = list(specs)
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    if len({s.out for s in specs}) != len(specs):
+        raise ValueError("two specs share one run folder")
+    todo = []
     for spec in specs:
-        start = time.perf_counter()
-        skipped = skip_finished and is_finished(spec)
-        if not skipped:
-            train_fn(spec.config)
-            trained.append(spec)
-        if on_run is not None:
-            on_run(spec, skipped, time.perf_counter() - start)
-    return trained
+        if skip_finished and is_finished(spec):
+            if on_run is not None:
+                on_run(spec, True, 0.0)
+        else:
+            todo.append(spec)
+    if processes == 1:
+        for spec in todo:
+            seconds = _run_one(spec, train_fn)
+            if on_run is not None:
+                on_run(spec, False, seconds)
+        return todo
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    pool = ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn"))
+    try:
+        futures = {pool.submit(_run_one, spec, train_fn): spec for spec in todo}
+        for fut in as_completed(futures):
+            seconds = fut.result()          # a failed run raises here, naming its error
+            if on_run is not None:
+                on_run(futures[fut], False, seconds)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)   # after a failure: start nothing more
+    return todo
 
 
 # ---------------------------------------------------------------------------- reading results
@@ -230,10 +339,40 @@ def paired_difference(curves: Curves, reference: Curves, field: str) -> np.ndarr
     return np.array([a[curves.seeds.index(s)] - b[reference.seeds.index(s)] for s in common])
 
 
-def summarize(curves: Mapping, fields: Sequence[str], *, reference: str | None = None) -> list[dict]:
+@dataclass(frozen=True)
+class Interval:
+    """A mean with its two-sided confidence interval [lo, hi] from n samples."""
+    mean: float
+    lo: float
+    hi: float
+    n: int
+    level: float = 0.95
+
+    @property
+    def excludes_zero(self) -> bool:
+        return bool(self.lo > 0 or self.hi < 0)
+
+
+def confidence_interval(samples, level: float = 0.95) -> Interval:
+    """Student-t interval for the mean of the finite `samples`: mean +/- t_{n-1,(1+level)/2}
+    std / sqrt(n) (std with ddof=1); for paired differences, the paired t-interval. NaN
+    bounds with fewer than 2 samples."""
+    from scipy.stats import t as student_t
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    mean, std, n = mean_std(samples)
+    if n < 2:
+        return Interval(mean, math.nan, math.nan, n, level)
+    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n, level)
+
+
+def summarize(curves: Mapping, fields: Sequence[str], *, reference: str | None = None,
+              level: float = 0.95) -> list[dict]:
     """One row per key of `curves` (keys (group, method)): for every field the mean, std and n
     over seeds of its final value; with `reference` (a method name), also `delta_<field>`: the
-    paired difference to that method of the same group (mean, std, n)."""
+    paired difference to that method of the same group (mean, std, n), and `ci_<field>`: its
+    `level` confidence interval (`Interval`, paired t)."""
     rows = []
     for key, c in curves.items():
         group, method = key
@@ -242,7 +381,9 @@ def summarize(curves: Mapping, fields: Sequence[str], *, reference: str | None =
             row[f] = mean_std(c.final(f))
             ref = curves.get((group, reference)) if reference is not None else None
             if ref is not None and method != reference:
-                row["delta_" + f] = mean_std(paired_difference(c, ref, f))
+                diff = paired_difference(c, ref, f)
+                row["delta_" + f] = mean_std(diff)
+                row["ci_" + f] = confidence_interval(diff, level)
         rows.append(row)
     return rows
 
@@ -256,9 +397,20 @@ def format_mean_std(stat: tuple, fmt: str = "{:.4f}", scale: float = 1.0) -> str
     return f"{fmt.format(mean * scale)} ± {fmt.replace('+', '').format(std * scale)}"
 
 
+def format_interval(iv: Interval, fmt: str = "{:+.2f}", scale: float = 1.0) -> str:
+    """"mean [lo, hi]" (bounds without a forced sign)."""
+    if iv.n == 0:
+        return "n/a"
+    plain = fmt.replace("+", "")
+    if iv.n == 1:
+        return fmt.format(iv.mean * scale) + " (1 seed)"
+    return f"{fmt.format(iv.mean * scale)} [{plain.format(iv.lo * scale)}, {plain.format(iv.hi * scale)}]"
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
     """A markdown table: `columns` are (header, key, fmt, scale); entries of a row that are
-    (mean, std, n) tuples print as "mean ± std", missing ones as "-"."""
+    (mean, std, n) tuples print as "mean ± std", `Interval`s as "mean [lo, hi]", missing
+    ones as "-"."""
     lines = ["| " + " | ".join(h for h, *_ in columns) + " |",
              "|" + "---|" * len(columns)]
     for row in rows:
@@ -267,6 +419,8 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
             v = row.get(key)
             if v is None:
                 cells.append("-")
+            elif isinstance(v, Interval):
+                cells.append(format_interval(v, fmt, scale))
             elif isinstance(v, tuple):
                 cells.append(format_mean_std(v, fmt, scale))
             else:
