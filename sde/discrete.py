@@ -11,13 +11,14 @@ parameters at round boundaries.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .rules import QSR, LocalSGD
 
 __all__ = ["DiscreteRun", "run_local_sgd", "run_sgd", "local_steps_for_beta", "qsr_local_steps",
            "per_sample", "richardson"]
@@ -37,17 +38,13 @@ class DiscreteRun:
 
 
 def local_steps_for_beta(beta: float, eta: float) -> int:
-    """H = round(beta / eta) >= 1 (Local SGD with eta H = beta, Gu et al. 2023)."""
-    if not (beta > 0 and eta > 0):
-        raise ValueError(f"beta and eta must be positive, got {beta}, {eta}")
-    return max(1, round(beta / eta))
+    """H = max(1, round(beta / eta)): `sde.LocalSGD.local_steps` (the one rounding rule, Gu et al. 2023)."""
+    return LocalSGD(1, 1, beta).local_steps(eta)
 
 
 def qsr_local_steps(eta: float, alpha: float, h_base: int = 1) -> int:
-    """H = max(H_base, floor((alpha / eta)^2)) (Gu et al. 2024)."""
-    if not (alpha > 0 and eta > 0 and h_base >= 1):
-        raise ValueError(f"need alpha > 0, eta > 0, h_base >= 1; got {alpha}, {eta}, {h_base}")
-    return max(int(h_base), math.floor((alpha / eta) ** 2 + 1e-9))
+    """H = max(H_base, floor((alpha / eta)^2)): `sde.QSR.local_steps` (Gu et al. 2024)."""
+    return QSR(1, 1, alpha=alpha).local_steps(eta, h_base)
 
 
 def per_sample(sampler: Callable[[Tensor, torch.Generator], Tensor]) -> Sampler:

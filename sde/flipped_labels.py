@@ -350,22 +350,10 @@ def rate_kernel(rule, eigenvalues: Tensor, dH: Tensor, *, eta: float | None = No
     drift-I and drift-II of THEORY.md contracted with g. QSR with `eta` and rule.alpha uses the
     Local SGD kernel at beta = alpha^2 / eta.
     """
-    from sde.psi import psi
-    from sde.rules import SGD, LocalSGD
     check_rule(rule)
     sums = eigenvalues[:, None] + eigenvalues[None, :]
-    B = float(rule.total_batch)
-    if isinstance(rule, SGD):
-        weight = torch.ones_like(sums)
-    elif isinstance(rule, LocalSGD):
-        weight = 1 + (rule.workers - 1) * psi(rule.beta * sums)
-    elif eta is None:
-        weight = rule.workers * torch.ones_like(sums)
-    else:
-        if rule.alpha is None:
-            raise ValueError("finite-eta QSR needs rule.alpha")
-        weight = 1 + (rule.workers - 1) * psi(rule.alpha ** 2 / eta * sums)
-    return -dH * weight / (2 * B * sums)
+    weight = rule.drift_weight(sums, eta=eta)
+    return -dH * weight / (2 * float(rule.total_batch) * sums)
 
 
 def noise_projections(noise_obj: Objective, theta: Tensor, basis: Tensor, *, chunk_size: int = 256) -> Tensor:

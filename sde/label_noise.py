@@ -31,8 +31,7 @@ from torch import Tensor
 from torch.func import grad, jacrev, jvp, vmap
 
 from dynamics.objective import Objective
-from sde.psi import psi
-from sde.rules import QSR, SGD, LocalSGD, check_rule
+from sde.rules import check_rule
 
 
 def output_jacobian(obj: Objective, theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,20 +140,11 @@ def gauss_newton_geometry(obj: Objective, theta: Tensor | None = None, *, rank_t
 def drift_weights(rule, eigenvalues: Tensor, *, eta: float | None = None) -> Tensor:
     """w(lambda_i) weighting each Hessian eigen-direction in the label-noise drift.
 
-    SGD: 1. LocalSGD: 1 + (K-1) psi(2 beta lambda). QSR: K (the eta -> 0 limit), or, if `eta`
-    is given, Local SGD's weights at beta = eta H = alpha^2 / eta (needs rule.alpha).
+    `rule.drift_weight(2 lambda, eta=eta)`: SGD 1; LocalSGD 1 + (K-1) psi(2 beta lambda); QSR K
+    (the eta -> 0 limit), or, if `eta` is given, Local SGD's weights at beta = alpha^2 / eta.
     """
     check_rule(rule)
-    ones = torch.ones_like(eigenvalues)
-    if isinstance(rule, SGD):
-        return ones
-    if isinstance(rule, LocalSGD):
-        return 1 + (rule.workers - 1) * psi(2 * rule.beta * eigenvalues)
-    if eta is None:
-        return rule.workers * ones
-    if rule.alpha is None:
-        raise ValueError("finite-eta QSR weights need rule.alpha (H = (alpha/eta)^2)")
-    return 1 + (rule.workers - 1) * psi(2 * rule.alpha ** 2 / eta * eigenvalues)
+    return rule.drift_weight(2 * eigenvalues, eta=eta)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from dynamics.objective import Objective
 from dynamics.third_order import LowRank, third_order
 from sde.label_noise import PredictedRates, drift_weights
 from sde.psi import psi
-from sde.rules import QSR, SGD, LocalSGD, check_rule
+from sde.rules import check_rule
 
 
 def predict_label_noise_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, sigma: float, rank: int,
@@ -281,7 +281,7 @@ def predict_label_noise_rates_cg(obj: Objective, zeta: Tensor, rules, *, sigma: 
     rules = list(rules)
     for rule in rules:
         check_rule(rule)
-        if not isinstance(rule, (SGD, QSR)):
+        if rule.drift_coefficients()[2] is not None:
             raise ValueError(f"{rule!r}: the exact-projection matrix-free path supports SGD and QSR only "
                              "(Local SGD needs the matrix function psi(2 beta H): use "
                              "predict_label_noise_rates_lanczos)")
@@ -308,7 +308,7 @@ def predict_label_noise_rates_cg(obj: Objective, zeta: Tensor, rules, *, sigma: 
 
     out = []
     for rule in rules:
-        weight = 1.0 if isinstance(rule, SGD) else float(rule.workers)
+        weight = rule.drift_coefficients()[0]
         drift = -(sigma ** 2) * weight / (4 * rule.total_batch) * g_trace
         out.append(PredictedRates(rule=rule, sigma=float(sigma), trace_rate=float(g_trace @ drift),
                                   lambda_max_rate=float(g_lmax @ drift), trace=frob / n,
@@ -451,15 +451,10 @@ class LanczosRates:
 
 
 def _rule_beta(rule, eta: float | None) -> float | None:
-    if isinstance(rule, LocalSGD):
-        return float(rule.beta)
-    if isinstance(rule, QSR) and eta is not None:
-        if rule.alpha is None:
-            raise ValueError("finite-eta QSR weights need rule.alpha (H = (alpha/eta)^2)")
-        if not eta > 0:
-            raise ValueError(f"eta must be positive, got {eta}")
-        return float(rule.alpha ** 2 / eta)
-    return None
+    """beta inside psi of `rule`'s drift (None: no psi term); eta checked when given."""
+    if eta is not None and not eta > 0:
+        raise ValueError(f"eta must be positive, got {eta}")
+    return rule.drift_coefficients(eta)[2]
 
 
 def predict_label_noise_rates_lanczos(obj: Objective, zeta: Tensor, rules, *, sigma: float, num_probes: int = 30,
@@ -551,8 +546,7 @@ def predict_label_noise_rates_lanczos(obj: Objective, zeta: Tensor, rules, *, si
     for rule, beta in zip(rules, betas_per_rule):
         scale = -(sigma ** 2) / (4 * rule.total_batch)
         if beta is None:
-            weight = 1.0 if isinstance(rule, SGD) else float(rule.workers)
-            drift = scale * weight * g_trace
+            drift = scale * rule.drift_coefficients()[0] * g_trace
             out.append(RateEstimate(rule=rule, sigma=float(sigma), trace_rate=float(g_trace @ drift),
                                     trace_rate_stderr=0.0, lambda_max_rate=float(g_lmax @ drift),
                                     lambda_max_rate_stderr=0.0, trace=frob / n, lambda_max=float(lam[0]),

@@ -166,7 +166,7 @@ class MatrixFreeProblem:
         from dynamics.noise import noise_probe
         from dynamics.third_order import LowRank, third_order
 
-        from .slow_sde import SlowSDETerms, _rule_constants
+        from .slow_sde import SlowSDETerms
         check_rule(rule)
         obj = self.obj
         if zeta.shape != (obj.dim,):
@@ -177,7 +177,7 @@ class MatrixFreeProblem:
             if not norm <= gradient_tol:
                 raise ValueError(f"zeta is not on Gamma: ||grad L(zeta)|| = {norm:.3e} > gradient_tol = "
                                  f"{gradient_tol:.1e}; project it first with sde.project")
-        B, c_I, c_II, beta = _rule_constants(rule)
+        B, (c_I, c_II, beta) = float(rule.total_batch), rule.drift_coefficients()
         state = self.normal_space(zeta)
         U, lam = state.basis, state.values
         probe = noise_probe(self.noise_obj, U, theta=zeta, chunk_size=self.chunk_size, with_mixed=True)

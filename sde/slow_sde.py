@@ -23,7 +23,7 @@ from torch.func import grad, vmap
 from . import blocks
 from .problem import Problem
 from .matrix_free import MatrixFreeProblem
-from .rules import QSR, SGD, check_rule
+from .rules import check_rule
 
 DEFAULT_GRADIENT_TOL = 1e-6
 
@@ -54,14 +54,9 @@ class SlowSDETerms:
 
 
 def _rule_constants(rule) -> tuple[float, float, float, float | None]:
-    """(B, drift-I scale c, drift-II scale K-1, beta or None)."""
+    """(B, drift-I scale c, drift-II scale K-1, beta or None): `rule.drift_coefficients()` (eta -> 0)."""
     check_rule(rule)
-    B = float(rule.total_batch)
-    if isinstance(rule, SGD):
-        return B, 1.0, 0.0, None
-    if isinstance(rule, QSR):
-        return B, float(rule.workers), 0.0, None
-    return B, 1.0, float(rule.workers - 1), float(rule.beta)
+    return (float(rule.total_batch), *rule.drift_coefficients())
 
 
 def _dense_terms(loss, noise_cov, zeta: Tensor, constants, rank: int | None, rank_rtol: float):
