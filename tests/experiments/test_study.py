@@ -1,9 +1,11 @@
 """experiments.study: grids of configs x seeds, reading metrics.jsonl back, mean +/- std tables.
 
-Budget: about 10 s (one real 2-step trainer run on synthetic data; the rest is file I/O).
+Budget: about 25 s (real trainer runs of a few steps on synthetic data, a 4,000-draw coverage
+check and one pool of two spawned processes; the rest is file I/O).
 """
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +173,132 @@ def test_real_trainer_grid_round_trip(tmp_path):
     recs = [json.loads(line) for line in (specs[0].out / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(sgd["test_acc"][0], [r["test_acc"] for r in recs])
     assert all(is_finished(s) for s in specs)
+
+
+# ---------------------------------------------------------------------------- continuations
+def _final_params(path):
+    import torch
+    from experiments.probe import load_model
+    model, _ = load_model(str(path))
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_train_from_starts_every_worker_at_the_checkpoint(tmp_path):
+    """A real pre-training run, then continuations from its final.pt with another seed (so
+    another random initialization): with lr 1e-9 and no weight decay the continuation ends
+    within 1e-6 of the checkpoint's parameters (steps move them by ~1e-9 x gradient), while
+    the run started from scratch with that seed is far from them."""
+    import torch
+    from experiments.study import INIT_RECORD, file_sha256, train_from
+    pre = grid(BASE, {"SGD": {}}, seeds=(0,), root=tmp_path, group="pretrain", lr=0.1, epochs=2)
+    run_grid(pre)
+    ckpt = pre[0].out / "final.pt"
+    theta0 = _final_params(ckpt)
+    cont = grid(BASE, {"SGD": {}, "Local": {"local_steps": 2}}, seeds=(7,), root=tmp_path, group="cont",
+                init={7: ckpt}, lr=1e-9, epochs=2)
+    trained = run_grid(cont)
+    assert trained == cont and all(is_finished(s) for s in cont)
+    for s in cont:
+        assert torch.allclose(_final_params(s.out / "final.pt"), theta0, atol=1e-6)
+        record = json.loads((s.out / INIT_RECORD).read_text())
+        assert record["sha256"] == file_sha256(ckpt)
+    scratch = BASE.replace(seed=7, lr=1e-9, epochs=2, out=str(tmp_path / "scratch"))
+    train_from(scratch)
+    assert (_final_params(tmp_path / "scratch" / "final.pt") - theta0).abs().max() > 1e-2
+    # another checkpoint at the same path makes the continuations unfinished (SHA-256 differs)
+    pre2 = grid(BASE, {"SGD": {}}, seeds=(1,), root=tmp_path, group="pretrain", lr=0.1, epochs=2)
+    run_grid(pre2)
+    ckpt.write_bytes((pre2[0].out / "final.pt").read_bytes())
+    assert not any(is_finished(s) for s in cont)
+
+
+def test_train_from_refuses_another_network_before_training(tmp_path):
+    from experiments.study import train_from
+    pre = grid(BASE, {"SGD": {}}, seeds=(0,), root=tmp_path, group="pretrain")
+    run_grid(pre)
+    wider = BASE.replace(width=8, out=str(tmp_path / "wider"))
+    with pytest.raises(ValueError, match="width 4 != 8"):
+        train_from(wider, pre[0].out / "final.pt")
+    not_final = tmp_path / "x.pt"
+    not_final.write_bytes(b"")
+    import torch
+    torch.save({"format": "something else"}, not_final)
+    with pytest.raises(ValueError, match="not a trainer's final.pt"):
+        train_from(BASE.replace(out=str(tmp_path / "y")), not_final)
+    with pytest.raises(FileNotFoundError, match="no pre-trained checkpoint"):
+        train_from(BASE.replace(out=str(tmp_path / "z")), tmp_path / "missing.pt")
+    assert not (tmp_path / "wider").exists() and not (tmp_path / "y").exists()
+
+
+def test_grid_with_init_needs_a_checkpoint_for_every_seed(tmp_path):
+    with pytest.raises(ValueError, match=r"seeds \[2\]"):
+        grid(BASE, {"SGD": {}}, seeds=(1, 2), root=tmp_path, init={1: "a.pt"})
+    specs = grid(BASE, {"SGD": {}}, seeds=(1,), root=tmp_path, init={1: "a.pt"})
+    assert specs[0].init == "a.pt"
+    # no init record and no checkpoint: never "finished"
+    write_run(specs[0], fake_records([0.1]))
+    assert not is_finished(specs[0])
+
+
+# ---------------------------------------------------------------------------- confidence intervals
+def test_confidence_interval_is_the_student_t_interval():
+    from experiments.study import confidence_interval
+    ci = confidence_interval([1.0, 2.0, 3.0, 4.0, np.nan, 5.0])
+    half = 2.7764451051977987 * math.sqrt(2.5) / math.sqrt(5)   # t_{4, 0.975} from the t table
+    assert (ci.mean, ci.n) == (3.0, 5)
+    assert ci.lo == pytest.approx(3.0 - half, rel=1e-12) and ci.hi == pytest.approx(3.0 + half, rel=1e-12)
+    assert ci.excludes_zero and not confidence_interval([-1.0, 1.0, 0.5]).excludes_zero
+    one = confidence_interval([2.0])
+    assert one.n == 1 and math.isnan(one.lo)
+    with pytest.raises(ValueError, match="level"):
+        confidence_interval([1.0, 2.0], level=1.5)
+
+
+def test_confidence_interval_covers_the_mean_95_percent_of_the_time():
+    """4,000 samples of n = 5 normal draws: coverage 0.95 within 0.011 (3.3 binomial standard
+    errors, sqrt(0.95 x 0.05 / 4000) = 0.0034)."""
+    from experiments.study import confidence_interval
+    rng = np.random.default_rng(1)
+    hits = [(lambda ci: ci.lo <= 0.3 <= ci.hi)(confidence_interval(rng.normal(0.3, 2.0, size=5)))
+            for _ in range(4000)]
+    assert abs(np.mean(hits) - 0.95) < 0.011
+
+
+def test_summarize_adds_paired_intervals_and_the_table_prints_them(tmp_path):
+    from experiments.study import Interval, confidence_interval
+    acc = {"SGD": [0.50, 0.40, 0.45], "QSR": [0.52, 0.43, 0.46]}
+    specs = grid(BASE, {m: METHODS[m] for m in acc}, seeds=(0, 1, 2), root=tmp_path)
+    for s in specs:
+        write_run(s, fake_records([acc[s.method][s.seed]]))
+    rows = {r["method"]: r for r in summarize(load_curves(specs), ["test_acc"], reference="SGD")}
+    ci = rows["QSR"]["ci_test_acc"]
+    expected = confidence_interval(np.subtract(acc["QSR"], acc["SGD"]))
+    assert isinstance(ci, Interval) and ci == expected and ci.mean == pytest.approx(0.02)
+    assert "ci_test_acc" not in rows["SGD"]
+    table = markdown_table([rows["QSR"]], [("Δ", "ci_test_acc", "{:+.2f}", 100)])
+    assert table.splitlines()[2] == f"| +2.00 [{100 * ci.lo:.2f}, {100 * ci.hi:.2f}] |"
+
+
+# ---------------------------------------------------------------------------- processes
+def _fake_train_in_child(cfg, init=None):
+    """Module level so that spawned children can unpickle it."""
+    if cfg.lr > 1.0:
+        raise RuntimeError(f"refused lr {cfg.lr}")
+    spec = grid(cfg, {"SGD": {}}, seeds=(cfg.seed,), root=Path(cfg.out).parents[2])[0]
+    write_run(spec, fake_records([cfg.lr]))
+
+
+def test_run_grid_in_two_processes_trains_everything_once_and_reports_failures(tmp_path):
+    specs = grid(BASE, {"SGD": {}}, seeds=(0, 1, 2), root=tmp_path, lr=0.25)
+    seen = []
+    trained = run_grid(specs, train_fn=_fake_train_in_child, processes=2,
+                       on_run=lambda s, skipped, sec: seen.append((s.seed, skipped)))
+    assert trained == specs and sorted(seen) == [(0, False), (1, False), (2, False)]
+    assert all(is_finished(s) for s in specs)
+    np.testing.assert_allclose(load_curves(specs)[("main", "SGD")].final("test_acc"), [0.25] * 3)
+    assert run_grid(specs, train_fn=_fake_train_in_child, processes=2) == []
+    bad = grid(BASE, {"SGD": {}}, seeds=(0,), root=tmp_path / "bad", lr=2.0)
+    with pytest.raises(RuntimeError, match="refused lr 2.0"):
+        run_grid(bad, train_fn=_fake_train_in_child, processes=2)
+    with pytest.raises(ValueError, match="processes"):
+        run_grid(specs, processes=0)
