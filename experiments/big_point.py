@@ -170,8 +170,9 @@ def predict_local_sgd_rates_preconditioned(obj: Objective, zeta: Tensor, rules, 
     `projector`: reuse one (e.g. from `predict_rates_preconditioned`): its solved projections are
     reused or warm-start CG (`PreconditionedTangentProjector`)."""
     for rule in rules:
-        if not isinstance(rule, LocalSGD):
-            raise ValueError(f"{rule!r}: this function is for Local SGD rules")
+        if rule.drift_coefficients()[2] is None:
+            raise ValueError(f"{rule!r}: this function is for Local SGD rules (a psi term in the drift); "
+                             "use predict_rates_preconditioned")
     if projector is None:
         projector = PreconditionedTangentProjector(obj, zeta, preconditioner, rtol=rtol, max_iter=max_iter)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)

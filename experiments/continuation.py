@@ -12,8 +12,8 @@ drift (DESIGN.md, Known traps). Two readings: at Phi to second order (`correctio
 a spurious drift), or the older one, a few gradient-descent steps then Gauss-Newton to
 L <= 1e-10 (`project_to_manifold`).
 
-Slow time t = eta^2 x steps per worker. Local SGD: H = round(beta / eta) local steps per round;
-QSR: H = round((alpha / eta)^2).
+Slow time t = eta^2 x steps per worker. H per round is the rule's own `local_steps(eta)`
+(`sde.rules`: Local SGD H = round(beta / eta), QSR H = floor((alpha / eta)^2)).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from dynamics.objective import Objective
 from experiments.manifold import GramPreconditioner, half_squared_error, project_to_manifold
 from experiments.phi_reading import PhiCorrection, read_at_phi
 from sde.label_noise import output_jacobian
-from sde.rules import QSR, SGD, LocalSGD, check_rule
+from sde.rules import check_rule
 
 
 class RegimeWarning(UserWarning):
@@ -38,28 +38,23 @@ class RegimeWarning(UserWarning):
 
 class RoundSchedule:
     """Rounds of a continuation config (fields rule, eta, rounds, checkpoint_every, seeds,
-    steps_per_round_sgd, qsr_alpha): validation, H per round and the per-worker batch."""
+    steps_per_round_sgd): validation, H per round and the per-worker batch."""
 
     def _check_rounds(self) -> None:
         for name in ("rounds", "checkpoint_every", "seeds", "steps_per_round_sgd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if isinstance(self.rule, QSR) and (self.qsr_alpha or self.rule.alpha) is None:
-            raise ValueError("QSR continuation needs qsr_alpha (or rule.alpha): H = (alpha/eta)^2")
+        self.rule.local_steps(self.eta)      # QSR without alpha: ValueError now, not mid-run
 
     @property
     def local_steps(self) -> int:
-        """H, the steps per worker between averagings (per checkpoint unit for SGD)."""
-        if isinstance(self.rule, SGD):
-            return self.steps_per_round_sgd
-        if isinstance(self.rule, LocalSGD):
-            return max(1, round(self.rule.beta / self.eta))
-        alpha = self.qsr_alpha if self.qsr_alpha is not None else self.rule.alpha
-        return max(1, round((alpha / self.eta) ** 2))
+        """H = `rule.local_steps(eta)`, the steps per worker between averagings; for a rule that
+        never averages (SGD) the `steps_per_round_sgd` steps between checkpoints."""
+        return self.rule.local_steps(self.eta) if self.rule.averages else self.steps_per_round_sgd
 
     @property
     def local_batch(self) -> int:
-        return self.rule.batch_size if isinstance(self.rule, SGD) else self.rule.local_batch
+        return self.rule.local_batch
 
     @property
     def checkpoint_times(self) -> Tensor:
@@ -74,7 +69,7 @@ class ContinuationConfig(RoundSchedule):
     """One continuation experiment: `rule` run for `rounds` rounds at step `eta`, label-noise std `sigma`.
 
     For SGD a "round" is `steps_per_round_sgd` steps (checkpoint spacing). `checkpoint_every`
-    counts rounds between projections. `qsr_alpha` sets QSR's H = (alpha / eta)^2. `vectorize`:
+    counts rounds between projections; QSR's H = floor((alpha / eta)^2) needs rule.alpha. `vectorize`:
     one vmap over all seeds x workers per step (None: only when the local batch is < 4, where
     it was faster here than a loop over models).
     """
@@ -85,7 +80,6 @@ class ContinuationConfig(RoundSchedule):
     checkpoint_every: int = 1
     seeds: int = 4
     steps_per_round_sgd: int = 100
-    qsr_alpha: float | None = None
     gd_steps: int = 10
     vectorize: bool | None = None
     max_eta_lambda: float = 0.5

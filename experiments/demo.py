@@ -42,7 +42,7 @@ from experiments.data import download_cifar10, load_cifar10, resolve_cifar10_dir
 from experiments.drift_check import PointSetup, extrapolate_to_zero_eta, prepare_point
 from experiments.plotstyle import FIGURES_DIR, SLOW_TIME_LABEL, apply_style, save_figure
 from sde.analysis import extrapolate_to_zero
-from sde.discrete import local_steps_for_beta, qsr_local_steps, run_local_sgd
+from sde.discrete import run_local_sgd
 from sde.label_noise import gauss_newton_geometry, predict_label_noise_rates, sharpness_gradients
 from sde.rules import QSR, SGD, LocalSGD
 from sde.toys import DiagonalNet
@@ -107,12 +107,7 @@ def run_toy(s: ToySettings, progress=print) -> dict:
         predicted = float(net.log_rate(zeta0, rule)[0])
         rows = []
         for eta in s.etas:
-            if isinstance(rule, SGD):
-                workers, b_loc, H = 1, rule.batch_size, 1
-            elif isinstance(rule, LocalSGD):
-                workers, b_loc, H = rule.workers, rule.local_batch, local_steps_for_beta(rule.beta, eta)
-            else:
-                workers, b_loc, H = rule.workers, rule.local_batch, qsr_local_steps(eta, rule.alpha)
+            workers, b_loc, H = rule.workers, rule.local_batch, rule.local_steps(eta)
             rounds = max(2, round(s.slow_time / (H * eta ** 2)))
             start = time.perf_counter()
             run = run_local_sgd(net.sample_gradient, zeta0, eta=eta, workers=workers, local_batch=b_loc,
@@ -153,10 +148,10 @@ def cifar_rules(s: CifarSettings) -> dict[str, object]:
 
 def continuation_config(rule, eta: float, s: CifarSettings) -> ContinuationConfig:
     """`s.steps` steps per worker (rounded to whole rounds), `s.checkpoints` projected readings."""
-    if isinstance(rule, SGD):
+    if not rule.averages:
         return ContinuationConfig(rule=rule, eta=eta, sigma=s.sigma, rounds=s.checkpoints, seeds=s.seeds,
                                   steps_per_round_sgd=max(1, s.steps // s.checkpoints), vectorize=True)
-    H = local_steps_for_beta(rule.beta, eta) if isinstance(rule, LocalSGD) else max(1, round((rule.alpha / eta) ** 2))
+    H = rule.local_steps(eta)
     rounds = max(s.checkpoints, s.steps // H)
     every = max(1, rounds // s.checkpoints)
     return ContinuationConfig(rule=rule, eta=eta, sigma=s.sigma, rounds=every * s.checkpoints,
@@ -185,8 +180,8 @@ def run_cifar(root: Path, s: CifarSettings, progress=print) -> dict:
             config = continuation_config(rule, eta, s)
             limit = predict_label_noise_rates(obj, geometry, rule, sigma=s.sigma, gradients=gradients)
             # QSR as run: Local SGD weights at beta = eta H; the eta -> 0 limit is K x SGD
-            run_rule = LocalSGD(rule.workers, rule.local_batch, eta * config.local_steps) if isinstance(rule, QSR) else rule
-            pred = limit if run_rule is rule else predict_label_noise_rates(obj, geometry, run_rule, sigma=s.sigma,
+            run_rule = rule.at_eta(eta)
+            pred = limit if run_rule == rule else predict_label_noise_rates(obj, geometry, run_rule, sigma=s.sigma,
                                                                              gradients=gradients)
             t0 = time.perf_counter()
             res = run_continuation(obj, zeta, config, generator=torch.Generator().manual_seed(s.seed),
@@ -194,7 +189,7 @@ def run_cifar(root: Path, s: CifarSettings, progress=print) -> dict:
             tr, lm = fit_slope(res.times, res.trace), fit_slope(res.times, res.lambda_max)
             out["runs"].append({
                 "rule": name, "repr": repr(rule), "eta": eta, "sigma": s.sigma,
-                "local_steps": 1 if isinstance(rule, SGD) else config.local_steps,
+                "local_steps": rule.local_steps(eta),
                 "steps_per_worker": config.rounds * config.local_steps,
                 "rounds": config.rounds, "seeds": s.seeds, "eta_lambda_max": eta * geometry.lambda_max,
                 "predicted_trace_rate": pred.trace_rate, "predicted_trace_rate_limit": limit.trace_rate,

@@ -116,21 +116,17 @@ def compare_rule(obj: Objective, zeta: Tensor, config: ContinuationConfig, *, se
     geometry = geometry or gauss_newton_geometry(obj, zeta)
     gradients = gradients or sharpness_gradients(obj, geometry)
     rule = config.rule
-    if isinstance(rule, QSR):
-        alpha = config.qsr_alpha if config.qsr_alpha is not None else rule.alpha
-        # the rule actually run: H = round((alpha/eta)^2), i.e. beta = eta H
-        finite = LocalSGD(rule.workers, rule.local_batch, config.eta * config.local_steps)
-        pred = predict_label_noise_rates(obj, geometry, finite, sigma=config.sigma, gradients=gradients)
-        limit = predict_label_noise_rates(obj, geometry, rule, sigma=config.sigma, gradients=gradients)
-    else:
-        pred = limit = predict_label_noise_rates(obj, geometry, rule, sigma=config.sigma, gradients=gradients)
+    run_rule = rule.at_eta(config.eta)        # the rule actually run (QSR: Local SGD with beta = eta H)
+    limit = predict_label_noise_rates(obj, geometry, rule, sigma=config.sigma, gradients=gradients)
+    pred = limit if run_rule == rule else predict_label_noise_rates(obj, geometry, run_rule, sigma=config.sigma,
+                                                                    gradients=gradients)
     result = run_continuation(obj, zeta, config, generator=torch.Generator().manual_seed(seed), correction=correction)
     tr = fit_slope(result.times, result.trace)
     lm = fit_slope(result.times, result.lambda_max)
     path_rates = (float("nan"), float("nan"))
     if path_dt is not None:
         times = result.times
-        path = label_noise_drift_path(obj, zeta, finite if isinstance(rule, QSR) else rule, sigma=config.sigma,
+        path = label_noise_drift_path(obj, zeta, run_rule, sigma=config.sigma,
                                       t1=float(times[-1]), dt=path_dt)
         path_rates = (path.fitted_slope(times, "trace"), path.fitted_slope(times, "lambda_max"))
     return DriftComparison(
@@ -177,10 +173,11 @@ def default_configs(eta: float = 0.004, sigma: float = 0.1, steps: int = 5000, s
     per = steps // checkpoints
     sgd = ContinuationConfig(rule=SGD(8), eta=eta, sigma=sigma, rounds=checkpoints, seeds=seeds,
                              steps_per_round_sgd=per)
-    local = ContinuationConfig(rule=LocalSGD(4, 2, 0.4), eta=eta, sigma=sigma, rounds=steps // round(0.4 / eta),
-                               checkpoint_every=max(1, steps // round(0.4 / eta) // checkpoints), seeds=seeds)
-    h_qsr = round((qsr_alpha / eta) ** 2)
-    qsr = ContinuationConfig(rule=QSR(4, 2, alpha=qsr_alpha), eta=eta, sigma=sigma, rounds=max(checkpoints, steps // h_qsr),
+    local_rule, qsr_rule = LocalSGD(4, 2, 0.4), QSR(4, 2, alpha=qsr_alpha)
+    h_local, h_qsr = local_rule.local_steps(eta), qsr_rule.local_steps(eta)
+    local = ContinuationConfig(rule=local_rule, eta=eta, sigma=sigma, rounds=steps // h_local,
+                               checkpoint_every=max(1, steps // h_local // checkpoints), seeds=seeds)
+    qsr = ContinuationConfig(rule=qsr_rule, eta=eta, sigma=sigma, rounds=max(checkpoints, steps // h_qsr),
                              checkpoint_every=max(1, steps // h_qsr // checkpoints), seeds=seeds)
     return [sgd, local, qsr]
 

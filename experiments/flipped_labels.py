@@ -21,7 +21,8 @@ flipped-label SGD / Local SGD / QSR from it (issue 6, the cross-entropy half):
   `flip_drift_path`: the predicted path (no diffusion on Gamma: an ODE), fitted like the measurement;
   `general_formula_predictions`: the general formula with a Monte Carlo Sigma (three routes).
 
-Slow time t = eta^2 x steps per worker; Local SGD H = round(beta / eta), QSR H = round((alpha/eta)^2).
+Slow time t = eta^2 x steps per worker; H = `rule.local_steps(eta)` (Local SGD round(beta / eta),
+QSR floor((alpha / eta)^2), `sde.rules`).
 Run as `OMP_NUM_THREADS=1 python -m experiments.flipped_labels --out rows.jsonl` (1 torch thread).
 """
 from __future__ import annotations
@@ -216,7 +217,7 @@ class FlipContinuationConfig(RoundSchedule):
     """`rule` run for `rounds` rounds at step `eta` with flip probability `p`.
 
     For SGD a round is `steps_per_round_sgd` steps; `checkpoint_every` rounds between projections;
-    `qsr_alpha` sets QSR's H = round((alpha / eta)^2). Guards as `experiments.continuation`.
+    H = `rule.local_steps(eta)` (QSR needs rule.alpha). Guards as `experiments.continuation`.
     """
     rule: object
     eta: float
@@ -225,7 +226,6 @@ class FlipContinuationConfig(RoundSchedule):
     checkpoint_every: int = 1
     seeds: int = 4
     steps_per_round_sgd: int = 100
-    qsr_alpha: float | None = None
     gd_steps: int = 10
     max_eta_lambda: float = 0.5
     max_relative_change: float = 0.2
@@ -397,18 +397,15 @@ def compare_flip_rule(obj: Objective, labels: Tensor, zeta: Tensor, config: Flip
     gradients = gradients or flip_sharpness_gradients(obj, geometry)
     rule = config.rule
     limit = closed_form_rates(obj, geometry, rule, gradients=gradients)
-    if isinstance(rule, QSR):
-        finite = LocalSGD(rule.workers, rule.local_batch, config.eta * config.local_steps)
-        pred = closed_form_rates(obj, geometry, finite, gradients=gradients)
-    else:
-        pred = limit
+    run_rule = rule.at_eta(config.eta)        # the rule actually run (QSR: Local SGD with beta = eta H)
+    pred = limit if run_rule == rule else closed_form_rates(obj, geometry, run_rule, gradients=gradients)
     result = run_flip_continuation(obj, labels, zeta, config, generator=torch.Generator().manual_seed(seed),
                                    correction=correction, geometry=geometry)
     tr, lm = fit_slope(result.times, result.trace), fit_slope(result.times, result.lambda_max)
     raw = fit_slope(result.times, result.raw_trace)
     path_rates = (float("nan"), float("nan"))
     if path_dt is not None:
-        path = flip_drift_path(obj, zeta, finite if isinstance(rule, QSR) else rule, t1=float(result.times[-1]),
+        path = flip_drift_path(obj, zeta, run_rule, t1=float(result.times[-1]),
                                dt=path_dt)
         path_rates = (path.fitted_slope(result.times, "trace"), path.fitted_slope(result.times, "lambda_max"))
     return FlipComparison(
@@ -558,16 +555,15 @@ def flip_configs(eta: float, p: float, *, seeds: int, checkpoints: int, slow_tim
     T = {**DEFAULT_SLOW_TIMES, **(slow_times or {})}
     b_loc = batch // workers
     steps = {k: max(1, round(v / eta ** 2)) for k, v in T.items()}
-    h_local = max(1, round(beta / eta))
-    h_qsr = max(1, round((qsr_alpha / eta) ** 2))
-    r_local = max(checkpoints, steps["local"] // h_local)
-    r_qsr = max(checkpoints, steps["qsr"] // h_qsr)
+    local_rule, qsr_rule = LocalSGD(workers, b_loc, beta), QSR(workers, b_loc, alpha=qsr_alpha)
+    r_local = max(checkpoints, steps["local"] // local_rule.local_steps(eta))
+    r_qsr = max(checkpoints, steps["qsr"] // qsr_rule.local_steps(eta))
     return {
         "sgd": FlipContinuationConfig(SGD(batch), eta, p, rounds=checkpoints, seeds=seeds,
                                       steps_per_round_sgd=max(1, steps["sgd"] // checkpoints)),
-        "local": FlipContinuationConfig(LocalSGD(workers, b_loc, beta), eta, p, rounds=r_local,
+        "local": FlipContinuationConfig(local_rule, eta, p, rounds=r_local,
                                         checkpoint_every=max(1, r_local // checkpoints), seeds=seeds),
-        "qsr": FlipContinuationConfig(QSR(workers, b_loc, alpha=qsr_alpha), eta, p, rounds=r_qsr,
+        "qsr": FlipContinuationConfig(qsr_rule, eta, p, rounds=r_qsr,
                                       checkpoint_every=max(1, r_qsr // checkpoints), seeds=seeds),
     }
 

@@ -18,6 +18,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 
 from experiments.config import TrainConfig
+from sde.discrete import qsr_local_steps
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,10 @@ class QSR:
     alpha: float
 
     def period(self, lr: float) -> int:
-        """H = max(H_base, floor((alpha / lr)^2)) (Gu et al. 2024)."""
+        """H = max(H_base, floor((alpha / lr)^2)) (Gu et al. 2024): `sde.QSR.local_steps`, the one rounding rule."""
         if lr <= 0:
             return 2 ** 62  # a zero rate never synchronizes again; the trainer clips to the end
-        return max(self.H_base, math.floor((self.alpha / lr) ** 2))
+        return qsr_local_steps(lr, self.alpha, self.H_base)
 
     def round_at(self, round_index: int, step: int, lr: float) -> Round:
         return Round(self.period(lr))

@@ -121,7 +121,7 @@ def test_config_validation(tiny):
         FlipContinuationConfig(SGD(2), eta=0.01, p=0.95, rounds=1)
     with pytest.raises(ValueError, match="eta must be positive"):
         FlipContinuationConfig(SGD(2), eta=0.0, p=0.1, rounds=1)
-    with pytest.raises(ValueError, match="qsr_alpha"):
+    with pytest.raises(ValueError, match="alpha"):
         FlipContinuationConfig(QSR(2, 1), eta=0.01, p=0.1, rounds=1)
     with pytest.raises(ValueError, match="eta x lambda_max"):
         run_flip_continuation(obj, y, zeta, FlipContinuationConfig(SGD(2), eta=5.0, p=0.1, rounds=1),
@@ -178,3 +178,12 @@ def test_compare_flip_rule_fits_the_predicted_path(tiny):
     assert row.predicted_trace_rate_path == pytest.approx(row.predicted_trace_rate, rel=0.02)
     assert row.trace_ratio_path == pytest.approx(row.measured_trace_rate / row.predicted_trace_rate_path)
     assert math.isnan(compare_flip_rule(obj, y, zeta, cfg).predicted_trace_rate_path)   # NaN without path_dt
+
+
+def test_phi_correction_from_jacobian_derivatives_is_exact_for_cross_entropy(tiny):
+    """The soft-target geometry's `reduce` (R_i Q^T J_i) gives the exact d_g Hessian along tangent g."""
+    from tests.experiments.test_phi_reading import assert_correction_is_exact
+    _, _, _, obj, zeta, _ = tiny
+    geometry = flip_geometry(obj, zeta)
+    assert_correction_is_exact(obj, geometry, flip_sharpness_gradients(obj, geometry),
+                               dense_flip_problem(obj).loss, zeta)
