@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -136,7 +137,9 @@ def _stacked_data(obj: Objective) -> tuple[Tensor, Tensor]:
 
 
 def run_continuation(obj: Objective, zeta: Tensor, config: ContinuationConfig, *,
-                     generator: torch.Generator, correction: PhiCorrection | None = None) -> ContinuationResult:
+                     generator: torch.Generator, correction: PhiCorrection | None = None,
+                     preconditioner: GramPreconditioner | None = None,
+                     progress: Callable[[str], None] | None = None) -> ContinuationResult:
     """Run `config` from zeta (on Gamma) and record projected tr H, lambda_max at checkpoints.
 
     With `correction` (a `PhiCorrection` at zeta) every reading is at Phi(iterate) to second order
@@ -146,11 +149,18 @@ def run_continuation(obj: Objective, zeta: Tensor, config: ContinuationConfig, *
     Guards: ValueError if L(zeta) > 1e-8 or eta lambda_max(zeta) > config.max_eta_lambda (before
     any step); RegimeWarning if the relative change of tr H exceeds config.max_relative_change
     or a projection moved farther than 10% of |zeta|. Projection failure raises RuntimeError.
+
+    `preconditioner`: a `GramPreconditioner.at(obj, zeta)` built once per point and shared by every
+    rule, eta and seed (built here when None: one Jacobian and one (N C)^2 eigendecomposition).
+    `progress(line)`: called at every checkpoint (quiet when None).
     """
     zeta = zeta.detach()
     if obj.loss(zeta).item() > 1e-8:
         raise ValueError("zeta is not on Gamma (L > 1e-8): project it first")
-    reference = GramPreconditioner.at(obj, zeta)
+    reference = preconditioner if preconditioner is not None else GramPreconditioner.at(obj, zeta)
+    if reference.vectors.shape[0] != obj.num_samples * _stacked_data(obj)[1].shape[1]:
+        raise ValueError(f"preconditioner has {reference.vectors.shape[0]} rows, the point has "
+                         f"N C = {obj.num_samples * _stacked_data(obj)[1].shape[1]}: build it at this zeta")
     trace0, lmax0 = sharpness_on_manifold(obj, zeta, reference=reference)
     cfg = config
     if cfg.eta * lmax0 > cfg.max_eta_lambda:
@@ -206,13 +216,22 @@ def run_continuation(obj: Objective, zeta: Tensor, config: ContinuationConfig, *
             row_t.append(tr), row_l.append(lm), row_raw.append(raw), row_loss.append(loss)
             row_d.append((proj - zeta).norm().item())
         traces.append(row_t), lmaxes.append(row_l), raws.append(row_raw), losses.append(row_loss), dists.append(row_d)
+        if progress is not None:
+            progress(progress_line(cfg, r, row_t))
     f64 = lambda values: torch.tensor(values, dtype=torch.float64)   # readings differ by ~1e-3 of tr H
     raw = f64(raws)
     result = ContinuationResult(config=cfg, times=cfg.checkpoint_times, trace=f64(traces), lambda_max=f64(lmaxes),
                                 projection_loss=f64(losses), projection_distance=f64(dists),
                                 raw_trace=raw[..., 0], raw_lambda_max=raw[..., 1])
-    _check_regime(result, zeta)
+    check_regime(result, zeta)
     return result
+
+
+def progress_line(cfg, r: int, traces: list[float]) -> str:
+    """One checkpoint of a run: rule, eta, round r of cfg.rounds, slow time and the mean tr H reading."""
+    t = r * cfg.local_steps * cfg.eta ** 2
+    return (f"    {cfg.rule!r} eta={cfg.eta:g}: round {r}/{cfg.rounds} (t = {t:.4g}), "
+            f"tr H = {sum(traces) / len(traces):.6g} (mean of {len(traces)} seeds)")
 
 
 def _largest_lambda_seen(lmaxes: list) -> float:
@@ -220,7 +239,8 @@ def _largest_lambda_seen(lmaxes: list) -> float:
     return max(max(row) for row in lmaxes)
 
 
-def _check_regime(result: ContinuationResult, zeta: Tensor) -> None:
+def check_regime(result, zeta: Tensor) -> None:
+    """RegimeWarning if tr H changed by more than max_relative_change or a projection moved > 10% of |zeta|."""
     cfg = result.config
     rel = ((result.trace - result.trace[0]).abs() / result.trace[0]).max().item()
     if rel > cfg.max_relative_change:

@@ -17,6 +17,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -24,7 +25,7 @@ from torch import Tensor
 from dynamics.objective import Objective
 from experiments.continuation import ContinuationConfig, fit_slope, run_continuation
 from experiments.drift_path import label_noise_drift_path
-from experiments.manifold import (ProjectionReport, build_small_cnn, build_small_mlp, cifar_subset, project_to_manifold,
+from experiments.manifold import (GramPreconditioner, ProjectionReport, build_small_cnn, build_small_mlp, cifar_subset, project_to_manifold,
                                   squared_loss_objective, train_to_interpolation)
 from experiments.phi_reading import PhiCorrection
 from sde.label_noise import gauss_newton_geometry, predict_label_noise_rates, sharpness_gradients
@@ -103,7 +104,8 @@ class DriftComparison:
 
 def compare_rule(obj: Objective, zeta: Tensor, config: ContinuationConfig, *, seed: int = 0,
                  geometry=None, gradients=None, correction: PhiCorrection | None = None,
-                 path_dt: float | None = None) -> DriftComparison:
+                 path_dt: float | None = None, preconditioner: GramPreconditioner | None = None,
+                 progress: Callable[[str], None] | None = None) -> DriftComparison:
     """Predict (exact path) and measure (continuation, projected readings) for one config.
 
     With `correction` (`PhiCorrection.at(obj, geometry, gradients)`) the readings are at Phi to
@@ -120,7 +122,8 @@ def compare_rule(obj: Objective, zeta: Tensor, config: ContinuationConfig, *, se
     limit = predict_label_noise_rates(obj, geometry, rule, sigma=config.sigma, gradients=gradients)
     pred = limit if run_rule == rule else predict_label_noise_rates(obj, geometry, run_rule, sigma=config.sigma,
                                                                     gradients=gradients)
-    result = run_continuation(obj, zeta, config, generator=torch.Generator().manual_seed(seed), correction=correction)
+    result = run_continuation(obj, zeta, config, generator=torch.Generator().manual_seed(seed), correction=correction,
+                              preconditioner=preconditioner, progress=progress)
     tr = fit_slope(result.times, result.trace)
     lm = fit_slope(result.times, result.lambda_max)
     path_rates = (float("nan"), float("nan"))
@@ -213,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     geometry = gauss_newton_geometry(obj, zeta)
     gradients = sharpness_gradients(obj, geometry)
     correction = None if args.no_phi_correction else PhiCorrection.at(obj, geometry, gradients)
+    pre = GramPreconditioner.at(obj, zeta)                   # once per point, shared by every rule and eta
+    say = lambda line: print(line, flush=True)               # noqa: E731
+    say(f"point: {args.model}, D={obj.dim}, tr H={geometry.trace:.4f}, lambda_max={geometry.lambda_max:.4f}")
     names = {"sgd": 0, "local": 1, "qsr": 2}
     for eta, steps in zip(args.eta, steps_list):
         for sigma in args.sigma:
@@ -221,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
                 configs = [dataclasses.replace(c, vectorize=True) for c in configs]
             for name in args.rules:
                 row = compare_rule(obj, zeta, configs[names[name]], geometry=geometry, gradients=gradients,
-                                   correction=correction, path_dt=args.path_dt)
+                                   correction=correction, path_dt=args.path_dt, preconditioner=pre,
+                                   progress=say)
                 with open(args.out, "a") as f:
                     f.write(json.dumps(asdict(row)) + "\n")
                 print(f"{row.rule:45s} eta={eta} sigma={sigma} pred={row.predicted_trace_rate:.4g} "

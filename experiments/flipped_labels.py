@@ -32,6 +32,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -39,7 +40,8 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from dynamics.objective import Objective
-from experiments.continuation import RegimeWarning, RoundSchedule, fit_slope  # noqa: F401 (RegimeWarning re-exported)
+from experiments.continuation import (RegimeWarning, RoundSchedule, check_regime, fit_slope,  # noqa: F401
+                                      progress_line)                         # (RegimeWarning re-exported)
 from experiments.drift_path import NodeRates, PredictedPath, integrate_drift_path
 from experiments.manifold import GramPreconditioner, _gram_solve, build_small_mlp, cifar_subset
 from experiments.phi_reading import PhiCorrection, read_at_phi  # noqa: F401 (PhiCorrection re-exported)
@@ -255,7 +257,7 @@ class FlipContinuationResult:
     projection_distance: Tensor
 
     @property
-    def projection_loss(self) -> Tensor:  # the name `experiments.continuation._check_regime` reads
+    def projection_loss(self) -> Tensor:  # the name `experiments.continuation.check_regime` reads
         return self.projection_residual
 
 
@@ -274,13 +276,17 @@ def phi_reading(obj: Objective, theta: Tensor, correction: PhiCorrection, *, pre
 
 def run_flip_continuation(obj: Objective, labels: Tensor, zeta: Tensor, config: FlipContinuationConfig, *,
                           generator: torch.Generator, correction: PhiCorrection | None = None,
-                          geometry=None) -> FlipContinuationResult:
+                          geometry=None, preconditioner=None,
+                          progress: Callable[[str], None] | None = None) -> FlipContinuationResult:
     """Run `config` from zeta (on Gamma) with flipped labels; read tr H, lambda_max at checkpoints.
 
     With `correction` (a `PhiCorrection` at zeta) the readings are at Phi(theta) to second order
     (`phi_reading`; config.gd_steps is then ignored); without, at the Gauss-Newton projection
     after config.gd_steps gradient-descent steps. ValueError if zeta is off Gamma or
     eta lambda_max > config.max_eta_lambda; RegimeWarning as `experiments.continuation`.
+    `geometry` and `preconditioner` (`flip_geometry`, `flip_preconditioner` at zeta): built once per
+    point and passed to every rule, eta and seed (built here when None). `progress(line)`: called at
+    every checkpoint (quiet when None).
     """
     cfg = config
     zeta = zeta.detach()
@@ -288,7 +294,7 @@ def run_flip_continuation(obj: Objective, labels: Tensor, zeta: Tensor, config: 
     if r0 > 1e-8:
         raise ValueError(f"zeta is not on Gamma (||r|| = {r0:.2e} > 1e-8): project it first")
     geometry = geometry or flip_geometry(obj, zeta, max_residual=1e-8)
-    pre = flip_preconditioner(obj, zeta)
+    pre = preconditioner if preconditioner is not None else flip_preconditioner(obj, zeta)
     reference = geometry.gram_vectors[:, :16]
     trace0, lmax0 = geometry.trace, geometry.lambda_max
     if cfg.eta * lmax0 > cfg.max_eta_lambda:
@@ -332,12 +338,13 @@ def run_flip_continuation(obj: Objective, labels: Tensor, zeta: Tensor, config: 
                 row.append(value)
         for row, value in zip(rows, new):
             row.append(value)
+        if progress is not None:
+            progress(progress_line(cfg, r, new[0]))
     t = lambda values: torch.tensor(values, dtype=torch.float64)
     result = FlipContinuationResult(config=cfg, times=cfg.checkpoint_times, trace=t(rows[0]), lambda_max=t(rows[1]),
                                     raw_trace=t(rows[2]), raw_lambda_max=t(rows[3]),
                                     projection_residual=t(rows[4]), projection_distance=t(rows[5]))
-    from experiments.continuation import _check_regime
-    _check_regime(result, zeta)
+    check_regime(result, zeta)
     return result
 
 
@@ -384,7 +391,8 @@ class FlipComparison:
 
 def compare_flip_rule(obj: Objective, labels: Tensor, zeta: Tensor, config: FlipContinuationConfig, *,
                       seed: int = 0, geometry=None, gradients=None,
-                      correction: PhiCorrection | None = None, path_dt: float | None = None) -> FlipComparison:
+                      correction: PhiCorrection | None = None, path_dt: float | None = None,
+                      preconditioner=None, progress: Callable[[str], None] | None = None) -> FlipComparison:
     """Closed-form prediction (Sigma = H on Gamma; equal to the general formula there) and measurement
     (readings at Phi to second order when `correction` is given).
 
@@ -400,7 +408,8 @@ def compare_flip_rule(obj: Objective, labels: Tensor, zeta: Tensor, config: Flip
     run_rule = rule.at_eta(config.eta)        # the rule actually run (QSR: Local SGD with beta = eta H)
     pred = limit if run_rule == rule else closed_form_rates(obj, geometry, run_rule, gradients=gradients)
     result = run_flip_continuation(obj, labels, zeta, config, generator=torch.Generator().manual_seed(seed),
-                                   correction=correction, geometry=geometry)
+                                   correction=correction, geometry=geometry, preconditioner=preconditioner,
+                                   progress=progress)
     tr, lm = fit_slope(result.times, result.trace), fit_slope(result.times, result.lambda_max)
     raw = fit_slope(result.times, result.raw_trace)
     path_rates = (float("nan"), float("nan"))
@@ -594,13 +603,17 @@ def main(argv: list[str] | None = None) -> None:
     geometry = flip_geometry(obj, zeta)
     gradients = flip_sharpness_gradients(obj, geometry)
     correction = None if args.no_phi_correction else PhiCorrection.at(obj, geometry, gradients)
+    pre = flip_preconditioner(obj, zeta)                     # once per point, shared by every rule and eta
+    say = lambda line: print(line, flush=True)               # noqa: E731
+    say(f"point: N={args.n}, D={obj.dim}, tr H={geometry.trace:.4f}, lambda_max={geometry.lambda_max:.4f}")
     for eta in args.eta:
         slow = None if args.slow_time is None else dict(zip(("sgd", "local", "qsr"), args.slow_time))
         configs = flip_configs(eta, args.p, seeds=args.seeds, checkpoints=args.checkpoints, beta=args.beta,
                                qsr_alpha=args.qsr_alpha, slow_times=slow)
         for name in args.rules:
             row = compare_flip_rule(obj, labels, zeta, configs[name], geometry=geometry, gradients=gradients,
-                                    correction=correction, seed=args.seed, path_dt=args.path_dt)
+                                    correction=correction, seed=args.seed, path_dt=args.path_dt,
+                                    preconditioner=pre, progress=say)
             with open(args.out, "a") as f:
                 f.write(json.dumps({**asdict(row), "seed": args.seed, "date": time.strftime("%Y-%m-%d")}) + "\n")
             print(f"{row.rule:45s} eta={eta} p={args.p} pred={row.predicted_trace_rate:.4g} "

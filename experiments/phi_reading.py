@@ -44,15 +44,33 @@ class PhiCorrection:
     d_hessian_lambda_max: Tensor
 
     @classmethod
-    def at(cls, obj: Objective, geometry, gradients) -> "PhiCorrection":
+    def at(cls, obj: Objective, geometry, gradients, *, method: str = "jacobian") -> "PhiCorrection":
         """From a geometry at zeta (`sde.label_noise.GaussNewtonGeometry` or `sde.flipped_labels.FlipGeometry`:
-        fields theta, eigenvalues, method hessian_eigenvectors) and its `SharpnessGradients`.
-        Costs 2 r Hessian-vector products."""
-        from sde.flipped_labels import hessian_derivative_in_basis
+        fields theta, jacobian, eigenvalues, methods hessian_eigenvectors, reduce, reduced_in_basis) and
+        its `SharpnessGradients` (tangent directions g).
+
+        method "jacobian" (exact): on Gamma the Hessian is M^T M / N with M = geometry.reduce(J), and along a
+        tangent g the residual terms stay zero to first order, so U^T (d_g Hessian) U = S + S^T with
+        S = (M' U)^T (M U) / N, M' = reduce(dJ/dg) (`sde.label_noise.output_jacobian_derivative`):
+        two Jacobian-derivative passes and two (N C, D) x (D, r) products, whatever the rank r.
+        method "hvp": central differences of 2 r Hessian-vector products per direction (about 8 digits;
+        one dense pass per normal direction, the pre-2026-12-04 route, kept as a cross-check)."""
         U = geometry.hessian_eigenvectors(len(geometry.eigenvalues))
-        return cls(basis=U, eigenvalues=geometry.eigenvalues,
-                   d_hessian_trace=hessian_derivative_in_basis(obj, geometry.theta, gradients.trace, U),
-                   d_hessian_lambda_max=hessian_derivative_in_basis(obj, geometry.theta, gradients.lambda_max, U))
+        if method == "hvp":
+            from sde.flipped_labels import hessian_derivative_in_basis
+            d_hessian = [hessian_derivative_in_basis(obj, geometry.theta, g, U)
+                         for g in (gradients.trace, gradients.lambda_max)]
+        elif method == "jacobian":
+            from sde.label_noise import output_jacobian_derivative
+            base, n = geometry.reduced_in_basis(), geometry.num_samples
+            d_hessian = []
+            for g in (gradients.trace, gradients.lambda_max):
+                s = (geometry.reduce(output_jacobian_derivative(obj, geometry.theta, g)) @ U).T @ base / n
+                d_hessian.append(s + s.T)
+        else:
+            raise ValueError(f"method must be 'jacobian' or 'hvp', got {method!r}")
+        return cls(basis=U, eigenvalues=geometry.eigenvalues, d_hessian_trace=d_hessian[0],
+                   d_hessian_lambda_max=d_hessian[1])
 
     def flow_terms(self, offset: Tensor) -> Sharpness:
         """1/2 a^T (dH / (lambda_i + lambda_j)) a for tr H and lambda_max, a = U^T offset."""

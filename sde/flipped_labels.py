@@ -214,6 +214,16 @@ class FlipGeometry:
         """The top-k unit Hessian eigenvectors (D, k)."""
         return self.reduced.T @ self.gram_vectors[:, :k] / (self.num_samples * self.eigenvalues[:k]).sqrt()
 
+    def reduce(self, jac: Tensor) -> Tensor:
+        """(N (C-1), D) rows R_i Q^T jac_i for jac (N, C, D) (J gives `reduced`; its derivative along a
+        tangent direction gives reduced's derivative, since softmax(f) = q is unchanged to first order)."""
+        N, C, D = jac.shape
+        return torch.einsum("nab,cb,ncd->nad", self.metric_roots, self.centred, jac).reshape(N * (C - 1), D)
+
+    def reduced_in_basis(self) -> Tensor:
+        """Jt U (N (C-1), r) for U the unit Hessian eigenvectors: V diag(sqrt(N lambda))."""
+        return self.gram_vectors * (self.num_samples * self.eigenvalues).sqrt()
+
     def tangent_project(self, v: Tensor) -> Tensor:
         """P v = v - Jt^T (N G)^+ Jt v for v (D,)."""
         coeff = self.gram_vectors.T @ (self.reduced @ v) / (self.num_samples * self.eigenvalues)

@@ -48,6 +48,25 @@ def output_jacobian(obj: Objective, theta: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat(outs), torch.cat(jacs)
 
 
+def output_jacobian_derivative(obj: Objective, theta: Tensor, direction: Tensor) -> Tensor:
+    """d/de J(theta + e v) at e = 0, (N, C, D): the Jacobian's derivative along v = `direction` (D,).
+
+    Exact (forward-mode `jvp` over the reverse-mode Jacobian of each sample), one pass over the data
+    costing a few Jacobian passes; no finite differences."""
+    if direction.shape != theta.shape:
+        raise ValueError(f"direction must have shape {tuple(theta.shape)}, got {tuple(direction.shape)}")
+    theta, direction = theta.detach(), direction.detach().to(theta.dtype)
+
+    def single(t: Tensor, x: Tensor) -> Tensor:
+        return obj.forward(t, x.unsqueeze(0))[0]
+
+    out = []
+    for x, _ in obj.data:
+        jac = lambda t: vmap(jacrev(single), in_dims=(None, 0))(t, x)    # noqa: E731 (closes over the batch)
+        out.append(jvp(jac, (theta,), (direction,))[1])
+    return torch.cat(out)
+
+
 def jacobian_pairing_grad(obj: Objective, theta: Tensor, pairing: Tensor, *, chunk_size: int = 64) -> Tensor:
     """grad_theta sum_{i,c} <grad f_ic(theta), pairing[i, c]>, shape (D,); pairing (N, C, D) is held fixed.
 
@@ -102,6 +121,14 @@ class GaussNewtonGeometry:
         """The top-k unit Hessian eigenvectors, shape (D, k)."""
         flat = self.jacobian.reshape(-1, self.jacobian.shape[-1])
         return flat.T @ self.gram_vectors[:, :k] / (self.num_samples * self.eigenvalues[:k]).sqrt()
+
+    def reduce(self, jac: Tensor) -> Tensor:
+        """(N C, D) rows M with Hessian = M^T M / N when M is built from J (N, C, D): here M = J."""
+        return jac.reshape(-1, jac.shape[-1])
+
+    def reduced_in_basis(self) -> Tensor:
+        """J U (N C, r) for U the unit Hessian eigenvectors: V diag(sqrt(N lambda)) (no product with J)."""
+        return self.gram_vectors * (self.num_samples * self.eigenvalues).sqrt()
 
     def tangent_project(self, v: Tensor) -> Tensor:
         """P v = v - J^T (N G)^+ J v for v of shape (D,)."""

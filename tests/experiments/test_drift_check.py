@@ -125,6 +125,24 @@ def test_continuation_config_and_regime_guards(tiny):
         run_continuation(obj, zeta, cfg, generator=torch.Generator().manual_seed(0))
 
 
+def test_prebuilt_preconditioner_and_progress(tiny):
+    """A preconditioner built once and passed in gives bit-identical readings (it is what the run would
+    build); `progress` gets one line per checkpoint and the library prints nothing by itself."""
+    obj, zeta, _ = tiny
+    cfg = ContinuationConfig(rule=LocalSGD(2, 1, 0.04), eta=0.004, sigma=0.1, rounds=4, checkpoint_every=2, seeds=2,
+                             max_relative_change=10.0)
+    pre = GramPreconditioner.at(obj, zeta)
+    lines = []
+    shared = run_continuation(obj, zeta, cfg, generator=torch.Generator().manual_seed(3), preconditioner=pre,
+                              progress=lines.append)
+    own = run_continuation(obj, zeta, cfg, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(shared.trace, own.trace) and torch.equal(shared.lambda_max, own.lambda_max)
+    assert len(lines) == 2 and "round 4/4" in lines[-1] and f"t = {4 * 10 * 0.004 ** 2:.4g}" in lines[-1]
+    other = GramPreconditioner(values=pre.values[:5], vectors=pre.vectors[:5, :5])    # from a 5-output point
+    with pytest.raises(ValueError, match="build it at this zeta"):
+        run_continuation(obj, zeta, cfg, generator=torch.Generator().manual_seed(3), preconditioner=other)
+
+
 def test_short_sgd_continuation_measures_predicted_slope(tiny):
     """SGD (B = 2, eta = 0.004, sigma = 0.1, 2,000 steps, 8 seeds) against the exact prediction.
 

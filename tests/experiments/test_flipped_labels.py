@@ -10,6 +10,7 @@ from torch.func import hessian
 
 from experiments.continuation import fit_slope
 from experiments.flipped_labels import (FlipContinuationConfig, PhiCorrection, compare_flip_rule, flip_configs,
+                                        flip_preconditioner,
                                         flip_drift_path, flip_sharpness_on_manifold, phi_reading,
                                         project_to_flip_manifold, run_flip_continuation, weighted_residual)
 from sde import blocks
@@ -113,6 +114,13 @@ def test_continuation_runs_and_reads_on_gamma(tiny, rule):
     assert res.trace[1:].ne(res.trace[0]).all()           # the iterate moved along Gamma
     assert res.raw_trace[1:].ne(res.trace[1:]).all()       # corrected and raw readings differ
     assert fit_slope(res.times, res.trace).per_seed.shape == (2,)
+    # geometry and preconditioner built once and passed in: bit-identical readings, one progress line per checkpoint
+    lines = []
+    shared = run_flip_continuation(obj, y, zeta, cfg, generator=torch.Generator().manual_seed(0), correction=correction,
+                                   geometry=geometry, preconditioner=flip_preconditioner(obj, zeta),
+                                   progress=lines.append)
+    assert torch.equal(shared.trace, res.trace) and torch.equal(shared.lambda_max, res.lambda_max)
+    assert len(lines) == 4 and "round 4/4" in lines[-1]
 
 
 def test_config_validation(tiny):

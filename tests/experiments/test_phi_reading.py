@@ -67,3 +67,30 @@ def test_continuation_reads_at_phi(tiny):
     # iterates, which the plain run reads after 10 gradient-descent steps: equal to first order only
     assert torch.allclose(plain.raw_trace, plain.trace)
     assert torch.allclose(res.raw_trace, plain.trace, rtol=1e-3)
+
+
+def _dense_d_hessian(loss, zeta, direction, basis):
+    """U^T (d/de Hessian(L)(zeta + e v)) U, exact: forward-mode jvp of the dense Hessian."""
+    from torch.func import hessian, jvp
+    dH = basis.T @ jvp(hessian(loss), (zeta,), (direction,))[1] @ basis
+    return (dH + dH.T) / 2
+
+
+def assert_correction_is_exact(obj, geometry, gradients, loss, zeta):
+    """PhiCorrection.at from Jacobian derivatives equals the dense third derivative to ~1e-13 (float64
+    round-off); the finite-difference route (method="hvp") to its own ~1e-6."""
+    exact = PhiCorrection.at(obj, geometry, gradients)
+    fd = PhiCorrection.at(obj, geometry, gradients, method="hvp")
+    for name, g in (("d_hessian_trace", gradients.trace), ("d_hessian_lambda_max", gradients.lambda_max)):
+        ref = _dense_d_hessian(loss, zeta, g, exact.basis)
+        rel = lambda a: float((a - ref).norm() / ref.norm())       # noqa: E731
+        assert rel(getattr(exact, name)) < 1e-12, (name, rel(getattr(exact, name)))
+        assert 1e-12 < rel(getattr(fd, name)) < 1e-5, (name, rel(getattr(fd, name)))
+    with pytest.raises(ValueError, match="method"):
+        PhiCorrection.at(obj, geometry, gradients, method="dense")
+
+
+def test_correction_from_jacobian_derivatives_is_exact(tiny):
+    obj, zeta, _, problem = tiny
+    geometry = gauss_newton_geometry(obj, zeta)
+    assert_correction_is_exact(obj, geometry, sharpness_gradients(obj, geometry), problem.loss, zeta)
