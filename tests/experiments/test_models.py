@@ -136,3 +136,76 @@ def test_all_models_map_images_to_logits_and_reject_bad_options():
         build_model("small_cnn", activation="swish")
     with pytest.raises(ValueError, match="norm"):
         build_model("mlp", norm="batch")
+
+
+def _resnet18_count(width=64, classes=10, in_channels=3):
+    """Closed-form parameter count of ResNet-18 with 1x1 projection shortcuts and a per-channel
+    affine norm (2 parameters per channel) after every conv."""
+    total = 9 * in_channels * width + 2 * width
+    cin = width
+    for stage in range(4):
+        c = width * 2 ** stage
+        for i in range(2):
+            total += 9 * cin * c + 9 * c * c + 4 * c
+            if cin != c:
+                total += cin * c + 2 * c
+            cin = c
+    return total + cin * classes + classes
+
+
+def test_ln_resnet18_has_the_published_size_and_layernorm_only():
+    model = build_model("ln_resnet18")
+    # the published ResNet-18 for CIFAR-10 has 11,173,962 parameters (BatchNorm has as many)
+    assert count_parameters(model) == _resnet18_count() == 11_173_962
+    assert count_parameters(build_model("ln_resnet18", width=8)) == _resnet18_count(8)
+    norms = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))]
+    # stem + 2 per block x 8 blocks + 3 projection shortcuts, all LayerNorm (one group)
+    assert len(norms) == 1 + 16 + 3 and all(isinstance(m, nn.GroupNorm) and m.num_groups == 1 for m in norms)
+    assert len(list(model.buffers())) == 0
+
+
+def test_layernorm_normalizes_each_sample_over_channels_and_pixels():
+    # GroupNorm(1, C) is LayerNorm over (C, H, W): the output of a norm does not depend on the
+    # other samples of the batch, and rescaling all conv weights by 3 changes nothing (eps aside).
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model = build_model("ln_resnet18", width=4).double()
+    out = model(x)
+    assert torch.allclose(model(x[:1]), out[:1], rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(3.0)
+    assert torch.allclose(model(x), out, rtol=1e-4, atol=1e-4 * out.abs().max().item())
+    norm = build_model("ln_resnet18", width=4).stem[1]
+    z = torch.randn(2, 4, 5, 5, dtype=torch.float32)
+    ref = (z - z.mean(dim=(1, 2, 3), keepdim=True)) / torch.sqrt(z.var(dim=(1, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+    assert torch.allclose(norm(z), ref, atol=1e-5)
+
+
+def test_res_mlp_counts_and_stacked_forward_equals_separate_forwards():
+    w, d, s = 16, 2, 8
+    model = build_model("res_mlp", width=w, depth=d, image_size=s)
+    assert count_parameters(model) == (3 * s * s * w + w) + d * (2 * w + 2 * (w * w + w)) + 2 * w + w * 10 + 10
+    assert sum(isinstance(m, nn.LayerNorm) for m in model.modules()) == d + 1
+    gen = torch.Generator().manual_seed(2)
+    for norm in ("layer", "group"):
+        torch.manual_seed(0)
+        nets = [build_model("res_mlp", width=w, depth=d, image_size=s, norm=norm, groups=4).double()
+                for _ in range(3)]
+        x = torch.randn(3, 5, 3, s, s, generator=gen, dtype=torch.float64)
+        stacked = {n: torch.stack([dict(m.named_parameters())[n] for m in nets]) for n, _ in nets[0].named_parameters()}
+        out = nets[0].forward_stacked(stacked, x)
+        assert out.shape == (3, 5, 10)
+        for k, m in enumerate(nets):
+            # reference: the blocks written out with the modules themselves
+            h = m.embed(x[k].flatten(1))
+            for i in range(d):
+                h = h + m.outer[i](m.act(m.inner[i](m.norms[i](h))))
+            ref = m.head(m.final_norm(h))
+            assert torch.allclose(out[k], ref, rtol=1e-12, atol=1e-12)
+            assert torch.allclose(m(x[k]), ref, rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(out[0], out[1])   # different networks, different outputs
+    with pytest.raises(ValueError, match="no batch statistics"):
+        build_model("res_mlp", norm="batch")
+    with pytest.raises(ValueError, match="fixed depth"):
+        build_model("ln_resnet18", depth=20)

@@ -96,3 +96,111 @@ def test_worker_range_rejects_uneven_splits():
         worker_range(0, 3, 8)
     with pytest.raises(ValueError, match="rank"):
         worker_range(4, 4, 8)
+
+
+# ---- node shards for the Local SGD convergence study (Qin, Etesami & Uribe, TMLR 2024)
+
+from experiments.sampling import REGIMES, node_shards  # noqa: E402
+
+
+def _balanced_labels(per_class, classes=10, seed=0):
+    labels = torch.arange(per_class * classes) % classes
+    return labels[torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(seed))]
+
+
+def _is_partition(shards, n):
+    return torch.equal(torch.sort(shards.reshape(-1)).values, torch.arange(n))
+
+
+def test_sorted_shards_give_ten_one_label_and_ten_two_label_nodes():
+    labels = _balanced_labels(32)                    # N = 320, m = 16 per node
+    shards = node_shards(labels, 20, "sorted")
+    assert shards.shape == (20, 16) and _is_partition(shards, 320)
+    one = two = 0
+    for j in range(20):
+        counts = torch.bincount(labels[shards[j]], minlength=10)
+        if j % 2 == 0:   # even nodes: all 16 of class j / 2
+            assert counts[j // 2] == 16
+            one += 1
+        else:            # odd nodes: 8 of class (j - 1) / 2 and 8 of the next (node 19: classes 9 and 0)
+            assert counts[(j - 1) // 2] == 8 and counts[((j + 1) // 2) % 10] == 8
+            two += 1
+        assert int((counts > 0).sum()) == (1 if j % 2 == 0 else 2)
+    assert (one, two) == (10, 10)
+    # full CIFAR-10 sizes (5,000 per class): the same ten/ten split, 2,500 images per node
+    big = node_shards(torch.arange(50_000) % 10, 20, "sorted")
+    n_labels = [len(torch.unique(big[j] % 10)) for j in range(20)]
+    assert n_labels == [1, 2] * 10
+    assert torch.equal(node_shards(labels, 20, "sorted"), shards)  # deterministic, draws nothing
+
+
+def test_iid_shards_are_a_seeded_uniform_partition():
+    labels = _balanced_labels(32)
+    a, b, c = (node_shards(labels, 20, "iid", seed=s) for s in (3, 3, 4))
+    assert a.shape == (20, 16) and _is_partition(a, 320)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # a node's 16 labels are a draw without replacement from 32 x 10: the mean number of
+    # distinct labels is 10 (1 - C(288, 16) / C(320, 16)) = 8.2; every node has >= 4 (P(< 4) ~ 1e-6)
+    distinct = [len(torch.unique(labels[a[j]])) for j in range(20)]
+    assert min(distinct) >= 4 and 7.0 < sum(distinct) / 20 < 9.4
+
+
+def test_mixed_shards_hold_the_sorted_labels_plus_an_iid_part():
+    labels = _balanced_labels(32)
+    shards = node_shards(labels, 20, "mixed", similarity=0.5, seed=1)
+    assert shards.shape == (20, 16) and _is_partition(shards, 320)
+    sorted_part, iid_part = shards[:, :8], shards[:, 8:]
+    for j in range(20):
+        counts = torch.bincount(labels[sorted_part[j]], minlength=10)
+        if j % 2 == 0:
+            assert counts[j // 2] == 8
+        else:
+            assert counts[(j - 1) // 2] == 4 and counts[((j + 1) // 2) % 10] == 4
+    # the pool takes exactly 2 q = 16 samples of every class
+    assert torch.equal(torch.bincount(labels[iid_part.reshape(-1)], minlength=10), torch.full((10,), 16))
+    # and spreads them: nodes see more labels than in "sorted" (mean distinct labels over 8
+    # pooled draws from 160 is ~5.7; the sorted part adds at most 2)
+    distinct = sum(len(torch.unique(labels[shards[j]])) for j in range(20)) / 20
+    assert distinct > 4.0
+    assert torch.equal(node_shards(labels, 20, "mixed", similarity=0.0), node_shards(labels, 20, "sorted"))
+
+
+def test_node_shards_reject_bad_input_with_clear_errors():
+    labels = _balanced_labels(32)
+    with pytest.raises(ValueError, match="unknown regime 'dirichlet'"):
+        node_shards(labels, 20, "dirichlet")
+    with pytest.raises(ValueError, match="cannot be split into 400 equal"):
+        node_shards(labels, 400, "iid")          # more nodes than samples
+    with pytest.raises(ValueError, match="cannot be split into 21"):
+        node_shards(labels, 21, "iid")
+    unbalanced = labels.clone()
+    unbalanced[torch.nonzero(labels == 3).flatten()[:2]] = 4
+    with pytest.raises(ValueError, match="every class holding"):
+        node_shards(unbalanced, 20, "sorted")
+    with pytest.raises(ValueError, match="nodes = 2 x classes"):
+        node_shards(labels, 10, "sorted")        # 10 nodes over 10 classes: no two-label nodes
+    with pytest.raises(ValueError, match="integer"):
+        node_shards(labels, 20, "mixed", similarity=0.3)   # 0.3 x 16 is not an integer
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        node_shards(labels, 20, "mixed", similarity=1.5)
+    assert set(REGIMES) == {"iid", "sorted", "mixed"}
+
+
+def test_shards_partition_sampler_uses_every_sample_once_per_epoch():
+    labels = _balanced_labels(32)
+    shards = node_shards(labels, 20, "mixed", similarity=0.5, seed=2)
+    s = WorkerSampler(320, workers=20, local_batch=8, replacement=False, partition="shards",
+                      shards=shards, generator_seed=5)
+    assert s.shape == (2, 20, 8)
+    e3, e4 = s.epoch(3), s.epoch(4)
+    for e in (e3, e4):
+        assert _is_partition(e.reshape(-1, 1), 320)          # each of the 320 exactly once
+        for j in range(20):                                   # node j only ever sees its shard
+            assert sorted(e[:, j].reshape(-1).tolist()) == sorted(shards[j].tolist())
+    assert not torch.equal(e3, e4)                            # reshuffled within the shard
+    with pytest.raises(ValueError, match="shape \\(20, m >= 1\\)"):
+        WorkerSampler(320, workers=20, local_batch=8, replacement=False, partition="shards")
+    with pytest.raises(ValueError, match="no full step fits"):
+        WorkerSampler(320, workers=20, local_batch=32, replacement=False, partition="shards", shards=shards)
+    with pytest.raises(ValueError, match="lie in"):
+        WorkerSampler(100, workers=20, local_batch=8, replacement=False, partition="shards", shards=shards)
