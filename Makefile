@@ -4,10 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_REQ ?= torch==2.13.0
-CIFAR10_DIR ?= $(abspath ../shared/data)
-export CIFAR10_DIR
+# CIFAR-10 is found by experiments.data.resolve_cifar10_dir (CIFAR10_DIR if set, else a search).
 
-.PHONY: venv test test-slow demo bench clean-venv
+.PHONY: venv test test-slow demo figures bench clean-venv
 
 venv: $(VENV)/.installed
 
@@ -29,6 +28,11 @@ test-slow: venv
 
 demo: venv
 	$(PY) -m experiments.demo
+
+# Promote what `make demo` (runs/demo) and `python -m experiments.notebooks --full` (runs/figures)
+# wrote into the tracked figures/, with provenance (figures/provenance.json).
+figures: venv
+	$(PY) -m experiments.notebooks --promote
 
 bench: $(VENV)/.bench-installed
 	$(PY) -m benchmarks.run_all

@@ -34,8 +34,8 @@ TARGET_GRAD_EQUIV = 200.0
 
 def _batch():
     try:
-        from experiments.data import load_cifar10, normalize
-        root = os.environ.get("CIFAR10_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+        from experiments.data import load_cifar10, normalize, resolve_cifar10_dir
+        root = resolve_cifar10_dir(search=True)
         images, labels = load_cifar10(root, "train")
         return normalize(images[:BATCH]), labels[:BATCH], "real CIFAR-10 (first 128 training images)"
     except Exception as err:  # noqa: BLE001 - benchmark falls back and says so

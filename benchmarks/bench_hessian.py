@@ -44,8 +44,8 @@ def _timed(fn):
 
 
 def _data(images: int):
-    from experiments.data import load_cifar10, normalize
-    x, y = load_cifar10(os.environ.get("CIFAR10_DIR") or ROOT.parent / "shared" / "data", "train")
+    from experiments.data import load_cifar10, normalize, resolve_cifar10_dir
+    x, y = load_cifar10(resolve_cifar10_dir(search=True), "train")
     x, y = normalize(x[:images]).clone(), y[:images].clone()
     return list(zip(torch.split(x, BATCH), torch.split(y, BATCH)))
 

@@ -46,11 +46,10 @@ class _PerSampleAugmented(torch.utils.data.Dataset):
 
 
 def _load():
-    for root in (resolve_cifar10_dir(), Path(__file__).resolve().parents[2] / "shared" / "data"):
-        try:
-            return *load_cifar10(root, "train"), "real CIFAR-10 training set (50,000)"
-        except (FileNotFoundError, ValueError):
-            continue
+    try:
+        return *load_cifar10(resolve_cifar10_dir(search=True), "train"), "real CIFAR-10 training set (50,000)"
+    except (FileNotFoundError, ValueError):
+        pass
     return *synthetic_cifar(50_000, seed=0), "synthetic_cifar (50,000; real data not found)"
 
 

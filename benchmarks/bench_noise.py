@@ -41,9 +41,8 @@ THREADS = 1
 def _save_images(images: int, path: str) -> None:
     """The first `images` real CIFAR-10 training images, normalized, saved for the workers (so
     that decoding the whole archive does not raise the workers' memory high-water mark)."""
-    from experiments.data import load_cifar10, normalize
-    # real images: $CIFAR10_DIR, else ../shared/data from the project root
-    x, y = load_cifar10(os.environ.get("CIFAR10_DIR") or ROOT.parent / "shared" / "data", "train")
+    from experiments.data import load_cifar10, normalize, resolve_cifar10_dir
+    x, y = load_cifar10(resolve_cifar10_dir(search=True), "train")     # the one data-root resolver
     torch.save((normalize(x[:images]).clone(), y[:images].clone()), path)
 
 

@@ -54,7 +54,8 @@ SMALL_TRAIN_ARGS = ("--model small_cnn --width 8 --data cifar10 --train-size 204
 
 
 def _data_dir() -> str:
-    return os.environ.get("CIFAR10_DIR") or str(ROOT.parent / "shared" / "data")
+    from experiments.data import resolve_cifar10_dir
+    return str(resolve_cifar10_dir(search=True).resolve())
 
 
 def _batch(images: int):

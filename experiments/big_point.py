@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from dynamics.objective import Objective
+from experiments.data import resolve_cifar10_dir
 from experiments.manifold import (GramPreconditionerMF, GramSolveNotConverged, MatrixFreeProjectionReport, build_small_mlp, cifar_subset,
                                   gram_solve_cg, project_to_manifold_cg, squared_loss_objective,
                                   train_to_interpolation)
@@ -305,7 +306,7 @@ def run(root: str | Path, ns: list[int], *, out: str | Path, cache_dir: str | Pa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=None, help="folder with cifar-10-binary.tar.gz (default: CIFAR10_DIR)")
+    parser.add_argument("--data", default=None, help="CIFAR-10 folder (default: CIFAR10_DIR, else a search)")
     parser.add_argument("--n", type=int, nargs="+", default=[200, 500, 1000, 2000])
     parser.add_argument("--exact-max-n", type=int, default=200, help="dense exact path up to this n (memory N C D)")
     parser.add_argument("--block-jacobi-max-n", type=int, default=500,
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="big_point.jsonl")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    root = args.data or os.environ.get("CIFAR10_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    root = resolve_cifar10_dir(args.data, search=True)
     run(root, args.n, out=args.out, cache_dir=args.cache_dir, exact_max_n=args.exact_max_n,
         block_jacobi_max_n=args.block_jacobi_max_n, sweep=tuple(args.sweep), local=not args.no_local,
         rtol=args.rtol, rank=args.rank, max_iter=args.max_iter, log_every=args.log_every,

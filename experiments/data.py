@@ -89,12 +89,30 @@ class CorruptFileError(ValueError):
     """A CIFAR-10 file whose checksum or size does not match the official release."""
 
 
-def resolve_cifar10_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data folder: the explicit argument, else env CIFAR10_DIR, else ./data."""
+def resolve_cifar10_dir(data_dir: str | os.PathLike | None = None, *, search: bool = False) -> Path:
+    """The CIFAR-10 folder; the one place that knows where to look, in this order:
+
+    1. `data_dir`, when given;
+    2. env CIFAR10_DIR, when set (tests/conftest.py exports what it found, so notebook kernels and
+       subprocesses started by the tests see the same folder);
+    3. with `search=True` (command lines, notebooks, benchmarks, tests), the first of ./data, the
+       repository's data/ and a shared/data folder beside the repository that holds CIFAR-10;
+    4. ./data (where `--download` puts it).
+    """
     if data_dir is not None:
         return Path(data_dir).expanduser()
     env = os.environ.get("CIFAR10_DIR")
-    return Path(env).expanduser() if env else Path("data")
+    if env:
+        return Path(env).expanduser()
+    if search:
+        repo = Path(__file__).resolve().parents[1]
+        for candidate in (Path("data"), repo / "data", repo.parent / "shared" / "data"):
+            try:
+                _find_source(candidate)
+                return candidate
+            except (FileNotFoundError, ValueError):
+                continue
+    return Path("data")
 
 
 def _find_source(root: Path) -> tuple[str, Path]:

@@ -16,8 +16,9 @@ noise read at Phi, the gradient-flow projection onto Gamma, to second order (`ex
 Slow time t = eta^2 x steps per worker. One torch thread (set here, deliberately: the machine's
 2 cores are shared and small tensor work does not gain from a second thread). Without data the
 toy part runs and the instructions to get CIFAR-10 are printed (exit status 0). Results: a JSON
-with provenance (date, git revision, settings, seeds) written atomically to --out, and figures
-demo_*.png/pdf via `experiments.plotstyle.save_figure`.
+with provenance (date, git revision, settings, seeds) written atomically to --out (default runs/demo,
+git-ignored: `make demo` changes no tracked file), and figures demo_*.png/pdf via
+`experiments.plotstyle.save_figure`; `make figures` promotes them into figures/.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ from experiments.continuation import ContinuationConfig, fit_slope, run_continua
 from experiments.phi_reading import PhiCorrection
 from experiments.data import download_cifar10, load_cifar10, resolve_cifar10_dir
 from experiments.drift_check import PointSetup, extrapolate_to_zero_eta, prepare_point
-from experiments.plotstyle import FIGURES_DIR, SLOW_TIME_LABEL, apply_style, save_figure
+from experiments.notebooks import record_provenance
+from experiments.plotstyle import SLOW_TIME_LABEL, apply_style, save_figure
 from sde.analysis import extrapolate_to_zero
 from sde.discrete import run_local_sgd
 from sde.label_noise import gauss_newton_geometry, predict_label_noise_rates, sharpness_gradients
@@ -49,6 +51,7 @@ from sde.toys import DiagonalNet
 
 TORCH_THREADS = 1
 RESULTS_NAME = "demo_results.json"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "runs" / "demo"
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,7 @@ def local_sgd_ratios(runs: list[dict], etas) -> list[dict]:
         sgd = np.array(by["SGD"]["measured_trace_rate_per_seed"])
         for name in ("Local", "QSR"):
             per_seed = np.array(by[name]["measured_trace_rate_per_seed"]) / sgd
-            rows.append({"eta": eta, "rule": name,
+            rows.append({"eta": eta, "rule": name, "quantity": f"{name}/SGD",
                          "predicted": by[name]["predicted_trace_rate"] / by["SGD"]["predicted_trace_rate"],
                          "predicted_limit": by[name]["predicted_trace_rate_limit"] / by["SGD"]["predicted_trace_rate_limit"],
                          "measured": float(per_seed.mean()),
@@ -229,7 +232,7 @@ def local_sgd_ratios(runs: list[dict], etas) -> list[dict]:
     if len(etas) >= 2:
         for name in ("SGD", "Local", "QSR"):
             ratios = [next(r for r in runs if r["rule"] == name and r["eta"] == e) for e in etas]
-            rows.append({"eta": 0.0, "rule": name + " measured/predicted",
+            rows.append({"eta": 0.0, "rule": name, "quantity": "measured/predicted, eta -> 0",
                          "predicted": 1.0, "predicted_limit": 1.0,
                          "measured": extrapolate_to_zero_eta(etas, [r["measured_trace_rate"] / r["predicted_trace_rate"]
                                                                     for r in ratios]),
@@ -247,13 +250,17 @@ def cifar_table(cifar: dict) -> str:
                      f"{r['measured_trace_rate'] / r['predicted_trace_rate']:6.3f} "
                      f"{r['predicted_lambda_max_rate']:13.4g} "
                      f"{r['measured_lambda_max_rate']:8.4g}+-{r['measured_lambda_max_rate_std']:6.2g}")
-    lines.append("")
-    lines.append(f"{'ratio of d trH/dt':28s} {'eta':>6s} {'predicted':>10s} {'eta->0 limit':>12s} {'measured':>16s}")
-    for r in cifar["ratios"]:
-        label = f"{r['rule']}/SGD" if r["eta"] else r["rule"] + " meas/pred (eta->0)"
-        spread = "" if math.isnan(r["measured_std"]) else f"+-{r['measured_std']:6.3f}"  # two-point fit: no spread
-        lines.append(f"{label:28s} {r['eta']:6g} {r['predicted']:10.4f} {r['predicted_limit']:12.4f} "
-                     f"{r['measured']:8.4f}{spread}")
+    paired = [r for r in cifar["ratios"] if r["eta"]]
+    lines += ["", "Rule / SGD ratio of d trH/dt at each eta (seed s of the rule over seed s of SGD; mean +- std)",
+              f"{'ratio':10s} {'eta':>6s} {'predicted at eta':>16s} {'eta->0 limit':>12s} {'measured':>16s}"]
+    for r in paired:
+        lines.append(f"{r['quantity']:10s} {r['eta']:6g} {r['predicted']:16.4f} {r['predicted_limit']:12.4f} "
+                     f"{r['measured']:8.4f}+-{r['measured_std']:6.3f}")
+    limits = [r for r in cifar["ratios"] if not r["eta"]]
+    if limits:                                 # a line through the etas (two points: no spread)
+        lines += ["", "Measured / predicted d trH/dt extrapolated to eta -> 0 (1 = the slow SDE holds)",
+                  f"{'rule':10s} {'measured/predicted':>18s}"]
+        lines += [f"{r['rule']:10s} {r['measured']:18.4f}" for r in limits]
     return "\n".join(lines)
 
 
@@ -355,11 +362,18 @@ def _jsonable(settings) -> dict:
     return json.loads(json.dumps(asdict(settings)))
 
 
+def _command(argv: list[str]) -> str:
+    """The command line as run, folders given as absolute paths shown as <DIR> (no machine paths in results)."""
+    shown = ["<DIR>" if Path(a).is_absolute() else a for a in argv]
+    return " ".join(["python -m experiments.demo", *shown])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default: CIFAR10_DIR, else ./data)")
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default: CIFAR10_DIR, else a search: experiments.data.resolve_cifar10_dir)")
     parser.add_argument("--download", action="store_true", help="download CIFAR-10 into the data folder if missing")
-    parser.add_argument("--out", default=str(FIGURES_DIR), help="folder for demo_*.png/pdf and demo_results.json")
+    parser.add_argument("--out", default=str(DEMO_DIR), help="folder for demo_*.png/pdf and demo_results.json "
+                        "(default runs/demo, git-ignored; `make figures` promotes them into figures/)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
     args = parser.parse_args(argv)
     torch.set_num_threads(TORCH_THREADS)
@@ -372,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     say = lambda msg: print(msg, flush=True)   # noqa: E731
     say(f"demo ({'quick' if args.quick else 'full'} mode, {TORCH_THREADS} torch thread): output in {out}")
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "git_revision": git_revision(), "command": " ".join(["python -m experiments.demo", *(argv if argv is not None else sys.argv[1:])]),
+               "git_revision": git_revision(), "command": _command(argv if argv is not None else sys.argv[1:]),
                "quick": args.quick, "torch_threads": TORCH_THREADS, "torch_version": torch.__version__,
                "toy_settings": _jsonable(toy_s), "cifar_settings": _jsonable(cifar_s)}
 
@@ -382,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = toy_figure(toy, out)
     say(toy_table(toy, toy_s.etas))
 
-    root = resolve_cifar10_dir(args.data_dir)
+    root = resolve_cifar10_dir(args.data_dir, search=True)
     try:
         if args.download:
             download_cifar10(root)
@@ -399,12 +413,13 @@ def main(argv: list[str] | None = None) -> int:
         say(f"(b) CIFAR-10 from {root}: predicted vs measured d trH/dt under label noise")
         cifar = run_cifar(root, cifar_s, say)
         results["cifar10"] = cifar
-        results["cifar10_root"] = str(root)
         figures += cifar_figures(cifar, out)
         say(cifar_table(cifar))
-    results["figures"] = [str(p) for p in figures]
+    results["figures"] = [p.name for p in figures]              # names only: no machine paths in results
     results["wall_seconds"] = time.perf_counter() - start
     write_json_atomic(results, out / RESULTS_NAME)
+    record_provenance(out, "experiments.demo", [p.name for p in figures] + [RESULTS_NAME],
+                      command=results["command"], quick=args.quick)
     say(f"wrote {out / RESULTS_NAME} and {len(figures)} figure files; wall time {results['wall_seconds']:.0f} s")
     return 0
 

@@ -25,6 +25,7 @@ from torch import Tensor
 from dynamics.objective import Objective
 from experiments.continuation import ContinuationConfig, fit_slope, run_continuation
 from experiments.drift_path import label_noise_drift_path
+from experiments.data import resolve_cifar10_dir
 from experiments.manifold import (GramPreconditioner, ProjectionReport, build_small_cnn, build_small_mlp, cifar_subset, project_to_manifold,
                                   squared_loss_objective, train_to_interpolation)
 from experiments.phi_reading import PhiCorrection
@@ -187,7 +188,7 @@ def default_configs(eta: float = 0.004, sigma: float = 0.1, steps: int = 5000, s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=None, help="folder with cifar-10-binary.tar.gz (default: CIFAR10_DIR)")
+    parser.add_argument("--data", default=None, help="CIFAR-10 folder (default: CIFAR10_DIR, else a search)")
     parser.add_argument("--cache", default=None, help="file to keep zeta in between runs")
     parser.add_argument("--out", required=True, help="JSON lines file to append the rows to")
     parser.add_argument("--eta", type=float, nargs="+", default=[0.004])
@@ -200,8 +201,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn")
     parser.add_argument("--n", type=int, default=100, help="images for --model mlp")
     parser.add_argument("--vectorize", action="store_true", help="vmap all seeds x workers every step")
-    parser.add_argument("--no-phi-correction", action="store_true",
-                        help="read at the Gauss-Newton projection after gradient descent (the pre-2026-12-03 reading)")
     parser.add_argument("--path-dt", type=float, default=None,
                         help="also fit the predicted path (`experiments.drift_path`, Heun step in slow time, e.g. 0.016)")
     args = parser.parse_args(argv)
@@ -209,13 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.path_dt is not None and not args.path_dt > 0:
         parser.error(f"--path-dt must be positive, got {args.path_dt}")
     torch.set_num_threads(1)
-    import os
-    root = args.data or os.environ.get("CIFAR10_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    root = resolve_cifar10_dir(args.data, search=True)
     setup = PointSetup() if args.model == "cnn" else PointSetup(n=args.n, image_size=8, model="mlp")
     obj, zeta, _ = prepare_point(root, setup, cache=args.cache)
     geometry = gauss_newton_geometry(obj, zeta)
     gradients = sharpness_gradients(obj, geometry)
-    correction = None if args.no_phi_correction else PhiCorrection.at(obj, geometry, gradients)
+    correction = PhiCorrection.at(obj, geometry, gradients)    # readings at Phi (rows also keep the raw reading)
     pre = GramPreconditioner.at(obj, zeta)                   # once per point, shared by every rule and eta
     say = lambda line: print(line, flush=True)               # noqa: E731
     say(f"point: {args.model}, D={obj.dim}, tr H={geometry.trace:.4f}, lambda_max={geometry.lambda_max:.4f}")

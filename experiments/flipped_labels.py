@@ -43,6 +43,7 @@ from dynamics.objective import Objective
 from experiments.continuation import (RegimeWarning, RoundSchedule, check_regime, fit_slope,  # noqa: F401
                                       progress_line)                         # (RegimeWarning re-exported)
 from experiments.drift_path import NodeRates, PredictedPath, integrate_drift_path
+from experiments.data import resolve_cifar10_dir
 from experiments.manifold import GramPreconditioner, _gram_solve, build_small_mlp, cifar_subset
 from experiments.phi_reading import PhiCorrection, read_at_phi  # noqa: F401 (PhiCorrection re-exported)
 from sde.flipped_labels import (_centred_basis, _metric_roots, closed_form_drift, closed_form_rates, flip_geometry,
@@ -579,7 +580,7 @@ def flip_configs(eta: float, p: float, *, seeds: int, checkpoints: int, slow_tim
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=None, help="folder with cifar-10-binary.tar.gz (default: CIFAR10_DIR)")
+    parser.add_argument("--data", default=None, help="CIFAR-10 folder (default: CIFAR10_DIR, else a search)")
     parser.add_argument("--cache", default=None, help="file to keep zeta in between runs")
     parser.add_argument("--out", required=True, help="JSON lines file to append rows to")
     parser.add_argument("--n", type=int, default=100)
@@ -590,7 +591,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="generator seed of the runs (0, 1, ...: disjoint seed sets)")
     parser.add_argument("--slow-time", type=float, nargs=3, default=None, metavar=("SGD", "LOCAL", "QSR"),
                         help="slow time of each rule's run (default 0.2 0.1 0.06)")
-    parser.add_argument("--no-phi-correction", action="store_true", help="read at the Gauss-Newton projection")
     parser.add_argument("--checkpoints", type=int, default=5)
     parser.add_argument("--beta", type=float, default=0.4)
     parser.add_argument("--qsr-alpha", type=float, default=0.08)
@@ -598,11 +598,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="also fit the predicted path (`flip_drift_path`, Heun step in slow time, e.g. 0.025)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    root = args.data or os.environ.get("CIFAR10_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    root = resolve_cifar10_dir(args.data, search=True)
     obj, labels, zeta, _ = prepare_flip_point(root, FlipSetup(n=args.n, p=args.p), cache=args.cache)
     geometry = flip_geometry(obj, zeta)
     gradients = flip_sharpness_gradients(obj, geometry)
-    correction = None if args.no_phi_correction else PhiCorrection.at(obj, geometry, gradients)
+    correction = PhiCorrection.at(obj, geometry, gradients)    # readings at Phi (rows also keep the raw reading)
     pre = flip_preconditioner(obj, zeta)                     # once per point, shared by every rule and eta
     say = lambda line: print(line, flush=True)               # noqa: E731
     say(f"point: N={args.n}, D={obj.dim}, tr H={geometry.trace:.4f}, lambda_max={geometry.lambda_max:.4f}")

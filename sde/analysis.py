@@ -1,7 +1,7 @@
 """Analysis helpers that compare discrete runs with slow-SDE predictions (notebooks 01 and 02).
 
 Time unit: slow time t = eta^2 x steps per worker. What is already elsewhere is reused, not
-repeated here: per-eigenvalue drift weights (`sde.toys.eigen_weight`, `sde.label_noise.drift_weights`),
+repeated here: per-eigenvalue drift weights (`sde.label_noise.drift_weights`),
 the least-squares extrapolation in eta (`sde.discrete.richardson`), H for beta or QSR
 (`sde.discrete.local_steps_for_beta`, `qsr_local_steps`), slope fits over seeds
 (`experiments.continuation.fit_slope`) and synchronization schedules (`experiments.schedules`).
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from sde.discrete import richardson
-from sde.toys import eigen_weight
+from sde.label_noise import drift_weights
 
 __all__ = ["effective_beta", "Extrapolation", "extrapolate_to_zero", "trace_weighted_multiplier",
            "sphere_cosine_density", "sphere_cosine_cdf"]
@@ -93,7 +93,7 @@ def extrapolate_to_zero(etas, values, stderrs, *, degree: int = 1) -> Extrapolat
 def trace_weighted_multiplier(eigenvalues: Tensor, weights: Tensor, rule) -> float:
     """sum_j q_j lam_j w(lam_j) / sum_j q_j lam_j over a spectrum given as nodes lam_j with masses q_j.
 
-    w is the label-noise drift weight of `rule` (`sde.toys.eigen_weight`: 1 for SGD,
+    w is the label-noise drift weight of `rule` (`sde.label_noise.drift_weights`: 1 for SGD,
     1 + (K-1) psi(2 beta lam) for Local SGD, K for QSR). This is the factor by which the rule
     speeds up the decrease of its implicit regularizer relative to SGD with the same total
     batch when every eigenvalue shrinks by the same fraction; it lies in [1, K]. eigenvalues
@@ -110,7 +110,7 @@ def trace_weighted_multiplier(eigenvalues: Tensor, weights: Tensor, rule) -> flo
     mass = (q * lam).sum()
     if not float(mass) > 0:
         raise ValueError("the spectrum has no positive eigenvalue mass")
-    return float((q * lam * eigen_weight(rule, lam)).sum() / mass)
+    return float((q * lam * drift_weights(rule, lam)).sum() / mass)
 
 
 def _legendre_table(x: Tensor, degree: int) -> Tensor:

@@ -25,11 +25,7 @@ from sde.label_noise import drift_weights
 from sde.problem import Problem
 from sde.rules import check_rule
 
-__all__ = ["DiagonalNet", "Sphere", "RankOneFactorization", "eigen_weight"]
-
-
-# The label-noise weight of a Hessian eigenvalue (1, 1 + (K-1) psi(2 beta lam), K) has one home.
-eigen_weight = drift_weights
+__all__ = ["DiagonalNet", "Sphere", "RankOneFactorization"]
 
 
 def _label_noise_cov(per_sample_jac: Tensor, residuals: Tensor, sigma: float) -> Tensor:
@@ -118,7 +114,7 @@ class DiagonalNet:
 
     def log_rate(self, zeta: Tensor, rule) -> Tensor:
         """d log p_i / dt = -4 sigma^2 m_i w(lambda_i) / B at zeta on Gamma, shape (..., d)."""
-        return -4 * self.sigma ** 2 * self.m * eigen_weight(rule, self.eigenvalues(zeta)) / rule.total_batch
+        return -4 * self.sigma ** 2 * self.m * drift_weights(rule, self.eigenvalues(zeta)) / rule.total_batch
 
     def drift(self, zeta: Tensor, rule) -> Tensor:
         """Closed-form total drift (2d,) of the slow SDE at zeta on Gamma (no diffusion)."""
@@ -192,7 +188,7 @@ class RankOneFactorization:
     On Gamma the Hessian (1/N)[[|v|^2 I, u v^T], [v u^T, |u|^2 I]] has eigenvalues |v|^2/N
     (m-1 times), |u|^2/N (q-1 times), (|u|^2+|v|^2)/N (once) and tangent direction
     tau = (u, -v)/sqrt(|u|^2+|v|^2); tr H = (q |u|^2 + m |v|^2)/N = |u|^2/m + |v|^2/q. The
-    label-noise drift is -(sigma^2/(4B)) grad_Gamma sum_k G(lam_k) with G' = w (eigen_weight):
+    label-noise drift is -(sigma^2/(4B)) grad_Gamma sum_k G(lam_k) with G' = w (`sde.label_noise.drift_weights`):
         g.tau = (2/N) [|u|^2 ((q-1) w(|u|^2/N) + w_c) - |v|^2 ((m-1) w(|v|^2/N) + w_c)] / |theta|,
     w_c = w((|u|^2+|v|^2)/N), the drift is -(sigma^2/(4B)) (g.tau) tau, and
         d tr H / dt = -(sigma^2/(4B)) (g.tau) (grad trH . tau);
@@ -244,7 +240,7 @@ class RankOneFactorization:
         u, v = self.split(zeta)
         nu, nv = (u * u).sum(-1), (v * v).sum(-1)
         norm = torch.sqrt(nu + nv)
-        w = lambda lam: eigen_weight(rule, lam)
+        w = lambda lam: drift_weights(rule, lam)
         wc = w((nu + nv) / self.N)
         g_tau = 2 / self.N * (nu * ((self.q - 1) * w(nu / self.N) + wc)
                               - nv * ((self.m - 1) * w(nv / self.N) + wc)) / norm

@@ -115,3 +115,41 @@ def test_without_data_runs_the_toy_and_says_how_to_get_cifar10(tmp_path, monkeyp
     assert all(math.isfinite(res["toy"]["rules"][n]["extrapolated"]) for n in RULES)
     assert (tmp_path / "out" / "demo_toy_extrapolation.png").exists()
     assert not (tmp_path / "out" / "demo_cifar_trace.png").exists()
+
+
+def test_results_hold_no_machine_paths_and_the_table_says_what_each_row_is(with_data):
+    from experiments.notebooks import _machine_paths
+    _, printed, out, res = with_data
+    assert _machine_paths(res) == []                         # promotable: no absolute, /tmp or ../ paths
+    assert res["figures"] and "/" not in "".join(res["figures"])            # names, not paths
+    lines = printed.splitlines()
+    assert any(line.startswith("Rule / SGD ratio of d trH/dt") for line in lines)
+    assert any(line.startswith("Local/SGD ") for line in lines) and any(line.startswith("QSR/SGD ") for line in lines)
+    assert not any("meas/pred" in line for line in lines)
+    for r in res["cifar10"]["ratios"]:
+        assert r["quantity"] == (f"{r['rule']}/SGD" if r["eta"] else "measured/predicted, eta -> 0")
+    book = json.loads((out / "provenance.json").read_text())["experiments.demo"]
+    assert book["quick"] is True and demo.RESULTS_NAME in book["figures"] and book["git_revision"]
+
+
+def test_promotion_copies_recorded_figures_with_provenance_and_refuses_bad_sources(with_data, tmp_path):
+    from experiments.notebooks import promote_figures, record_provenance
+    out = with_data[2]
+    dest = tmp_path / "figures"
+    with pytest.raises(ValueError, match="quick mode"):            # a quick demo is never promoted
+        promote_figures([out], dest)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "demo_toy_extrapolation.png").write_bytes((out / "demo_toy_extrapolation.png").read_bytes())
+    (full / "demo_results.json").write_text(json.dumps({"figures": ["demo_toy_extrapolation.png"], "seed": 0}))
+    record_provenance(full, "experiments.demo", ["demo_toy_extrapolation.png", "demo_results.json"], command="x")
+    copied = promote_figures([full], dest)
+    assert sorted(p.name for p in copied) == ["demo_results.json", "demo_toy_extrapolation.png"]
+    assert (dest / "demo_toy_extrapolation.png").read_bytes() == (full / "demo_toy_extrapolation.png").read_bytes()
+    assert json.loads((dest / "provenance.json").read_text())["experiments.demo"]["command"] == "x"
+    (full / "demo_results.json").write_text(json.dumps({"cifar10_root": "/home/me/data"}))
+    with pytest.raises(ValueError, match="machine paths"):
+        promote_figures([full], tmp_path / "other")
+    assert not (tmp_path / "other").exists()                     # refused before any copy
+    with pytest.raises(ValueError, match="no provenance.json"):
+        promote_figures([tmp_path / "empty"], dest)
