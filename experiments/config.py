@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, fields
 
 MODELS = ("small_cnn", "mlp", "resnet20", "resnet32", "resnet56", "vgg16")
@@ -24,7 +25,8 @@ AVERAGE_POLICIES = ("average", "local", "reset")
 # Fields that describe where and how a run executes, not what it computes: they may differ
 # between a run and its resume (a checkpoint written by the serial backend resumes on vmap).
 RUN_ONLY_FIELDS = frozenset({"out", "resume", "backend", "data_dir", "download", "device",
-                             "dist_timeout", "progress", "eval_batch"})
+                             "dist_timeout", "progress", "eval_batch", "overwrite", "blowup_factor"})
+CIFAR10_SIZES = {"train": 50_000, "test": 10_000}
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/default"
     resume: str = ""
+    overwrite: bool = False             # move a run already in `out` aside (never deleted)
+    blowup_factor: float = 100.0        # divergence: loss or |theta| over this x round start (0: off)
     backend: str = "auto"               # "serial" | "vmap" | "auto"
     precision: str = "fp32"             # "fp32" | "bf16" (autocast) | "fp64"
     channels_last: bool = False
@@ -126,6 +130,19 @@ class TrainConfig:
         choice("backend", ("serial", "vmap", "auto"))
         choice("precision", ("fp32", "bf16", "fp64"))
         choice("device", ("auto", "cpu", "cuda"))
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                bad(f"{f.name} must be a finite number, got {v}")
+            if f.name in ("decay_at",) and any(not math.isfinite(x) for x in v):
+                bad(f"{f.name} must hold finite numbers, got {v}")
+        if not self.out:
+            bad("out (the run folder) must not be empty")
+        if self.resume and self.overwrite:
+            bad("resume and overwrite exclude each other: --resume continues the run, "
+                "--overwrite moves it aside and starts a new one")
+        if self.blowup_factor != 0 and self.blowup_factor <= 1:
+            bad(f"blowup_factor must be 0 (off) or > 1, got {self.blowup_factor}")
         if self.workers < 1:
             bad(f"workers (K) must be >= 1, got {self.workers}")
         if self.total_batch:
@@ -159,12 +176,24 @@ class TrainConfig:
             bad(f"decay_at must be increasing fractions in (0, 1), got {self.decay_at}")
         if not self.epochs > 0:
             bad(f"epochs must be > 0, got {self.epochs}")
+        if self.lr_schedule == "cosine" and self.min_lr > self.peak_lr:
+            bad(f"min_lr {self.min_lr} is above the peak learning rate {self.peak_lr}: the cosine "
+                "schedule would raise the rate")
         for name in ("steps_per_epoch", "eval_every", "checkpoint_every", "bn_batches", "width",
                      "train_size", "test_size"):
             if getattr(self, name) < 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_classes < 2:
             bad(f"num_classes must be >= 2, got {self.num_classes}")
+        if self.data == "cifar10":
+            if self.num_classes != 10:
+                bad(f"CIFAR-10 has 10 classes, got num_classes={self.num_classes}")
+            for name, split in (("train_size", "train"), ("test_size", "test")):
+                if getattr(self, name) > CIFAR10_SIZES[split]:
+                    bad(f"{name} {getattr(self, name)} exceeds the {CIFAR10_SIZES[split]:,} "
+                        f"CIFAR-10 {split} images")
+            if 0 < self.train_size < self.num_classes:
+                bad(f"train_size {self.train_size} is below one image per class ({self.num_classes})")
         if self.synthetic_size < 1 or self.eval_batch < 1 or self.lr_ref_batch < 1:
             bad("synthetic_size, eval_batch and lr_ref_batch must be >= 1")
         if self.sharpness_samples < 1 or self.sharpness_matvecs < 2:
@@ -212,37 +241,40 @@ class TrainConfig:
 
 
 # The papers' settings (THEORY.md, "Facts from the papers' experiments") and CPU-scale variants.
+# Every preset checkpoints during the run (the long ones every 20-64 epochs), so a crash loses
+# at most that much.
 PRESETS: dict[str, dict] = {
     # seconds on one CPU thread: synthetic data, a tiny CNN
     "cpu-tiny": dict(model="small_cnn", width=8, data="synthetic", synthetic_size=256, workers=4,
                      local_batch=16, local_steps=4, lr=0.05, epochs=8, bn_batches=4,
-                     eval_every=8, eval_batch=256, out="runs/cpu-tiny"),
+                     eval_every=8, eval_batch=256, checkpoint_every=8, out="runs/cpu-tiny"),
     # a few minutes on CPU: real CIFAR-10, 4096 training images
     "cpu-small": dict(model="small_cnn", data="cifar10", train_size=4096, test_size=2000,
                       workers=4, local_batch=32, local_steps=8, lr=0.05, momentum=0.9,
                       wd=5e-4, epochs=10, aug=True, bn_batches=10, eval_every=64,
-                      out="runs/cpu-small"),
+                      checkpoint_every=64, out="runs/cpu-small"),
     "cpu-small-qsr": dict(model="small_cnn", data="cifar10", train_size=4096, test_size=2000,
                           workers=4, local_batch=32, local_steps=2, sync="qsr", qsr_alpha=0.2,
                           lr=0.1, lr_schedule="cosine", momentum=0.9, wd=5e-4, epochs=10,
-                          aug=True, eval_every=64, out="runs/cpu-small-qsr"),
+                          aug=True, eval_every=64, checkpoint_every=64,
+                          out="runs/cpu-small-qsr"),
     # Gu et al. 2023, Fig. 1(a): the Local SGD phase of a post-local run (from an SGD
     # checkpoint at epoch 250 in the paper), ResNet-56 + BN, K = 32, B_loc = 128, H = 600.
     "gu2023-fig1a-resnet56": dict(model="resnet56", norm="batch", data="cifar10", workers=32,
                                   local_batch=128, steps_per_epoch=12, lr=0.32, wd=5e-4,
                                   momentum=0.0, local_steps=600, aug=True, replacement=False,
-                                  bn_batches=100, epochs=250, eval_every=120,
+                                  bn_batches=100, epochs=250, eval_every=120, checkpoint_every=600,
                                   out="runs/gu2023-fig1a"),
     # Gu et al. 2023, Fig. 7: flipped-label noise p = 0.1, sampling with replacement, no aug.
     "gu2023-labelnoise-resnet56-gn": dict(model="resnet56", norm="group", data="cifar10",
                                           workers=32, local_batch=128, lr=0.1, wd=5e-4,
                                           local_steps=384, label_noise=0.1, replacement=True,
-                                          aug=False, epochs=1000, bn_batches=0,
+                                          aug=False, epochs=1000, bn_batches=0, checkpoint_every=768,
                                           out="runs/gu2023-labelnoise-resnet56"),
     "gu2023-labelnoise-vgg16": dict(model="vgg16", norm="none", data="cifar10", workers=32,
                                     local_batch=128, lr=0.1, wd=0.0, local_steps=384,
                                     label_noise=0.1, replacement=True, aug=False, epochs=1000,
-                                    bn_batches=0, out="runs/gu2023-labelnoise-vgg16"),
+                                    bn_batches=0, checkpoint_every=768, out="runs/gu2023-labelnoise-vgg16"),
     # Lin et al. (ICLR 2020) ResNet-20 recipe with post-local SGD from epoch 150, H = 16.
     "lin2020-resnet20-postlocal": dict(model="resnet20", norm="batch", data="cifar10", workers=16,
                                        local_batch=128, lr=0.2, lr_scaling="linear",
@@ -250,7 +282,7 @@ PRESETS: dict[str, dict] = {
                                        decay_at=(0.5, 0.75), momentum=0.9, nesterov=True,
                                        wd=1e-4, epochs=300, sync="post-local",
                                        switch_epoch=150, local_steps=16, aug=True,
-                                       bn_batches=100, out="runs/lin2020-resnet20"),
+                                       bn_batches=100, checkpoint_every=480, out="runs/lin2020-resnet20"),
 }
 
 

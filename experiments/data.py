@@ -11,8 +11,8 @@ order (Krizhevsky, 2009). ``root`` holds one of, looked for in this order:
 4. ``cifar-10-python.tar.gz``  its archive, read the same way.
 
 ``root`` may also name one of these folders or archives directly. Every file is checked
-before it is decoded: binary files against the SHA-1 table of /work/shared/data/README.md
-(computed on the real data), python files against the MD5 values published with the official
+before it is decoded: binary files against the SHA-1 table `BINARY_SHA1` below (computed on
+the real data), python files against the MD5 values published with the official
 release (the values torchvision also uses; not recomputed here, since no python-version copy
 is at hand). Pickles are read with an unpickler that only admits numpy arrays and plain
 containers. Decoded arrays are cached per process (keyed on the resolved path and its size and
@@ -29,6 +29,7 @@ import pickle
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import Iterable
 
@@ -41,7 +42,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core import multiarray as _multiarray
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-# Training-set per-channel statistics on the 0-255 scale (/work/shared/data/README.md). The
+# Training-set per-channel statistics on the 0-255 scale (computed on the 50,000 training images). The
 # authors' scripts normalize with std (0.2023, 0.1994, 0.2010) x 255, a widespread mis-copied
 # value 0.77-0.82 of the true std; pass std= to reproduce their input scale exactly.
 CIFAR10_MEAN = (125.307, 122.950, 113.865)
@@ -220,12 +221,15 @@ def _read_payloads(kind: str, path: Path, names: Iterable[str]) -> dict[str, byt
                     payloads[name] = tar.extractfile(member).read()
                     if len(payloads) == len(wanted):
                         break
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise CorruptFileError(f"CIFAR-10 archive {path} cannot be read ({exc}); {_HOW_TO_GET}") from exc
     missing = [n for n in names if n not in payloads]
     if missing:
-        raise FileNotFoundError(f"CIFAR-10 file {folder}/{missing[0]} is missing from archive {path}; "
-                                f"{_HOW_TO_GET}")
+        # the official archive holds every file: one that lacks some is incomplete or corrupt
+        # (a damaged block can end a tar stream early without an error)
+        raise CorruptFileError(f"CIFAR-10 archive {path} is corrupt or incomplete: it holds no "
+                               f"{folder}/{missing[0]} ({len(payloads)} of {len(names)} data files "
+                               f"found); {_HOW_TO_GET}")
     return payloads
 
 
@@ -300,6 +304,25 @@ def normalize(images: torch.Tensor, mean: Iterable[float] = CIFAR10_MEAN,
         raise ValueError(f"mean/std have {mean_t.numel()}/{std_t.numel()} entries for "
                          f"{images.shape[-3]} channels")
     return (images.to(dtype) - mean_t[:, None, None]) / std_t[:, None, None]
+
+
+def balanced_subset(images: torch.Tensor, labels: torch.Tensor, n: int, *,
+                    num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """A class-balanced subset of ``n`` examples in the original record order: the first
+    n // C examples of every class, and one more of each of the first n % C classes (so class
+    counts differ by at most one). For n divisible by C this is the first n / C of each class."""
+    if not 0 < n <= labels.shape[0]:
+        raise ValueError(f"subset size must be in [1, {labels.shape[0]}], got {n}")
+    per_class, extra = divmod(n, num_classes)
+    picked = []
+    for c in range(num_classes):
+        want = per_class + (1 if c < extra else 0)
+        where = torch.nonzero(labels == c).flatten()
+        if where.numel() < want:
+            raise ValueError(f"class {c} has only {where.numel()} examples, {want} requested")
+        picked.append(where[:want])
+    idx = torch.sort(torch.cat(picked)).values
+    return images[idx], labels[idx]
 
 
 def verify_binary_archive(path: str | os.PathLike) -> None:

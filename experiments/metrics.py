@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+TEMP_MARK = ".tmp-"   # temporary files of atomic writes are named ".NAME.tmp-XXXX"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -25,7 +26,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     so a reader (or a crash) never sees a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -36,6 +37,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted `atomic_write_bytes` left in `folder` (the
+    ".NAME.tmp-*" files; a process killed between write and rename cannot remove its own).
+    Returns the paths removed."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for f in folder.glob(f".*{TEMP_MARK}*"):
+            if f.is_file():
+                f.unlink(missing_ok=True)
+                removed.append(f)
+    return removed
 
 
 def _clean(value):

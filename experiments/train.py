@@ -7,15 +7,26 @@ Every field of `experiments.config.TrainConfig` is a flag (underscores become da
 take --flag / --no-flag; tuples take comma lists such as --decay-at 0.5,0.75). A preset gives
 the starting values, flags override them, and the result is parsed ONCE here into the frozen
 config that the trainer receives. Rank 0 alone prints (a progress bar and a fixed-width
-metrics table) and writes files. Exit codes: 2 bad config, 3 divergence, 4 a peer failed.
+metrics table) and writes files.
+
+A folder that already holds a run is refused: continue it with --resume OUT (a larger --epochs
+extends it) or start afresh with --overwrite (the old folder is renamed OUT.replaced-<time>).
+SIGINT / SIGTERM stop after the current step with a resumable checkpoint (every rank under
+torchrun); a second signal stops at once. Every failure is one line "error: ..." (--debug: the
+traceback). Exit codes (experiments.cli): 2 bad input, 3 bad file (corrupt or foreign
+checkpoint, corrupt data), 4 a peer failed, 5 diverged, 130 / 143 stopped by SIGINT / SIGTERM.
+The refused inputs and their messages are listed in docs/bad_inputs.md.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
+import threading
 import typing
 
+from experiments.cli import ArgumentParser, run_main
 from experiments.config import PRESETS, TrainConfig, preset
 
 TABLE = [("round", "{:>6d}"), ("epoch", "{:>7.2f}"), ("lr", "{:>8.4f}"), ("H", "{:>5d}"),
@@ -39,11 +50,14 @@ HELP = {
     "checkpoint_every": "checkpoint likewise, in steps (0: only at the end)",
     "track_sharpness": "evaluation indices (0-based) at which to measure lambda_max and tr Hessian",
     "bn_batches": "training batches for re-estimating BN statistics before every evaluation",
-    "resume": "a checkpoint file or a run folder holding checkpoints/last.pt",
-    "backend": "serial | vmap | auto (timed at start-up)",
+    "resume": "a checkpoint file or a run folder holding checkpoints/last.pt (its SHA-256 is checked)",
+    "overwrite": "the --out folder holds a run: move it aside to OUT.replaced-<time> and start afresh",
+    "blowup_factor": "divergence when a step's loss or the parameter norm exceeds this x its round-start value (0: only non-finite values)",
+    "epochs": "length of the run; with --resume a larger value extends the run: from the checkpoint's step on, the learning-rate schedule (cosine, step milestones) and the QSR periods are those of the new length",
+    "backend": "serial | vmap | auto (fixed rule: serial on CPU, vmap on GPU; the same in every rank; written to config.json)",
     "precision": "fp32 | bf16 (autocast) | fp64",
     "label_noise": "probability of flipping each drawn label",
-    "train_size": "0: the whole training set; else a class-balanced subset",
+    "train_size": "0: the whole training set; else a class-balanced subset (first n // 10 of each class in record order, one more for the first n %% 10 classes)",
 }
 
 
@@ -54,10 +68,11 @@ def _tuple_of(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.train",
-                                     description="Local SGD / post-local SGD / QSR on CIFAR-10 with K simulated workers.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(prog="python -m experiments.train",
+                            description="Local SGD / post-local SGD / QSR on CIFAR-10 with K simulated workers.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", default=None, help=f"starting values, one of {sorted(PRESETS)}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -78,33 +93,64 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """The frozen config from a preset and command-line overrides (ValueError if invalid)."""
     args = vars(build_parser().parse_args(argv))
     name = args.pop("preset")
+    args.pop("debug")
     overrides = {k: v for k, v in args.items() if v is not None}
     return preset(name, **overrides) if name else TrainConfig(**overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_config(argv)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from experiments.distributed import PeerFailure, init_from_env
-    from experiments.trainer import DivergenceError, Trainer
-    dist = init_from_env(device=cfg.device, timeout=cfg.dist_timeout)
+    """Run the command line; returns the exit code (see `experiments.cli`)."""
+    return run_main(lambda: _main(argv), argv)
+
+
+class _SignalStop:
+    """SIGINT / SIGTERM handler: before training, stop at once; during training, ask the
+    trainer to stop after its current step with a checkpoint; a second signal stops at once."""
+
+    def __init__(self):
+        self.trainer = None
+        self.saved = {}
+
+    def __call__(self, signum, frame):
+        from experiments.divergence import Interrupted
+        name = signal.Signals(signum).name
+        if self.trainer is None:
+            raise Interrupted(f"stopped by {name} before training started; nothing was written",
+                              signum=signum)
+        if self.trainer.stop_signal is not None:
+            raise Interrupted(f"stopped by a second {name} without a checkpoint; last checkpoint: "
+                              f"{self.trainer.last_checkpoint or 'none'}", signum=signum)
+        self.trainer.request_stop(signum)
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.saved[sig] = signal.signal(sig, self)
+
+    def restore(self):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
+    cfg = parse_config(argv)
+    stopper = _SignalStop()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        stopper.install()
     bar = None
     try:
+        from experiments.distributed import init_from_env
+        from experiments.trainer import Trainer
+        dist = init_from_env(device=cfg.device, timeout=cfg.dist_timeout)
         try:
             show = dist.is_main and cfg.progress
-            if show:
-                from tqdm import tqdm
-                print("  ".join(f"{n:>{len(fmt.format(0) if 'd' in fmt else fmt.format(0.0))}}"
-                                for n, fmt in TABLE), flush=True)
 
             def on_round(r, step, total, lr, H):
                 nonlocal bar
                 if not show:
                     return
                 if bar is None:
+                    from tqdm import tqdm
                     bar = tqdm(total=total, initial=step - H, unit="step", leave=False, file=sys.stderr)
                 bar.update(H)
 
@@ -116,24 +162,23 @@ def main(argv: list[str] | None = None) -> int:
                     (bar.write if bar is not None else print)(line)
 
             trainer = Trainer(cfg, dist=dist, on_round=on_round, on_eval=on_eval)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        try:
+            if show and trainer.moved_aside is not None:
+                print(f"moved the previous run in {cfg.out} aside to {trainer.moved_aside}", flush=True)
+            if show:
+                print("  ".join(f"{n:>{len(fmt.format(0) if 'd' in fmt else fmt.format(0.0))}}"
+                                for n, fmt in TABLE), flush=True)
+            stopper.trainer = trainer
             result = trainer.run()
-        except DivergenceError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 3
-        except PeerFailure as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 4
-        if bar is not None:
-            bar.close()
+        finally:
+            if bar is not None:
+                bar.close()
+            dist.close()
         if dist.is_main and cfg.progress:
             print(f"wrote {result.out} (backend {result.backend})", flush=True)
         return 0
     finally:
-        dist.close()
+        if in_main_thread:
+            stopper.restore()
 
 
 if __name__ == "__main__":

@@ -3,10 +3,15 @@
 `train(cfg)` runs one `TrainConfig` in this process (one of P under torchrun, holding workers
 [p K / P, (p + 1) K / P)), writes the output folder and returns a `RunResult`:
 
-    out/config.json        config + provenance (git revision, seed, torch, world size)
+    out/config.json        config + provenance (git revision, seed, torch, world size, backend)
     out/metrics.jsonl      one line per evaluation (`EvalRecord` fields)
-    out/checkpoints/last.pt  the last full-state checkpoint (experiments.checkpoint)
+    out/checkpoints/last.pt  the last good full-state checkpoint (experiments.checkpoint)
     out/final.pt           averaged parameters + buffers + config (loadable by probe.py)
+
+A folder that already holds a run (any of config.json, metrics.jsonl, final.pt, checkpoints/)
+is never written over: the run is refused unless it resumes that run (`resume`) or
+`overwrite` is set, which renames the old folder to OUT.replaced-<UTC time> (nothing is
+deleted). Temporary files left by an interrupted atomic write are removed at the start.
 
 An evaluation, at the end of a global round, loads the average of all workers into one
 network, re-estimates its BatchNorm statistics on `bn_batches` training batches (cumulative
@@ -16,14 +21,31 @@ accuracy are the running means over the workers' minibatches since the previous 
 theta_bar||^2 just before that averaging. With `track_sharpness`, the top Hessian eigenvalue
 and the Hessian trace of the training loss on a fixed clean subset are added (probe.py).
 
-A non-finite loss or parameter stops the run at the end of its round with `DivergenceError`;
-no checkpoint is written after the last good one. Library code: quiet; progress is reported
-through the `on_round` and `on_eval` callbacks (train.py draws the bar and the table).
+Divergence (`experiments.divergence`): every step folds non-finite or blown-up losses and
+parameter norms into a device flag; one process stops at the first bad step (a GPU: within a
+step or two, the flag is read asynchronously), P processes agree every `AGREE_EVERY` steps and
+at each round end. A state is good only if it is finite and its evaluation (or, for a
+checkpoint between evaluations, the loss of the averaged network on one test batch) is finite;
+only good states are checkpointed, so the last good checkpoint is never overwritten by a bad
+one. `DivergenceError` names it.
+
+Stopping: `request_stop(signum)` (train.py calls it from its SIGINT / SIGTERM handlers) makes
+the run stop after the current step (P processes: at the next agreement point, the same step
+in every rank), write a checkpoint atomically, mid-round if need be (it records where the
+round began, so a resume continues the same round bit for bit), and raise `Interrupted`.
+
+`--backend auto` is a fixed rule, the same in every rank and run: serial on the CPU (measured
+faster there, BENCHMARKS.md), vmap on a GPU. It is written to config.json.
+
+Library code: quiet; progress is reported through the `on_round` and `on_eval` callbacks
+(train.py draws the bar and the table).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,18 +57,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.averaging import AveragingPolicy, WorkerAverager
-from experiments.checkpoint import LAST, load_checkpoint, save_checkpoint
+from experiments.checkpoint import (FINAL_FORMAT, LAST, load_checkpoint, resolve_checkpoint,
+                                    save_checkpoint, save_final)
 from experiments.config import TrainConfig
 from experiments.distributed import DistContext
-from experiments.metrics import MetricsLog, atomic_write_bytes, atomic_write_json, provenance
+from experiments.divergence import DivergenceError, DivergenceWatch, Interrupted, describe
+from experiments.metrics import MetricsLog, atomic_write_json, provenance, remove_stale_temp_files
 from experiments.schedules import build_lr_schedule, build_sync_schedule, plan_rounds
-from experiments.workers import SGDOptions, Workers, choose_backend
+from experiments.workers import SGDOptions, Workers
 
-FINAL_FORMAT = "localsgd-final-v1"
+__all__ = ["Trainer", "train", "TrainConfig", "RunResult", "EvalRecord", "DivergenceError",
+           "Interrupted", "RunFolderError", "FINAL_FORMAT", "auto_backend", "plan_run"]
+
+RUN_FILES = ("config.json", "metrics.jsonl", "final.pt", "checkpoints", "init.json")
+AGREE_EVERY = 16     # steps between the stop / divergence agreements of P > 1 processes
+SIGNAL_NAMES = {2: "SIGINT", 15: "SIGTERM"}
 
 
-class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss or parameter."""
+class RunFolderError(ValueError):
+    """The output folder cannot be used: it is a file, or it holds another run."""
 
 
 @dataclass(frozen=True)
@@ -115,12 +144,102 @@ def load_datasets(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
             download_cifar10(root)
         train, test = load_cifar10(root, "train"), load_cifar10(root, "test")
         if cfg.train_size:
-            train = subset(*train, cfg.train_size, balanced=cfg.train_size % cfg.num_classes == 0,
-                           num_classes=cfg.num_classes)
+            from experiments.data import balanced_subset
+            train = balanced_subset(*train, cfg.train_size, num_classes=cfg.num_classes)
         if cfg.test_size:
             test = subset(*test, cfg.test_size, balanced=False)
     make = lambda pair: DeviceDataset(*pair, device=device, num_classes=cfg.num_classes, dtype=dtype)
     return make(train), make(test)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a config will do, known without data: steps per epoch, total steps and the
+    number of evaluations."""
+    steps_per_epoch: int
+    total_steps: int
+    evaluations: int
+
+
+def plan_run(cfg: TrainConfig) -> RunPlan:
+    """The `RunPlan` of `cfg` (replays the schedules; ValueError if no step fits)."""
+    n = cfg.synthetic_size if cfg.data == "synthetic" else (cfg.train_size or 50_000)
+    spe = cfg.steps_per_epoch or (n // cfg.workers) // cfg.local_batch
+    if spe < 1:
+        raise ValueError(f"no full step fits: {n} training images over {cfg.workers} workers x "
+                         f"local batch {cfg.local_batch}; lower them or set steps_per_epoch")
+    total = max(1, round(cfg.epochs * spe))
+    lr = build_lr_schedule(cfg, steps_per_epoch=spe, total_steps=total)
+    count, pending = 0, False
+    for _, first, rnd in plan_rounds(build_sync_schedule(cfg, steps_per_epoch=spe), lr, total):
+        end = first + rnd.steps
+        pending |= bool(cfg.eval_every and end // cfg.eval_every > first // cfg.eval_every) or end == total
+        if pending and rnd.is_global:
+            count, pending = count + 1, False
+    return RunPlan(spe, total, count)
+
+
+def check_plan(cfg: TrainConfig, plan: RunPlan) -> None:
+    """Refuse settings that would silently do nothing (ValueError naming them)."""
+    late = [i for i in cfg.track_sharpness if i >= plan.evaluations]
+    if late:
+        raise ValueError(f"track_sharpness index {late[0]} is never reached: the run makes "
+                         f"{plan.evaluations} evaluations (indices 0-{plan.evaluations - 1})")
+    if cfg.sync == "post-local" and round(cfg.switch_epoch * plan.steps_per_epoch) >= plan.total_steps:
+        raise ValueError(f"switch_epoch {cfg.switch_epoch} is at or after the end of the run "
+                         f"(epochs {cfg.epochs}): it would be plain minibatch SGD throughout")
+    if cfg.checkpoint_every > plan.total_steps:
+        raise ValueError(f"checkpoint_every {cfg.checkpoint_every} exceeds the {plan.total_steps} "
+                         "steps of the run (use 0 for a checkpoint at the end only)")
+
+
+def auto_backend(device: torch.device) -> tuple[str, str]:
+    """(backend, reason) of backend='auto': a fixed rule of the device type, so every rank and
+    every run of a config (1 process or P) chooses the same."""
+    if torch.device(device).type == "cuda":
+        return "vmap", "auto: vmap on a GPU (one batched kernel for all workers)"
+    return "serial", "auto: serial on the CPU (faster there, BENCHMARKS.md bench_trainer)"
+
+
+def run_files(out: Path) -> list[str]:
+    """The names in `out` that mark it as holding a run."""
+    return [n for n in RUN_FILES if (out / n).exists()] if out.is_dir() else []
+
+
+def prepare_run_folder(cfg: TrainConfig, dist: DistContext) -> Path | None:
+    """Check `cfg.out` before any work (see the module docstring); with `overwrite`, move the
+    old run aside (returns where to). Every rank checks the same folder before rank 0 moves it."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is an existing file, not a folder")
+    held = run_files(out)
+    moved = None
+    if held:
+        here = False
+        if cfg.resume:
+            ckpt = resolve_checkpoint(cfg.resume).resolve()
+            here = out.resolve() in ckpt.parents
+        if cfg.resume and not here:
+            raise RunFolderError(f"--out {out} already holds another run ({', '.join(held)}); "
+                                 f"resume into the checkpoint's own folder or into an empty --out")
+        if not cfg.resume and not cfg.overwrite:
+            raise RunFolderError(
+                f"--out {out} already holds a run ({', '.join(held)}); continue it with --resume "
+                f"{out}, or pass --overwrite to move it aside to {out.name}.replaced-<time> "
+                "(nothing is deleted)")
+    dist.barrier()
+    if dist.is_main:
+        if held and cfg.overwrite:
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            moved = out.with_name(f"{out.name}.replaced-{stamp}")
+            n = 1
+            while moved.exists():
+                moved, n = out.with_name(f"{out.name}.replaced-{stamp}-{n}"), n + 1
+            out.rename(moved)
+        for folder in (out, out / "checkpoints"):
+            remove_stale_temp_files(folder)
+    dist.barrier()
+    return moved
 
 
 def build_network(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -169,13 +288,23 @@ class Trainer:
                  on_round: Callable | None = None, on_eval: Callable | None = None):
         self.cfg, self.dist = cfg, dist or DistContext()
         self.on_round, self.on_eval = on_round, on_eval
+        self.stop_signal: int | None = None
         d = self.dist
         if cfg.workers % d.world_size:
             raise ValueError(f"workers K={cfg.workers} cannot be split evenly over "
                              f"{d.world_size} processes")
+        # every check that needs no data and no model comes first
+        self.plan = plan_run(cfg)
+        check_plan(cfg, self.plan)
         self.resume_state = None
         if cfg.resume:
-            self.resume_state = load_checkpoint(cfg.resume, cfg)  # config check before any work
+            self.resume_state = load_checkpoint(cfg.resume, cfg)  # SHA-256 and config check
+            done = int(self.resume_state["step"])
+            if done >= self.plan.total_steps:
+                raise ValueError(f"{resolve_checkpoint(cfg.resume)} is at step {done}, the end of a "
+                                 f"run of {self.plan.total_steps} steps: nothing to do (pass a larger "
+                                 "--epochs to extend the run)")
+        self.moved_aside = prepare_run_folder(cfg, d)
         check_data_available(cfg)
         from experiments.sampling import WorkerSampler, worker_range
         self.device = d.device
@@ -190,6 +319,7 @@ class Trainer:
         self.K_loc = len(self.my_workers)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))
+        assert self.total_steps == self.plan.total_steps, "plan_run disagrees with the sampler"
         self.lr = build_lr_schedule(cfg, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
         self.sync = build_sync_schedule(cfg, steps_per_epoch=self.steps_per_epoch)
 
@@ -197,11 +327,9 @@ class Trainer:
         options = dict(sgd=SGDOptions(cfg.momentum, cfg.nesterov, cfg.wd, cfg.wd_norm_bias),
                        autocast_dtype=autocast, channels_last=cfg.channels_last)
         self.generators = [torch.Generator().manual_seed(_seed(cfg.seed, 1, k)) for k in self.my_workers]
-        self.backend = cfg.backend
+        self.backend, self.backend_rule = cfg.backend, "given"
         if self.backend == "auto":
-            gens = [torch.Generator().manual_seed(0) for _ in range(self.K_loc)]
-            x, y = self._batches(self.sampler.epoch(0, workers=self.my_workers)[0], gens)
-            self.backend = choose_backend(model, self.K_loc, x, y, **options)
+            self.backend, self.backend_rule = auto_backend(self.device)
         self.workers = Workers(model, self.K_loc, backend=self.backend, **options)
         self.eval_model = copy.deepcopy(model).eval()
         self.averager = WorkerAverager(AveragingPolicy(cfg.average_buffers, cfg.average_momentum),
@@ -209,9 +337,12 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / "checkpoints" / LAST
         self.log = MetricsLog(self.out / "metrics.jsonl")
-        # progress counters (checkpointed)
-        self.round, self.step, self.evaluations = 0, 0, 0
-        self.accum = torch.zeros(3, dtype=torch.float64)   # train loss sum, correct, count
+        # progress counters (checkpointed); round_first: first step of round `round`
+        self.round, self.round_first, self.step, self.evaluations = 0, 0, 0, 0
+        self.pending_eval = self.pending_ckpt = False
+        # train loss sum, correct, count, on the device (read at evaluations only)
+        self.accum = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.watch = DivergenceWatch(self.device, factor=cfg.blowup_factor, num_classes=cfg.num_classes)
         self.last_checkpoint: Path | None = None
         self._broadcast_initial()
         if self.resume_state is not None:
@@ -253,10 +384,12 @@ class Trainer:
         accum = self.accum.clone()
         self.dist.all_reduce_sum_(accum)
         w = self.workers
-        return {"round": self.round, "step": self.step, "evaluations": self.evaluations,
+        return {"round": self.round, "round_first": self.round_first, "step": self.step,
+                "evaluations": self.evaluations, "pending_eval": self.pending_eval,
+                "pending_ckpt": self.pending_ckpt,
                 "params": self._gather(w.params), "momentum": self._gather(w.momentum),
                 "buffers": self._gather(w.buffers), "counters": self._gather(w.counters),
-                "generators": self._gather(gens), "train_accum": accum,
+                "generators": self._gather(gens), "train_accum": accum.cpu(),
                 "backend": self.backend, "world_size": self.dist.world_size}
 
     def _restore(self, s: dict) -> None:
@@ -269,15 +402,47 @@ class Trainer:
                 getattr(w, name).copy_(s[name][sl].to(self.device))
         for g, state in zip(self.generators, s["generators"][sl]):
             g.set_state(state.clone())
-        self.round, self.step, self.evaluations = s["round"], s["step"], s["evaluations"]
-        self.accum = s["train_accum"].clone() if self.dist.is_main else torch.zeros(3, dtype=torch.float64)
-        self.last_checkpoint = Path(self.cfg.resume)
+        self.round, self.step, self.evaluations = int(s["round"]), int(s["step"]), int(s["evaluations"])
+        self.round_first = int(s.get("round_first", self.step))
+        self.pending_eval = bool(s.get("pending_eval", False))
+        self.pending_ckpt = bool(s.get("pending_ckpt", False))
+        self.accum = (s["train_accum"].clone() if self.dist.is_main else
+                      torch.zeros(3, dtype=torch.float64)).to(self.device)
+        self.last_checkpoint = resolve_checkpoint(self.cfg.resume)
 
     def _write_checkpoint(self) -> None:
         state = self.checkpoint_state()
         if self.dist.is_main:
             save_checkpoint(self.ckpt_path, state, self.cfg)
         self.last_checkpoint = self.ckpt_path
+
+    def request_stop(self, signum: int = 2) -> None:
+        """Stop after the current step with a resumable checkpoint (see the module docstring)."""
+        self.stop_signal = int(signum)
+
+    @torch.no_grad()
+    def _state_is_finite(self) -> bool:
+        """Whether every worker's state is finite and the network of their mean (running BN
+        statistics, no re-estimation) has a finite loss on the first test batch; agreed over
+        all processes. The check made before a checkpoint written between evaluations."""
+        w = self.workers
+        ok = bool(torch.isfinite(w.params).all() and torch.isfinite(w.buffers).all()
+                  and torch.isfinite(w.momentum).all())
+        if ok:
+            self.eval_model.load_state_dict(w.mean_state())
+            self.eval_model.eval()
+            x, y = self.test_set.batch(torch.arange(min(self.cfg.eval_batch, len(self.test_set))),
+                                       augment=False)
+            with self.workers._autocast():
+                logits = self.eval_model(x)
+            ok = bool(torch.isfinite(F.cross_entropy(logits.float(), y)))
+        flag = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64)
+        self.dist.all_reduce_sum_(flag)
+        return float(flag) == 0.0
+
+    def _diverged(self, message: str) -> DivergenceError:
+        where = self.last_checkpoint or "none (no checkpoint had been written)"
+        return DivergenceError(f"{message}; stopped. Last good checkpoint: {where}")
 
     # ------------------------------------------------------------------ evaluation
     def _averaged_buffers(self) -> torch.Tensor:
@@ -320,9 +485,13 @@ class Trainer:
 
     def _evaluate(self, r: int, H: int, spread_sum: float, wall: float) -> EvalRecord:
         model = self._load_eval_model(self.evaluations)
-        sums = torch.cat([self._test_sums(model), self.accum])
+        sums = torch.cat([self._test_sums(model), self.accum.cpu()])
         self.dist.all_reduce_sum_(sums)
         test_loss, test_correct, test_n, tr_loss, tr_correct, tr_n = sums.tolist()
+        if not (math.isfinite(test_loss) and math.isfinite(tr_loss)):
+            raise self._diverged(f"the evaluation at step {self.step} (round {r}) is not finite "
+                                 f"(test loss {test_loss / test_n:.4g}, training loss "
+                                 f"{tr_loss / max(tr_n, 1):.4g}): the state is not good")
         self.accum.zero_()
         extra = {}
         if self.evaluations in self.cfg.track_sharpness and self.dist.is_main:
@@ -348,67 +517,116 @@ class Trainer:
         if d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.out / "config.json",
-                              {**provenance(cfg.to_dict(), world_size=d.world_size), "backend": self.backend})
+                              {**provenance(cfg.to_dict(), world_size=d.world_size),
+                               "backend": self.backend, "backend_rule": self.backend_rule})
             if self.resume_state is not None:
                 self.log.truncate_after(self.evaluations)
             elif self.log.path.exists():
                 self.log.path.unlink()
         records, start = [], time.perf_counter()
         cached_epoch, epoch_idx = -1, None
-        pending_eval = pending_ckpt = False
         for r, first, rnd in plan_rounds(self.sync, self.lr, self.total_steps,
-                                         start_round=self.round, start_step=self.step):
-            losses = []
-            for t in range(first, first + rnd.steps):
+                                         start_round=self.round, start_step=self.round_first):
+            end = first + rnd.steps
+            self.round, self.round_first = r, first
+            self.watch.start_round(w.params)
+            stop = bad = False
+            for t in range(max(first, self.step), end):
+                if self.stop_signal is not None and not d.distributed:
+                    stop = True
+                    break
                 epoch, within = divmod(t, self.steps_per_epoch)
                 if epoch != cached_epoch:
                     epoch_idx, cached_epoch = self.sampler.epoch(epoch, workers=self.my_workers), epoch
                 x, y = self._batches(epoch_idx[within], self.generators)
                 loss, correct = w.step(x, y, self.lr(t))
-                losses.append(loss)
-                self.accum += torch.tensor([float(loss.sum()) * y.shape[1], float(correct.sum()), y.numel()],
-                                           dtype=torch.float64)
-            end = first + rnd.steps
-            crossed = lambda every: every and end // every > first // every
-            pending_eval |= bool(crossed(cfg.eval_every)) or end == self.total_steps
-            pending_ckpt |= bool(crossed(cfg.checkpoint_every)) or end == self.total_steps
-            measure = pending_eval and rnd.is_global
+                self.accum += torch.stack([loss.sum().to(torch.float64) * y.shape[1],
+                                           correct.sum().to(torch.float64),
+                                           torch.tensor(float(y.numel()), dtype=torch.float64, device=loss.device)])
+                self.watch.update(loss, w.params, t)
+                self.step = t + 1
+                if d.distributed:
+                    if (t + 1 - first) % AGREE_EVERY == 0 or t + 1 == end:
+                        bad, stop = self._agree()
+                        if bad or stop:
+                            break
+                elif self.watch.tripped():
+                    bad = True
+                    break
+            if not bad and not stop and self.stop_signal is not None and not d.distributed:
+                stop = True
+            if bad or (not d.distributed and self.watch.verdict()[0]):
+                reasons, at = self._verdict_everywhere()
+                raise self._diverged(
+                    f"training diverged at step {at} in round {r} (steps {first}-{end - 1}, lr "
+                    f"{self.lr(max(at, first)):.4g}): {describe(reasons)}")
+            if stop:
+                self._stop_now()
+            self.pending_eval |= self._crossed(cfg.eval_every, first, end) or end == self.total_steps
+            self.pending_ckpt |= self._crossed(cfg.checkpoint_every, first, end) or end == self.total_steps
+            measure = self.pending_eval and rnd.is_global
             pre = w.params.detach().clone() if measure else None
-            bad = (~torch.isfinite(torch.stack(losses))).sum() + (~torch.isfinite(w.params.detach())).sum()
-            bad = self.averager.average_(w.params, w.buffers, w.momentum,
-                                         initial_buffers=w.initial_buffers,
-                                         extras=bad.reshape(1).to(torch.float64),
-                                         across_processes=rnd.is_global)
-            if float(bad.sum()) > 0:
-                where = self.last_checkpoint or "none (no checkpoint had been written)"
-                raise DivergenceError(
-                    f"training diverged in round {r} (steps {first}-{end - 1}, lr {self.lr(first):.4g}): "
-                    f"non-finite loss or parameters; stopped after this round. Last good checkpoint: {where}")
-            self.round, self.step = r + 1, end
+            self.averager.average_(w.params, w.buffers, w.momentum, initial_buffers=w.initial_buffers,
+                                   across_processes=rnd.is_global)
+            self.round, self.round_first = r + 1, end
             if self.on_round is not None and d.is_main:
                 self.on_round(r, end, self.total_steps, self.lr(first), rnd.steps)
             if measure:
                 spread = torch.tensor([float((pre - w.params.detach()[0]).pow(2).sum())], dtype=torch.float64)
                 d.all_reduce_sum_(spread)
                 records.append(self._evaluate(r, rnd.steps, float(spread), time.perf_counter() - start))
-                pending_eval = False
-            if pending_ckpt and rnd.is_global:
+                self.pending_eval = False
+            if self.pending_ckpt and rnd.is_global:
+                if not measure and not self._state_is_finite():
+                    raise self._diverged(f"the state after step {end} (round {r}) is not finite")
+                self.pending_ckpt = False
                 self._write_checkpoint()
-                pending_ckpt = False
         final = self._write_final()
         return RunResult(self.out, records, final, self.backend)
+
+    @staticmethod
+    def _crossed(every: int, first: int, end: int) -> bool:
+        return bool(every and end // every > first // every)
+
+    def _agree(self) -> tuple[bool, bool]:
+        """P processes: (any diverged, any asked to stop), one all-reduce."""
+        flags = torch.tensor([float(self.watch.verdict()[0] > 0), float(self.stop_signal is not None)],
+                             dtype=torch.float64)
+        self.dist.all_reduce_sum_(flags)
+        if flags[1] > 0 and self.stop_signal is None:
+            self.stop_signal = 15   # a peer was signalled (torchrun forwards SIGTERM)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _verdict_everywhere(self) -> tuple[int, int]:
+        reasons, at = self.watch.verdict()
+        if self.dist.distributed:   # the reasons and earliest bad step over all processes
+            v = torch.tensor([[float(reasons), float(at)]], dtype=torch.float64)
+            parts = self.dist.all_gather_rows(v).tolist()
+            reasons, firsts = 0, [int(a) for _, a in parts if a >= 0]
+            for bits, _ in parts:
+                reasons |= int(bits)
+            at = min(firsts) if firsts else -1
+        return reasons, at
+
+    def _stop_now(self) -> None:
+        """Write a resumable checkpoint of the current (possibly mid-round) state and raise
+        `Interrupted` (on every process)."""
+        name = SIGNAL_NAMES.get(self.stop_signal, f"signal {self.stop_signal}")
+        if self._state_is_finite():
+            self._write_checkpoint()
+            raise Interrupted(f"stopped by {name} at step {self.step} of {self.total_steps}; wrote "
+                              f"{self.ckpt_path}; resume with --resume {self.out}",
+                              signum=self.stop_signal, checkpoint=self.ckpt_path)
+        raise Interrupted(f"stopped by {name} at step {self.step}; the state was not finite, nothing "
+                          f"written; last good checkpoint: {self.last_checkpoint or 'none'}",
+                          signum=self.stop_signal, checkpoint=self.last_checkpoint)
 
     def _write_final(self) -> Path:
         # the network of the final evaluation (the last round always ends with one)
         model = self._load_eval_model(self.evaluations - 1)
         path = self.out / "final.pt"
         if self.dist.is_main:
-            import io
-            buf = io.BytesIO()
-            torch.save({"format": FINAL_FORMAT, "config": self.cfg.to_dict(),
-                        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                        "step": self.step, "round": self.round}, buf)
-            atomic_write_bytes(path, buf.getvalue())
+            save_final(path, model.state_dict(), self.cfg, step=self.step, round=self.round)
         return path
 
 

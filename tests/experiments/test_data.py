@@ -209,7 +209,7 @@ def test_download_of_a_bad_archive_leaves_nothing_behind(monkeypatch, tmp_path):
         info.size = 5
         tar.addfile(info, io.BytesIO(b"hello"))
     monkeypatch.setattr(data.urllib.request, "urlopen", lambda url: io.BytesIO(buf.getvalue()))
-    with pytest.raises(FileNotFoundError, match=r"data_batch_2\.bin is missing from archive"):
+    with pytest.raises(CorruptFileError, match=r"corrupt or incomplete: it holds no cifar-10-batches-bin/data_batch_2\.bin"):
         download_cifar10(tmp_path)
     assert list(tmp_path.iterdir()) == []
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments.checkpoint import load_verified
 from experiments.distributed import DistContext, init_from_env
 from experiments.metrics import read_metrics
 
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 RUN = ["--preset", "cpu-tiny", "--workers", "4", "--local-batch", "8", "--local-steps", "3",
        "--momentum", "0.9", "--aug", "--label-noise", "0.1", "--epochs", "3", "--eval-every", "6",
-       "--precision", "fp64", "--backend", "serial", "--no-progress"]
+       "--precision", "fp64", "--backend", "auto", "--no-progress"]
 
 
 def _port() -> int:
@@ -37,6 +38,7 @@ def _env(**extra):
 
 
 def test_two_gloo_processes_give_the_one_process_result(tmp_path):
+    # --backend auto: a fixed rule, so 1 process (K_loc = 4) and 2 (K_loc = 2) choose alike
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([PY, "-m", "experiments.train", *RUN, "--out", str(one)], cwd=ROOT, env=_env(),
                    check=True, timeout=300, capture_output=True)
@@ -44,8 +46,11 @@ def test_two_gloo_processes_give_the_one_process_result(tmp_path):
                            f"--master_port={_port()}", "-m", "experiments.train", *RUN, "--out", str(two)],
                           cwd=ROOT, env=_env(), timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a = torch.load(one / "final.pt", weights_only=False)["state_dict"]
-    b = torch.load(two / "final.pt", weights_only=False)["state_dict"]
+    import json
+    backends = [json.loads((d / "config.json").read_text())["backend"] for d in (one, two)]
+    assert backends == ["serial", "serial"]
+    a = load_verified(one / "final.pt")["state_dict"]
+    b = load_verified(two / "final.pt")["state_dict"]
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)

@@ -32,7 +32,7 @@ def test_probe_matches_dynamics_and_the_tracked_value(tmp_path, capsys):
     assert abs(got["hessian_trace"] - recs[1]["hessian_trace"]) < 1e-9 * abs(got["hessian_trace"])
     # independent reference: the saved state loaded by hand, dynamics run to tight convergence
     model = build_network(cfg, torch.device("cpu"), torch.float64)
-    model.load_state_dict(torch.load(final, weights_only=False)["state_dict"])
+    model.load_state_dict(torch.load(final, weights_only=True)["state_dict"])
     train_set, _ = load_datasets(cfg, torch.device("cpu"), torch.float64)
     x, y = train_set.batch(torch.arange(16), augment=False)
     ref = top_eigenpairs(Objective(model.eval(), nn.CrossEntropyLoss(), [(x, y)]), k=1, tol=1e-9,
@@ -55,7 +55,31 @@ def test_probe_reads_full_checkpoints_as_the_worker_average(tmp_path):
 
 
 def test_probe_rejects_other_files(tmp_path):
-    torch.save({"hello": 1}, tmp_path / "x.pt")
     import pytest
-    with pytest.raises(ValueError, match="neither a final.pt"):
+    from experiments.checkpoint import CheckpointFileError
+    torch.save({"hello": 1}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointFileError, match=r"x\.pt is not a file of this trainer \(format None"):
         load_model(str(tmp_path / "x.pt"))
+
+
+def test_probe_command_line_gives_one_line_and_an_exit_code(tmp_path, capsys):
+    _run(tmp_path, track=())
+    run = tmp_path / "run"
+    # a run folder is read as its final.pt
+    assert main([str(run), "--matvecs", "4", "--samples", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 8
+    bad = tmp_path / "flipped.pt"
+    data = bytearray((run / "final.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01                               # one bit
+    bad.write_bytes(bytes(data))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    cases = [([str(bad)], 3, "flipped.pt failed its integrity check"),
+             ([str(tmp_path / "empty.pt")], 3, "empty.pt is empty (0 bytes)"),
+             ([str(tmp_path / "nothere.pt")], 2, "no such file"),
+             ([str(tmp_path / "folder")], 2, "folder is a folder without final.pt"),
+             ([str(run), "--matvecs", "1"], 2, "--matvecs must be >= 2")]
+    for argv, code, message in cases:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)

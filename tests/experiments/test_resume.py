@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.checkpoint import load_checkpoint
+from experiments.checkpoint import load_checkpoint, load_verified
 from experiments.config import preset
 from experiments.metrics import read_metrics
 from experiments.trainer import Trainer, train
@@ -44,8 +44,8 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert 0 < killed_at < 48
     subprocess.run([sys.executable, "-m", "experiments.train", *RUN, "--out", str(cut), "--resume", str(ckpt)],
                    cwd=ROOT, env=_env(), check=True, timeout=300, capture_output=True)
-    a = torch.load(full / "final.pt", weights_only=False)["state_dict"]
-    b = torch.load(cut / "final.pt", weights_only=False)["state_dict"]
+    a = load_verified(full / "final.pt")["state_dict"]
+    b = load_verified(cut / "final.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     ca, cb = load_checkpoint(full / "checkpoints" / "last.pt"), load_checkpoint(ckpt)
     for key in ("params", "momentum", "buffers", "counters", "generators"):
@@ -63,6 +63,7 @@ def test_resume_from_a_checkpoint_of_another_config_is_refused(tmp_path):
         Trainer(cfg.replace(lr=0.5, local_steps=2, resume=str(ckpt)))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Trainer(cfg.replace(resume=str(tmp_path / "nowhere")))
-    # the same config on another backend and output folder resumes (run-only fields may change)
-    t = Trainer(cfg.replace(resume=str(tmp_path / "a"), backend="vmap", out=str(tmp_path / "b")))
+    # the same config on another backend and output folder resumes (run-only fields may change,
+    # and a longer run extends the finished one)
+    t = Trainer(cfg.replace(resume=str(tmp_path / "a"), backend="vmap", out=str(tmp_path / "b"), epochs=2))
     assert t.step == 4 and torch.equal(t.workers.params.detach(), load_checkpoint(ckpt)["params"])

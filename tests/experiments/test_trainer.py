@@ -5,7 +5,7 @@ from torch import nn
 
 import pytest
 
-from experiments.checkpoint import load_checkpoint
+from experiments.checkpoint import load_checkpoint, load_verified
 from experiments.config import TrainConfig, preset
 from experiments.metrics import read_metrics
 from experiments.trainer import DivergenceError, Trainer, reestimate_bn, train
@@ -46,7 +46,7 @@ def test_metrics_records_and_output_folder(tmp_path):
     import json
     conf = json.loads((out / "config.json").read_text())
     assert conf["config"]["sync"] == "hierarchical" and conf["seed"] == 0 and conf["git_revision"]
-    final = torch.load(out / "final.pt", weights_only=False)
+    final = load_verified(out / "final.pt")
     assert final["config"] == cfg.to_dict() and final["step"] == 16
 
 
@@ -64,7 +64,7 @@ def test_serial_and_vmap_trainers_agree_in_float64(tmp_path):
         cfg = tiny(tmp_path, backend=backend, precision="fp64", momentum=0.9, aug=True, label_noise=0.2,
                    out=str(tmp_path / backend))
         train(cfg)
-        finals[backend] = torch.load(tmp_path / backend / "final.pt", weights_only=False)["state_dict"]
+        finals[backend] = load_verified(tmp_path / backend / "final.pt")["state_dict"]
     for k, v in finals["serial"].items():
         torch.testing.assert_close(v, finals["vmap"][k], rtol=0, atol=1e-6)
 
@@ -83,7 +83,7 @@ def test_divergence_stops_within_the_first_round(tmp_path):
     # without normalization (BatchNorm makes the loss scale-invariant and can absorb huge steps)
     cfg = tiny(tmp_path, lr=1e6, local_steps=3, checkpoint_every=3, norm="none")
     rounds = []
-    with pytest.raises(DivergenceError, match=r"diverged in round 0 .*no checkpoint had been written"):
+    with pytest.raises(DivergenceError, match=r"diverged at step 0 in round 0 .*no checkpoint had been written"):
         Trainer(cfg, on_round=lambda *a: rounds.append(a)).run()
     assert rounds == [] and not (tmp_path / "run" / "final.pt").exists()
 
@@ -93,7 +93,7 @@ def test_divergence_after_a_checkpoint_keeps_it_loadable(tmp_path):
     trainer = Trainer(cfg)
     good = trainer.lr
     trainer.lr = lambda t: good(t) if t < 6 else 1e30   # the rate explodes at step 6 (round 3)
-    with pytest.raises(DivergenceError, match=r"round 3 \(steps 6-7.*checkpoints/last.pt"):
+    with pytest.raises(DivergenceError, match=r"at step 6 in round 3 \(steps 6-7.*checkpoints/last.pt"):
         trainer.run()
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", cfg)
     assert state["step"] == 4 and torch.isfinite(state["params"]).all()
