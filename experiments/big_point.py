@@ -7,7 +7,7 @@ of dimension N C = 20,000 at n = 2,000, is a proper subspace), squared loss on o
 `experiments.manifold.project_to_manifold_cg` (Gauss-Newton, Gram solves by preconditioned
 conjugate gradients, no (N C, D) Jacobian), by default straight from the initialization: the
 minimum-norm Gauss-Newton path is the training (points reached by full-batch Adam first, an
-option, had Gram matrices too ill-conditioned for CG at n = 2,000; benchmarks/results/notes/big-point.md). `predict_rates_preconditioned` is the exact
+option, had Gram matrices too ill-conditioned for CG at n = 2,000; docs/studies/notes/big-point.md). `predict_rates_preconditioned` is the exact
 matrix-free prediction of `sde.label_noise_mf.predict_label_noise_rates_cg` (SGD, QSR at
 eta -> 0; slow time t = eta^2 x steps per worker) with the tangent projection solved under the
 Nystrom-deflated preconditioner `GramPreconditionerMF` instead of block-Jacobi alone: at
@@ -15,7 +15,7 @@ n = 2,000 the block-Jacobi-scaled Gram has outliers ~100x its bulk, which block-
 pays for in iterations. At the n >= 1,000 points the Jacobian has numerically deficient rank (935 of
 the 10,000 Gram eigenvalues are zero to float64 precision at n = 1,000): the normal space is the
 nonzero part, and `--curvature-floor` (a Tikhonov shift of the Gram solves, `gram_solve_cg`) keeps
-CG from chasing the null cluster (benchmarks/results/big_point_findings.md). Run as
+CG from chasing the null cluster (docs/studies/big_point_findings.md). Run as
 
     OMP_NUM_THREADS=1 python -m experiments.big_point --n 2000 --rank 1000 --rtol 1e-7 \
         --curvature-floor 1e-9 --log-every 50 --sweep --out big_point.jsonl
