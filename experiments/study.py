@@ -153,18 +153,35 @@ def is_finished(spec: RunSpec) -> bool:
         return False
 
 
-def load_init_state(path: str | Path, cfg: TrainConfig) -> dict:
-    """The network state_dict saved in a trainer's final.pt at `path`, after checking that it
-    was trained with the same architecture as `cfg` (model, width, norm, num_classes);
-    ValueError naming the difference otherwise."""
+def load_final(path: str | Path) -> dict:
+    """The payload of a trainer's final.pt ({"format", "config", "state_dict", ...}), format
+    checked, loaded tensors-only (weights_only=True: no code runs; numpy float64 scalars, which
+    a config computed with numpy may hold, are admitted)."""
     import torch
+    try:
+        from numpy._core.multiarray import scalar   # numpy >= 2
+    except ImportError:
+        from numpy.core.multiarray import scalar
     from experiments.trainer import FINAL_FORMAT
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no pre-trained checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals([scalar, np.dtype, np.dtypes.Float64DType]):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:   # unpickling errors come in many types; name the file
+            raise ValueError(f"{path} cannot be read as a trainer's final.pt: "
+                             f"{(str(exc).splitlines() or [type(exc).__name__])[0][:120]}") from None
     if not isinstance(state, dict) or state.get("format") != FINAL_FORMAT:
         raise ValueError(f"{path} is not a trainer's final.pt ({FINAL_FORMAT})")
+    return state
+
+
+def load_init_state(path: str | Path, cfg: TrainConfig) -> dict:
+    """The network state_dict saved in a trainer's final.pt at `path`, after checking that it
+    was trained with the same architecture as `cfg` (model, width, norm, num_classes);
+    ValueError naming the difference otherwise."""
+    state = load_final(path)
     saved = state["config"]
     differ = [k for k in ("model", "width", "norm", "num_classes") if saved.get(k) != getattr(cfg, k)]
     if differ:
@@ -250,6 +267,39 @@ def run_grid(specs: Iterable[RunSpec], *, train_fn: Callable | None = None,
     finally:
         pool.shutdown(wait=True, cancel_futures=True)   # after a failure: start nothing more
     return todo
+
+
+def clean_accuracy(paths: Sequence[str | Path], *, split: str = "train",
+                   data_dir: str | None = None) -> np.ndarray:
+    """(n,) accuracy of the network saved in each final.pt on its run's whole `split` ("train"
+    or "test") set: clean labels, no augmentation, eval-mode BatchNorm (the statistics the
+    trainer re-estimated). Unlike a record's train_acc (a running mean over the minibatches
+    since the previous evaluation, with their label noise), this is the accuracy of the final
+    network itself. Data sets are loaded once per distinct data config."""
+    import torch
+    from experiments.trainer import build_network, dtypes, load_datasets
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    cache, out = {}, []
+    for path in paths:
+        state = load_final(path)
+        cfg = TrainConfig.from_dict(state["config"])
+        model = build_network(cfg, torch.device("cpu"), dtypes(cfg)[0])
+        model.load_state_dict(state["state_dict"])
+        model.eval()
+        if data_dir:
+            cfg = cfg.replace(data_dir=data_dir)
+        key = (cfg.data, cfg.data_dir, cfg.train_size, cfg.test_size, cfg.synthetic_size, cfg.precision)
+        if key not in cache:
+            cache[key] = load_datasets(cfg, torch.device("cpu"), dtypes(cfg)[0])
+        data = cache[key][0 if split == "train" else 1]
+        correct = 0
+        with torch.no_grad():
+            for chunk in torch.split(torch.arange(len(data)), cfg.eval_batch):
+                x, y = data.batch(chunk, augment=False)
+                correct += int((model(x).argmax(-1) == y).sum())
+        out.append(correct / len(data))
+    return np.array(out)
 
 
 # ---------------------------------------------------------------------------- reading results

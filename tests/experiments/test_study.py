@@ -202,6 +202,12 @@ def test_train_from_starts_every_worker_at_the_checkpoint(tmp_path):
         assert torch.allclose(_final_params(s.out / "final.pt"), theta0, atol=1e-6)
         record = json.loads((s.out / INIT_RECORD).read_text())
         assert record["sha256"] == file_sha256(ckpt)
+    # the final network's accuracy on the test split is the trainer's last test_acc
+    from experiments.study import clean_accuracy
+    last = json.loads((cont[1].out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert clean_accuracy([cont[1].out / "final.pt"], split="test")[0] == pytest.approx(last["test_acc"], abs=1e-12)
+    with pytest.raises(ValueError, match="split"):
+        clean_accuracy([ckpt], split="val")
     scratch = BASE.replace(seed=7, lr=1e-9, epochs=2, out=str(tmp_path / "scratch"))
     train_from(scratch)
     assert (_final_params(tmp_path / "scratch" / "final.pt") - theta0).abs().max() > 1e-2
@@ -228,6 +234,23 @@ def test_train_from_refuses_another_network_before_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="no pre-trained checkpoint"):
         train_from(BASE.replace(out=str(tmp_path / "z")), tmp_path / "missing.pt")
     assert not (tmp_path / "wider").exists() and not (tmp_path / "y").exists()
+
+
+def test_load_final_admits_numpy_scalars_in_the_config_and_nothing_else(tmp_path):
+    """A config computed with numpy (qsr_alpha = lr * np.sqrt(H)) holds a numpy float64: the
+    tensors-only loader admits it; any other object is refused, naming the file."""
+    import fractions
+    import torch
+    from experiments.study import load_final
+    from experiments.trainer import FINAL_FORMAT
+    cfg = BASE.replace(sync="qsr", local_steps=2, qsr_alpha=0.1 * np.sqrt(4.0)).to_dict()
+    ok, bad = tmp_path / "ok.pt", tmp_path / "bad.pt"
+    torch.save({"format": FINAL_FORMAT, "config": cfg, "state_dict": {"w": torch.ones(2)}}, ok)
+    state = load_final(ok)
+    assert state["config"]["qsr_alpha"] == pytest.approx(0.2) and torch.equal(state["state_dict"]["w"], torch.ones(2))
+    torch.save({"format": FINAL_FORMAT, "config": {"x": fractions.Fraction(1, 3)}, "state_dict": {}}, bad)
+    with pytest.raises(ValueError, match="bad.pt cannot be read"):
+        load_final(bad)
 
 
 def test_grid_with_init_needs_a_checkpoint_for_every_seed(tmp_path):
