@@ -168,6 +168,11 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     if spe < 1:
         raise ValueError(f"no full step fits: {n} training images over {cfg.workers} workers x "
                          f"local batch {cfg.local_batch}; lower them or set steps_per_epoch")
+    most = (n // cfg.workers) // cfg.local_batch
+    if cfg.steps_per_epoch and not cfg.replacement and cfg.steps_per_epoch > most:
+        raise ValueError(f"without replacement at most {most} steps fit in one epoch of {n} images "
+                         f"({cfg.workers} workers x local batch {cfg.local_batch}), got "
+                         f"steps_per_epoch={cfg.steps_per_epoch}; use replacement=True")
     total = max(1, round(cfg.epochs * spe))
     lr = build_lr_schedule(cfg, steps_per_epoch=spe, total_steps=total)
     count, pending = 0, False
