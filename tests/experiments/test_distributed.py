@@ -106,3 +106,41 @@ def test_context_without_torchrun_is_a_single_process(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ValueError, match="MASTER_ADDR"):
         init_from_env(device="cpu")
+
+
+def test_sigint_to_one_rank_stops_every_rank_with_one_resumable_checkpoint(tmp_path):
+    # two ranks started by hand (as torchrun would), SIGINT to rank 0 only: both stop at the same
+    # agreed step (rank 1 learns of it at the next agreement), rank 0 writes the checkpoint of all
+    # 4 workers, and one process resumes it to the end of the uninterrupted one-process run
+    port, cut, one = _port(), tmp_path / "cut", tmp_path / "one"
+    args = [PY, "-m", "experiments.train", *RUN, "--epochs", "12", "--checkpoint-every", "6", "--out", str(cut)]
+    procs = [subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                              env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in range(2)]
+    try:
+        deadline = time.time() + 120
+        while not (cut / "checkpoints" / "last.pt").exists():
+            assert time.time() < deadline and procs[0].poll() is None, "no checkpoint was written"
+            time.sleep(0.05)
+        procs[0].send_signal(signal.SIGINT)
+        codes = [p.wait(timeout=60) for p in procs]
+        errs = [p.stderr.read() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert codes == [130, 143], errs
+    assert all(len(e.strip().splitlines()) == 1 and "resume with --resume" in e for e in errs), errs
+    from experiments.checkpoint import load_checkpoint
+    state = load_checkpoint(cut)
+    assert state["params"].shape[0] == 4 and 0 < state["step"] < 96 and state["world_size"] == 2
+    assert not (cut / "final.pt").exists()
+    base = [PY, "-m", "experiments.train", *RUN, "--epochs", "12", "--checkpoint-every", "6"]
+    for extra in (["--out", str(cut), "--resume", str(cut)], ["--out", str(one)]):
+        done = subprocess.run(base + extra, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    a, b = load_verified(one / "final.pt")["state_dict"], load_verified(cut / "final.pt")["state_dict"]
+    for k in a:   # fp64; 2 processes sum the averages in another order than 1 (as above)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
