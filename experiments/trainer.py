@@ -500,7 +500,7 @@ class Trainer:
         self.accum.zero_()
         extra = {}
         if self.evaluations in self.cfg.track_sharpness and self.dist.is_main:
-            from experiments.probe import measure_sharpness, sharpness_data
+            from experiments.tracking import measure_sharpness, sharpness_data
             extra = measure_sharpness(model, sharpness_data(self.cfg, self.train_set),
                                       matvecs=self.cfg.sharpness_matvecs, seed=self.cfg.seed)
         last = self.step - 1
