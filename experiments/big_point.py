@@ -31,6 +31,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -238,7 +239,8 @@ def sgd_trace_rate_sweep(obj: Objective, zeta: Tensor, preconditioner: GramPreco
 def run(root: str | Path, ns: list[int], *, out: str | Path, cache_dir: str | Path, exact_max_n: int = 200,
         block_jacobi_max_n: int = 500, sweep: tuple[float, ...] = (1e-3, 1e-5, 1e-7, 1e-10),
         rtol: float = 1e-10, local: bool = True, rank: int = 1000, max_iter: int = 50000,
-        log_every: int = 0, curvature_floor: float = 0.0) -> list[dict]:
+        log_every: int = 0, curvature_floor: float = 0.0,
+        progress: Callable[[str], None] | None = None) -> list[dict]:
     """At every n in `ns`: the point; SGD / QSR rates (preconditioned CG at `rtol`, Nystrom `rank`) and
     Local SGD rates (stochastic trace, `predict_local_sgd_rates_preconditioned`, reusing the SGD
     projections); block-Jacobi `predict_label_noise_rates_cg` for n <= block_jacobi_max_n; the exact
@@ -246,23 +248,27 @@ def run(root: str | Path, ns: list[int], *, out: str | Path, cache_dir: str | Pa
     With `log_every`, rows "cg_trajectory" every log_every CG iterations of each projection
     (solve 0: grad tr H, whose ||P~ v||^2 gives the SGD trace rate). `curvature_floor` (Hessian units):
     the projections' Tikhonov shift is N x curvature_floor (`gram_solve_cg` shift): normal directions
-    of curvature far below it count as tangent. Appends one JSON line per row to `out`."""
+    of curvature far below it count as tangent. Appends one JSON line per row to `out`.
+    `progress(line)`: told each stage before it starts and each row as written (quiet when None)."""
     from sde.label_noise import gauss_newton_geometry, predict_label_noise_rates, sharpness_gradients
     rows = []
+    say = progress or (lambda line: None)
 
     def emit(new: list[dict]) -> None:
         rows.extend(new)
         with open(out, "a") as f:
             for row in new:
                 f.write(json.dumps(row) + "\n")
-                print({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                say(str({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}))
 
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     for n in ns:
         setup = BigPointSetup(n=n)
+        say(f"n={n}: the point on Gamma (cached in {cache_dir} after the first time)")
         obj, zeta, report, cost = prepare_big_point(root, setup, cache=Path(cache_dir) / f"big_point_n{n}.pt")
         emit([{"path": "point", "n": n, "D": obj.dim, "loss": obj.loss(zeta).item(),
                "report": asdict(report) if report else None, **cost}])
+        say(f"n={n}: Nystrom preconditioner (rank {min(rank, 10 * n - 1)})")
         t = time.time()
         pre = GramPreconditionerMF.at(obj, zeta, rank=min(rank, 10 * n - 1))
         build = time.time() - t
@@ -271,6 +277,7 @@ def run(root: str | Path, ns: list[int], *, out: str | Path, cache_dir: str | Pa
                                                              "sgd_trace_rate": scale * row["sq_norm"]}]))
         projector = PreconditionedTangentProjector(obj, zeta, pre, rtol=rtol, max_iter=max_iter, log=log,
                                                    log_every=log_every or 50, shift=n * curvature_floor)
+        say(f"n={n}: SGD and QSR rates (preconditioned CG, rtol {rtol:g})")
         t = time.time()
         res = predict_rates_preconditioned(obj, zeta, RULES, sigma=SIGMA, preconditioner=pre, rtol=rtol,
                                            max_iter=max_iter, generator=torch.Generator().manual_seed(0),
@@ -278,6 +285,7 @@ def run(root: str | Path, ns: list[int], *, out: str | Path, cache_dir: str | Pa
         emit(_rows("cg_nystrom", n, res, time.time() - t, rtol=rtol, rank=len(pre.values),
                    curvature_floor=curvature_floor,
                    preconditioner_seconds=build))
+        say(f"n={n}: Local SGD rates (stochastic Lanczos)" if local else f"n={n}: Local SGD skipped")
         t = time.time()
         local_rows = [] if not local else predict_local_sgd_rates_preconditioned(
             obj, zeta, LOCAL_RULES, sigma=SIGMA, preconditioner=pre, rtol=rtol, max_iter=max_iter,
@@ -285,14 +293,17 @@ def run(root: str | Path, ns: list[int], *, out: str | Path, cache_dir: str | Pa
         emit([{"path": "local_sgd_nystrom", "n": n, "wall_seconds": time.time() - t, "peak_rss_gb": _peak_rss_gb(), **r}
               for r in local_rows])
         if n == max(ns) and sweep:
+            say(f"n={n}: CG tolerance sweep {list(sweep)}")
             emit([{"path": "sweep", "n": n, **r} for r in sgd_trace_rate_sweep(obj, zeta, pre, sweep,
                                                                                 max_iter=max_iter)])
         if n <= block_jacobi_max_n:
+            say(f"n={n}: block-Jacobi CG cross-check")
             t = time.time()
             res = predict_label_noise_rates_cg(obj, zeta, RULES, sigma=SIGMA, rtol=rtol, max_iter=50000,
                                                generator=torch.Generator().manual_seed(0))
             emit(_rows("cg_block_jacobi", n, res, time.time() - t, rtol=rtol))
         if n <= exact_max_n:
+            say(f"n={n}: exact dense cross-check")
             t = time.time()
             geo = gauss_newton_geometry(obj, zeta)
             grads = sharpness_gradients(obj, geo)
@@ -328,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     run(root, args.n, out=args.out, cache_dir=args.cache_dir, exact_max_n=args.exact_max_n,
         block_jacobi_max_n=args.block_jacobi_max_n, sweep=tuple(args.sweep), local=not args.no_local,
         rtol=args.rtol, rank=args.rank, max_iter=args.max_iter, log_every=args.log_every,
-        curvature_floor=args.curvature_floor)
+        curvature_floor=args.curvature_floor, progress=lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":

@@ -96,3 +96,15 @@ def test_rule_at_eta_is_the_rule_actually_run():
     assert run == LocalSGD(4, 2, 0.006 * 177) and run.local_steps(0.006) == 177
     assert qsr.as_local_sgd(0.006, whole_steps=False).beta == pytest.approx(0.08 ** 2 / 0.006, rel=1e-15)
     assert qsr.at_eta(0.004).beta == pytest.approx(0.4 * 4, rel=1e-15) and qsr.at_eta(0.004).local_steps(0.004) == 400
+
+
+def test_no_rule_type_ladders_outside_rules():
+    """What a rule means lives in sde/rules.py: library code asks the rule, it never tests its type."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    ladder = re.compile(r"isinstance\([^()]*,\s*\(?[^)]*\b(SGD|LocalSGD|QSR)\b")
+    found = [f"{path.relative_to(root)}:{i}" for pkg in ("sde", "experiments", "dynamics", "benchmarks")
+             for path in (root / pkg).rglob("*.py") if path.name != "rules.py" or path.parent.name != "sde"
+             for i, line in enumerate(path.read_text().splitlines(), 1) if ladder.search(line)]
+    assert found == []
