@@ -25,7 +25,8 @@ AVERAGE_POLICIES = ("average", "local", "reset")
 # Fields that describe where and how a run executes, not what it computes: they may differ
 # between a run and its resume (a checkpoint written by the serial backend resumes on vmap).
 RUN_ONLY_FIELDS = frozenset({"out", "resume", "backend", "data_dir", "download", "device",
-                             "dist_timeout", "progress", "eval_batch", "overwrite", "blowup_factor"})
+                             "dist_timeout", "progress", "eval_batch", "overwrite", "blowup_factor",
+                             "dist_backend", "tf32", "deterministic"})
 CIFAR10_SIZES = {"train": 50_000, "test": 10_000}
 
 
@@ -107,6 +108,9 @@ class TrainConfig:
     precision: str = "fp32"             # "fp32" | "bf16" (autocast) | "fp64"
     channels_last: bool = False
     device: str = "auto"                # "auto" | "cpu" | "cuda"
+    dist_backend: str = "auto"          # process group: "auto" (nccl on GPU, gloo on CPU) | "gloo" | "nccl"
+    tf32: bool = False                  # GPU: allow TF32 matmuls / convolutions for fp32 (off: true fp32)
+    deterministic: bool = False         # torch.use_deterministic_algorithms + no cuDNN benchmarking
     dist_timeout: float = 300.0         # seconds before a collective with a dead peer fails
     progress: bool = True
 
@@ -130,6 +134,7 @@ class TrainConfig:
         choice("backend", ("serial", "vmap", "auto"))
         choice("precision", ("fp32", "bf16", "fp64"))
         choice("device", ("auto", "cpu", "cuda"))
+        choice("dist_backend", ("auto", "gloo", "nccl"))
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):

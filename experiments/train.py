@@ -52,6 +52,9 @@ HELP = {
     "bn_batches": "training batches for re-estimating BN statistics before every evaluation",
     "resume": "a checkpoint file or a run folder holding checkpoints/last.pt (its SHA-256 is checked)",
     "overwrite": "the --out folder holds a run: move it aside to OUT.replaced-<time> and start afresh",
+    "dist_backend": "torchrun process group: auto (nccl on GPU, gloo on CPU) | gloo (also lets ranks share a GPU) | nccl",
+    "tf32": "on a GPU, allow TF32 for fp32 matmuls and convolutions (off: fp32 is true fp32)",
+    "deterministic": "deterministic algorithms (torch.use_deterministic_algorithms, no cuDNN autotuning)",
     "blowup_factor": "divergence when a step's loss or the parameter norm exceeds this x its round-start value (0: only non-finite values)",
     "epochs": "length of the run; with --resume a larger value extends the run: from the checkpoint's step on, the learning-rate schedule (cosine, step milestones) and the QSR periods are those of the new length",
     "backend": "serial | vmap | auto (fixed rule: serial on CPU, vmap on GPU; the same in every rank; written to config.json)",
@@ -141,7 +144,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         from experiments.distributed import init_from_env
         from experiments.trainer import Trainer
-        dist = init_from_env(device=cfg.device, timeout=cfg.dist_timeout)
+        dist = init_from_env(device=cfg.device, timeout=cfg.dist_timeout, backend=cfg.dist_backend)
         try:
             show = dist.is_main and cfg.progress
 

@@ -198,6 +198,25 @@ def check_plan(cfg: TrainConfig, plan: RunPlan) -> None:
                          "steps of the run (use 0 for a checkpoint at the end only)")
 
 
+def configure_numerics(cfg: TrainConfig, device: torch.device) -> dict:
+    """Set the process-wide numerics the config asks for, explicitly, and return them (for
+    config.json): TF32 for fp32 matmuls / convolutions on a GPU (`cfg.tf32`, off by default, so
+    "fp32" is true fp32; PyTorch's own default lets cuDNN use TF32), and with
+    `cfg.deterministic` deterministic algorithms and no cuDNN autotuning (cuBLAS then also
+    needs CUBLAS_WORKSPACE_CONFIG, set here if absent)."""
+    import os
+    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
+    torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
+    if cfg.deterministic:
+        if torch.device(device).type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    return {"tf32": bool(cfg.tf32), "deterministic": bool(cfg.deterministic),
+            "device": str(device)}
+
+
 def auto_backend(device: torch.device) -> tuple[str, str]:
     """(backend, reason) of backend='auto': a fixed rule of the device type, so every rank and
     every run of a config (1 process or P) chooses the same."""
@@ -313,6 +332,7 @@ class Trainer:
         check_data_available(cfg)
         from experiments.sampling import WorkerSampler, worker_range
         self.device = d.device
+        self.numerics = configure_numerics(cfg, self.device)
         self.dtype, autocast = dtypes(cfg)
         self.train_set, self.test_set = load_datasets(cfg, self.device, self.dtype)
         self.sampler = WorkerSampler(len(self.train_set), workers=cfg.workers,
@@ -523,7 +543,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.out / "config.json",
                               {**provenance(cfg.to_dict(), world_size=d.world_size),
-                               "backend": self.backend, "backend_rule": self.backend_rule})
+                               "backend": self.backend, "backend_rule": self.backend_rule,
+                               "numerics": self.numerics})
             if self.resume_state is not None:
                 self.log.truncate_after(self.evaluations)
             elif self.log.path.exists():

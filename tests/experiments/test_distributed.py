@@ -144,3 +144,62 @@ def test_sigint_to_one_rank_stops_every_rank_with_one_resumable_checkpoint(tmp_p
     a, b = load_verified(one / "final.pt")["state_dict"], load_verified(cut / "final.pt")["state_dict"]
     for k in a:   # fp64; 2 processes sum the averages in another order than 1 (as above)
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_ranks_beyond_the_gpus_are_refused_unless_gloo_shares_them(monkeypatch):
+    from experiments import distributed as dmod
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert dmod.resolve_device("auto", 0) == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"local rank 1 has no GPU of its own: this node has 1 GPU"):
+        dmod.resolve_device("auto", 1)
+    assert dmod.resolve_device("cuda", 1, share_gpus=True) == torch.device("cuda", 0)
+    assert dmod.process_group_backend(torch.device("cuda", 0)) == "nccl"
+    assert dmod.process_group_backend(torch.device("cuda", 0), "gloo") == "gloo"
+    assert dmod.process_group_backend(torch.device("cpu")) == "gloo"
+    with pytest.raises(ValueError, match="nccl' needs a GPU"):
+        dmod.process_group_backend(torch.device("cpu"), "nccl")
+
+
+def test_every_collective_of_a_run_goes_through_the_group_device(tmp_path, monkeypatch):
+    # Two identical ranks simulated in one process: the torch.distributed calls are fakes that
+    # check each tensor was handed over by DistContext._on_comm, the one place that moves a
+    # tensor to the group's device (the GPU under NCCL, the CPU under gloo).
+    import torch.distributed as tdist
+    from experiments.config import TrainConfig
+    from experiments.trainer import Trainer
+    routed, calls = set(), []
+
+    class Recording(DistContext):
+        def _on_comm(self, t):
+            out = t.clone()
+            routed.add(id(out))
+            return out
+
+    def check(name, t):
+        assert id(t) in routed, f"{name} got a tensor that did not pass through _on_comm"
+        calls.append(name)
+
+    def all_reduce(t, op=None):
+        check("all_reduce", t)
+        t.mul_(2)
+
+    def all_gather(parts, t):
+        check("all_gather", t)
+        for p in parts:
+            p.copy_(t)
+
+    monkeypatch.setattr(tdist, "all_reduce", all_reduce)
+    monkeypatch.setattr(tdist, "all_gather", all_gather)
+    monkeypatch.setattr(tdist, "broadcast", lambda t, src=0: check("broadcast", t))
+    monkeypatch.setattr(tdist, "barrier", lambda: calls.append("barrier"))
+    cfg = TrainConfig(model="small_cnn", width=4, data="synthetic", synthetic_size=128, test_size=64,
+                      workers=4, local_batch=8, local_steps=2, epochs=1, eval_every=2, checkpoint_every=2,
+                      bn_batches=2, eval_batch=64, out=str(tmp_path / "run"), backend="serial", progress=False)
+    ctx = Recording(rank=0, world_size=2, comm_device=torch.device("cpu"))
+    Trainer(cfg, dist=ctx).run()
+    assert {"all_reduce", "all_gather", "broadcast"} <= set(calls) and len(calls) > 10
+    # and the move itself: a tensor reaches the group's device and the result comes back
+    meta = DistContext(rank=0, world_size=2, comm_device=torch.device("meta"))
+    assert meta._on_comm(torch.ones(3)).device.type == "meta"
+    assert DistContext()._on_comm(t := torch.ones(2)) is t

@@ -98,3 +98,27 @@ def test_divergence_after_a_checkpoint_keeps_it_loadable(tmp_path):
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", cfg)
     assert state["step"] == 4 and torch.isfinite(state["params"]).all()
     assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 1
+
+
+def test_numerics_are_set_explicitly_and_recorded(tmp_path):
+    import json
+    from experiments.trainer import configure_numerics
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        cfg = tiny(tmp_path)
+        assert configure_numerics(cfg, torch.device("cuda", 0))["tf32"] is False
+        # "fp32" is true fp32 on a GPU unless TF32 is asked for
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        configure_numerics(cfg.replace(tf32=True, deterministic=True), torch.device("cpu"))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        torch.use_deterministic_algorithms(False)
+        train(cfg)
+        recorded = json.loads((tmp_path / "run" / "config.json").read_text())["numerics"]
+        assert recorded == {"tf32": False, "deterministic": False, "device": "cpu"}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.use_deterministic_algorithms(saved[2])
+        torch.backends.cudnn.benchmark = saved[3]
