@@ -566,9 +566,10 @@ class Trainer:
                     epoch_idx, cached_epoch = self.sampler.epoch(epoch, workers=self.my_workers), epoch
                 x, y = self._batches(epoch_idx[within], self.generators)
                 loss, correct = w.step(x, y, self.lr(t))
-                self.accum += torch.stack([loss.sum().to(torch.float64) * y.shape[1],
-                                           correct.sum().to(torch.float64),
-                                           torch.tensor(float(y.numel()), dtype=torch.float64, device=loss.device)])
+                # on the device, no host synchronization (nor a host-to-device copy) per step
+                self.accum[:2] += torch.stack([loss.sum().to(torch.float64) * y.shape[1],
+                                               correct.sum().to(torch.float64)])
+                self.accum[2] += y.numel()
                 self.watch.update(loss, w.params, t)
                 self.step = t + 1
                 if d.distributed:
