@@ -63,7 +63,7 @@ def load_model(path: str, *, device: torch.device = torch.device("cpu")) -> tupl
         if fmt == FINAL_FORMAT:
             model.load_state_dict(state["state_dict"])
         else:
-            w = Workers(model, 1, backend="serial")
+            w = Workers(model, 1, backend="serial", channels_last=cfg.channels_last)  # its row layout
             mean = w.mean_state(state["params"].mean(0).to(device, dtype),
                                 state["buffers"].to(torch.float64).mean(0).to(device, w.buffers.dtype))
             model.load_state_dict(mean)

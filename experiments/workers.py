@@ -41,18 +41,36 @@ class SGDOptions:
     wd_norm_bias: bool = False
 
 
-def _layout(named):
-    names, shapes, numels = [], [], []
+def _layout(named, channels_last: bool = False):
+    """(names, shapes, numels, cl): cl[i] says tensor i (a 4-D convolution weight, when
+    `channels_last`) is stored in the flat row in channels-last order (out, kh, kw, in)."""
+    names, shapes, numels, cl = [], [], [], []
     for n, t in named:
         names.append(n)
         shapes.append(t.shape)
         numels.append(t.numel())
-    return names, shapes, numels
+        cl.append(bool(channels_last and t.dim() == 4))
+    return names, shapes, numels, cl
 
 
-def _split_views(flat: Tensor, names, shapes, numels, lead: tuple[int, ...]) -> dict[str, Tensor]:
+def _split_views(flat: Tensor, names, shapes, numels, cl, lead: tuple[int, ...]) -> dict[str, Tensor]:
+    """Views of the flat rows `flat` (*lead, D) with each tensor's logical shape; a
+    channels-last entry is a permuted view (channels-last strides)."""
     chunks = torch.split(flat, numels, dim=-1)
-    return {n: c.view((*lead, *s)) for n, c, s in zip(names, chunks, shapes)}
+    L = len(lead)
+    out = {}
+    for n, c, s, last in zip(names, chunks, shapes, cl):
+        if last:
+            o, i, kh, kw = s
+            out[n] = c.view((*lead, o, kh, kw, i)).permute(*range(L), L, L + 3, L + 1, L + 2)
+        else:
+            out[n] = c.view((*lead, *s))
+    return out
+
+
+def _flat(t: Tensor, last: bool) -> Tensor:
+    """A tensor's values in its flat-row order (channels-last order when `last`)."""
+    return (t.permute(0, 2, 3, 1) if last else t).reshape(-1)
 
 
 def weight_decay_mask(model: nn.Module, *, wd_norm_bias: bool) -> Tensor:
@@ -94,18 +112,21 @@ class Workers:
         self.model.train()
         named_p = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         named_b = list(self.model.named_buffers())
-        self._p_layout = _layout(named_p)
+        # channels_last: convolution weights are stored (and viewed) channels-last too, so
+        # convolutions see channels-last inputs AND weights
+        self._p_layout = _layout(named_p, channels_last)
         self._fb_layout = _layout([(n, b) for n, b in named_b if b.is_floating_point()])
         self._ib_layout = _layout([(n, b) for n, b in named_b if not b.is_floating_point()])
         first = named_p[0][1]
         self.device, self.dtype = first.device, first.dtype
 
-        def stack(named, dtype):
-            row = torch.cat([t.detach().reshape(-1).to(dtype) for _, t in named]) if named else \
-                torch.zeros(0, dtype=dtype, device=self.device)
+        def stack(named, dtype, cl=None):
+            cl = cl or [False] * len(named)
+            row = torch.cat([_flat(t.detach(), last).to(dtype) for (_, t), last in zip(named, cl)]) \
+                if named else torch.zeros(0, dtype=dtype, device=self.device)
             return row.unsqueeze(0).repeat(self.K, 1).contiguous()
 
-        self.params = stack(named_p, self.dtype)
+        self.params = stack(named_p, self.dtype, self._p_layout[3])
         self.momentum = torch.zeros_like(self.params)
         fb = [(n, b) for n, b in named_b if b.is_floating_point()]
         ib = [(n, b) for n, b in named_b if not b.is_floating_point()]
@@ -195,7 +216,8 @@ class Workers:
                     logits = m(x[k])
                 loss = F.cross_entropy(self._loss_logits(logits), y[k])
                 loss.backward()
-                torch.cat([p.grad.reshape(-1) for p in m.parameters() if p.requires_grad], out=grads[k])
+                torch.cat([_flat(p.grad, last) for p, last in
+                           zip([p for p in m.parameters() if p.requires_grad], self._p_layout[3])], out=grads[k])
                 losses.append(loss.detach())
                 correct.append((logits.detach().argmax(-1) == y[k]).sum())
             return torch.stack(losses), torch.stack(correct), grads

@@ -83,3 +83,16 @@ def test_probe_command_line_gives_one_line_and_an_exit_code(tmp_path, capsys):
         assert main(argv) == code, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
+
+
+def test_a_channels_last_checkpoint_reads_as_the_same_network(tmp_path):
+    # channels_last stores convolution weights channels-last in the checkpoint rows
+    cfg = TrainConfig(model="small_cnn", width=4, data="synthetic", synthetic_size=128, test_size=64,
+                      workers=2, local_batch=16, local_steps=2, lr=0.1, epochs=1, eval_every=4,
+                      bn_batches=2, precision="fp64", channels_last=True, checkpoint_every=4,
+                      out=str(tmp_path / "run"), backend="serial", progress=False)
+    train(cfg)
+    m_final, _ = load_model(str(tmp_path / "run" / "final.pt"))
+    m_ckpt, _ = load_model(str(tmp_path / "run" / "checkpoints" / "last.pt"))
+    for (n, a), (_, b) in zip(m_final.named_parameters(), m_ckpt.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=n)
