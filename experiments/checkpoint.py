@@ -91,8 +91,23 @@ def payload_digest(payload: dict) -> str:
     return h.hexdigest()
 
 
+def _plain(value):
+    """`value` with numpy scalars turned into Python numbers (so weights_only loading admits it)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:   # numpy scalar
+        return value.item()
+    return value
+
+
 def save_payload(path: str | os.PathLike, payload: dict) -> Path:
-    """torch.save `payload` plus its SHA-256 (under "sha256") to `path`, atomically."""
+    """torch.save `payload` (numpy scalars made plain) plus its SHA-256 (under "sha256") to
+    `path`, atomically."""
+    payload = _plain(payload)
     payload = {**payload, DIGEST_KEY: payload_digest(payload)}
     buf = io.BytesIO()
     torch.save(payload, buf)

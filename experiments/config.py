@@ -122,6 +122,12 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 bad(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
+        for f in fields(self):   # numpy scalars (a config computed with numpy) become plain values
+            v = getattr(self, f.name)
+            if hasattr(v, "item") and hasattr(v, "dtype") and getattr(v, "ndim", None) == 0:
+                object.__setattr__(self, f.name, v.item())
+            elif isinstance(v, tuple) and any(hasattr(x, "dtype") for x in v):
+                object.__setattr__(self, f.name, tuple(x.item() if hasattr(x, "item") else x for x in v))
         choice("model", MODELS)
         choice("norm", ("default", "batch", "group", "none"))
         choice("data", ("cifar10", "synthetic"))

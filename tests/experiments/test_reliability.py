@@ -295,3 +295,12 @@ def test_auto_backend_is_a_fixed_rule_written_to_config_json(tmp_path):
     train(tiny(tmp_path, epochs=2, backend="auto"))
     conf = json.loads((tmp_path / "run" / "config.json").read_text())
     assert conf["backend"] == "serial" and conf["backend_rule"].startswith("auto: serial")
+
+
+def test_numpy_scalars_in_a_config_are_stored_as_plain_numbers(tmp_path):
+    import numpy as np
+    cfg = tiny(tmp_path, epochs=np.float64(2.0), local_steps=np.int64(4), lr=np.float32(0.05))
+    assert type(cfg.epochs) is float and type(cfg.local_steps) is int and type(cfg.lr) is float
+    save_payload(tmp_path / "p.pt", {"format": "x", "n": np.int64(3), "v": [np.float64(0.5)]})
+    back = load_verified(tmp_path / "p.pt")       # weights_only=True admits it
+    assert back["n"] == 3 and type(back["n"]) is int and back["v"] == [0.5]
