@@ -41,6 +41,7 @@ from experiments.continuation import ContinuationConfig, fit_slope, run_continua
 from experiments.phi_reading import PhiCorrection
 from experiments.data import download_cifar10, load_cifar10, resolve_cifar10_dir
 from experiments.drift_check import PointSetup, extrapolate_to_zero_eta, prepare_point
+from experiments.manifold import GramPreconditioner
 from experiments.notebooks import record_provenance
 from experiments.plotstyle import SLOW_TIME_LABEL, apply_style, save_figure
 from sde.analysis import extrapolate_to_zero
@@ -168,6 +169,7 @@ def run_cifar(root: Path, s: CifarSettings, progress=print) -> dict:
     geometry = gauss_newton_geometry(obj, zeta)
     gradients = sharpness_gradients(obj, geometry)
     correction = PhiCorrection.at(obj, geometry, gradients)      # readings at Phi (experiments.phi_reading)
+    preconditioner = GramPreconditioner.at(obj, zeta)            # built once, shared by every rule and eta
     progress(f"  point: N={s.point.n} images {s.point.image_size}x{s.point.image_size}, D={obj.dim}, "
              f"L(zeta)={geometry.loss:.2e}, tr H={geometry.trace:.3f}, lambda_max={geometry.lambda_max:.3f} "
              f"({time.perf_counter() - start:.0f} s)")
@@ -188,6 +190,7 @@ def run_cifar(root: Path, s: CifarSettings, progress=print) -> dict:
                                                                              gradients=gradients)
             t0 = time.perf_counter()
             res = run_continuation(obj, zeta, config, generator=torch.Generator().manual_seed(s.seed),
+                                   preconditioner=preconditioner,
                                    correction=correction)
             tr, lm = fit_slope(res.times, res.trace), fit_slope(res.times, res.lambda_max)
             out["runs"].append({
