@@ -193,9 +193,6 @@ def check_plan(cfg: TrainConfig, plan: RunPlan) -> None:
     if cfg.sync == "post-local" and round(cfg.switch_epoch * plan.steps_per_epoch) >= plan.total_steps:
         raise ValueError(f"switch_epoch {cfg.switch_epoch} is at or after the end of the run "
                          f"(epochs {cfg.epochs}): it would be plain minibatch SGD throughout")
-    if cfg.checkpoint_every > plan.total_steps:
-        raise ValueError(f"checkpoint_every {cfg.checkpoint_every} exceeds the {plan.total_steps} "
-                         "steps of the run (use 0 for a checkpoint at the end only)")
 
 
 def configure_numerics(cfg: TrainConfig, device: torch.device) -> dict:

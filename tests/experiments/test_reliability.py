@@ -269,7 +269,7 @@ def test_values_accepted_silently_before_are_refused(tmp_path, changes, message)
 @pytest.mark.parametrize("changes,message", [
     (dict(track_sharpness=(99,)), r"track_sharpness index 99 is never reached: the run makes 2 evaluations"),
     (dict(sync="post-local", switch_epoch=4.0), r"switch_epoch 4.0 is at or after the end of the run"),
-    (dict(checkpoint_every=100), r"checkpoint_every 100 exceeds the 16 steps"),
+    (dict(steps_per_epoch=10), r"without replacement at most 4 steps fit in one epoch of 128 images"),
 ])
 def test_settings_that_would_do_nothing_are_refused_before_any_data(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
@@ -304,3 +304,11 @@ def test_numpy_scalars_in_a_config_are_stored_as_plain_numbers(tmp_path):
     save_payload(tmp_path / "p.pt", {"format": "x", "n": np.int64(3), "v": [np.float64(0.5)]})
     back = load_verified(tmp_path / "p.pt")       # weights_only=True admits it
     assert back["n"] == 3 and type(back["n"]) is int and back["v"] == [0.5]
+
+
+def test_a_preset_run_shorter_than_its_checkpoint_period_still_checkpoints_at_the_end(tmp_path):
+    from experiments.config import preset
+    cfg = preset("cpu-tiny", epochs=1, out=str(tmp_path / "run"), progress=False)
+    assert cfg.checkpoint_every == 8 and Trainer(cfg).total_steps == 4   # every preset checkpoints
+    train(cfg.replace(overwrite=True))
+    assert load_checkpoint(tmp_path / "run")["step"] == 4
