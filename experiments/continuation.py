@@ -158,9 +158,10 @@ def run_continuation(obj: Objective, zeta: Tensor, config: ContinuationConfig, *
     if obj.loss(zeta).item() > 1e-8:
         raise ValueError("zeta is not on Gamma (L > 1e-8): project it first")
     reference = preconditioner if preconditioner is not None else GramPreconditioner.at(obj, zeta)
-    if reference.vectors.shape[0] != obj.num_samples * _stacked_data(obj)[1].shape[1]:
+    outputs = obj.num_samples * obj.forward(zeta, obj.data[0][0][:1]).shape[-1]      # N C
+    if reference.vectors.shape[0] != outputs:
         raise ValueError(f"preconditioner has {reference.vectors.shape[0]} rows, the point has "
-                         f"N C = {obj.num_samples * _stacked_data(obj)[1].shape[1]}: build it at this zeta")
+                         f"N C = {outputs}: build it at this zeta")
     trace0, lmax0 = sharpness_on_manifold(obj, zeta, reference=reference)
     cfg = config
     if cfg.eta * lmax0 > cfg.max_eta_lambda:
