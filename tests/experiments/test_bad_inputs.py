@@ -119,3 +119,38 @@ def test_each_bad_input_gives_its_line_and_exit_code(files, capsys, monkeypatch,
     assert not (tmp_path / "PWNED-by-a-checkpoint").exists()
     assert not Path(files["new"]).exists() or not any(Path(files["new"]).iterdir())
     shutil.rmtree(files["new"], ignore_errors=True)
+
+
+def test_debug_shows_the_exception_and_unexpected_errors_say_so(files, capsys, monkeypatch):
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        train_cli.main(["--preset", "cpu-tiny", "--lr", "inf", "--debug"])
+    # a bug (not a user error) is exit 1 with a line that says how to see the traceback
+    import experiments.trainer as trainer_mod
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("boom")
+    monkeypatch.setattr(trainer_mod, "load_datasets", broken)
+    assert train_cli.main([a.format(**files) for a in BASE]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: internal error ZeroDivisionError: boom (run again with --debug for the traceback)"]
+
+
+def test_a_signal_before_training_stops_at_once_and_a_second_one_during_training_too():
+    import signal as sig
+    from experiments.divergence import Interrupted
+    stop = train_cli._SignalStop()
+    with pytest.raises(Interrupted, match="stopped by SIGTERM before training started") as info:
+        stop(sig.SIGTERM, None)
+    assert info.value.exit_code == 143
+
+    class FakeTrainer:
+        stop_signal, last_checkpoint = None, "run/checkpoints/last.pt"
+
+        def request_stop(self, signum):
+            self.stop_signal = signum
+    stop.trainer = FakeTrainer()
+    stop(sig.SIGINT, None)                          # the first asks for a graceful stop
+    assert stop.trainer.stop_signal == sig.SIGINT
+    with pytest.raises(Interrupted, match="second SIGINT without a checkpoint; last checkpoint: run/") as info:
+        stop(sig.SIGINT, None)
+    assert info.value.exit_code == 130

@@ -312,3 +312,17 @@ def test_a_preset_run_shorter_than_its_checkpoint_period_still_checkpoints_at_th
     assert cfg.checkpoint_every == 8 and Trainer(cfg).total_steps == 4   # every preset checkpoints
     train(cfg.replace(overwrite=True))
     assert load_checkpoint(tmp_path / "run")["step"] == 4
+
+
+def test_a_final_file_without_a_digest_loads_tensors_only_with_a_warning(tmp_path):
+    # files other tools write in the final.pt format (experiments.sharpness snapshots today)
+    from experiments.checkpoint import FINAL_FORMAT, UnverifiedFileWarning
+    from experiments.trainer import build_network
+    cfg = tiny(tmp_path)
+    net = build_network(cfg, torch.device("cpu"), torch.float32)
+    torch.save({"format": FINAL_FORMAT, "config": cfg.to_dict(), "state_dict": net.state_dict()}, tmp_path / "s.pt")
+    with pytest.warns(UnverifiedFileWarning, match="carries no SHA-256"):
+        model, _ = load_model(str(tmp_path / "s.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), net.state_dict().values()))
+    with pytest.raises(CheckpointFileError, match="carries no SHA-256"):   # a checkpoint must have one
+        load_verified(tmp_path / "s.pt")
