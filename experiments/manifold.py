@@ -381,7 +381,7 @@ def gram_solve_cg(obj: Objective, theta: Tensor, r: Tensor, preconditioner: Gram
     so (shift 0) ||v - J^T a||^2 decreases monotonically to ||P v||^2 while the residual need not:
     when J J^T has a cluster of numerically null eigenvalues the residual climbs back (1e-8 -> 1e-4)
     and ||v - J^T a||^2 drops in steps, one null direction at a time (seen at the n = 1,000 and
-    2,000 points, benchmarks/results/big_point_findings.md).
+    2,000 points, docs/studies/big_point_findings.md).
 
     shift >= 0 (Tikhonov, in Gram units = N x Hessian units): v - J^T a is then the tangent
     projection with the directions of Gram eigenvalue << shift counted as tangent and those >> shift
