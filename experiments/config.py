@@ -26,7 +26,7 @@ AVERAGE_POLICIES = ("average", "local", "reset")
 # between a run and its resume (a checkpoint written by the serial backend resumes on vmap).
 RUN_ONLY_FIELDS = frozenset({"out", "resume", "backend", "data_dir", "download", "device",
                              "dist_timeout", "progress", "eval_batch", "overwrite", "blowup_factor",
-                             "dist_backend", "tf32", "deterministic"})
+                             "dist_backend", "tf32", "deterministic", "compile"})
 CIFAR10_SIZES = {"train": 50_000, "test": 10_000}
 
 
@@ -107,6 +107,7 @@ class TrainConfig:
     backend: str = "auto"               # "serial" | "vmap" | "auto"
     precision: str = "fp32"             # "fp32" | "bf16" (autocast) | "fp64"
     channels_last: bool = False
+    compile: bool = False               # torch.compile the stacked (vmap) workers' forward pass
     device: str = "auto"                # "auto" | "cpu" | "cuda"
     dist_backend: str = "auto"          # process group: "auto" (nccl on GPU, gloo on CPU) | "gloo" | "nccl"
     tf32: bool = False                  # GPU: allow TF32 matmuls / convolutions for fp32 (off: true fp32)
@@ -141,6 +142,8 @@ class TrainConfig:
         choice("precision", ("fp32", "bf16", "fp64"))
         choice("device", ("auto", "cpu", "cuda"))
         choice("dist_backend", ("auto", "gloo", "nccl"))
+        if self.compile and self.backend == "serial":
+            bad("compile applies to the stacked workers: use backend vmap or auto, not serial")
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):

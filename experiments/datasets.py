@@ -16,15 +16,49 @@ Conventions:
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
-from experiments.data import CIFAR10_MEAN, CIFAR10_STD, normalize
+from experiments.data import CIFAR10_MEAN, CIFAR10_STD, CorruptFileError, normalize
 
 
 def _draw_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
+
+
+def draw_crop_flip(n: int, *, generator: torch.Generator | None, padding: int = 4,
+                   flip: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random draws of `random_crop_flip` for n images: (oy, ox, flips), each (n,), drawn on
+    the generator's device in this order (row offsets, column offsets, flips)."""
+    dev = _draw_device(generator)
+    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
+    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
+    flips = torch.rand(n, generator=generator, device=dev) < 0.5 if flip \
+        else torch.zeros(n, dtype=torch.bool, device=dev)
+    return oy, ox, flips
+
+
+def crop_flip(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flips: torch.Tensor, *,
+              padding: int = 4) -> torch.Tensor:
+    """Crop each image of (B, C, H, W) at offsets (oy, ox) of its zero-padded copy and flip it
+    left-right where `flips`; one gather over the padded batch, on the images' device."""
+    b, c, h, w = images.shape
+    dev = images.device
+    oy, ox, flips = oy.to(dev), ox.to(dev), flips.to(dev)
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    hp, wp = h + 2 * padding, w + 2 * padding
+    rows = oy[:, None] + torch.arange(h, device=dev)                 # (B, H)
+    cols = ox[:, None] + torch.arange(w, device=dev)                 # (B, W)
+    cols = torch.where(flips[:, None], cols.flip(-1), cols)
+    flat = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
+    return padded.reshape(b, c, hp * wp).gather(2, flat).reshape(b, c, h, w)
 
 
 def random_crop_flip(images: torch.Tensor, *, generator: torch.Generator | None,
@@ -37,19 +71,8 @@ def random_crop_flip(images: torch.Tensor, *, generator: torch.Generator | None,
     """
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
-    b, c, h, w = images.shape
-    dev = _draw_device(generator)
-    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev).to(images.device)
-    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev).to(images.device)
-    flips = torch.rand(b, generator=generator, device=dev).to(images.device) < 0.5 if flip \
-        else torch.zeros(b, dtype=torch.bool, device=images.device)
-    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
-    hp, wp = h + 2 * padding, w + 2 * padding
-    rows = oy[:, None] + torch.arange(h, device=images.device)                 # (B, H)
-    cols = ox[:, None] + torch.arange(w, device=images.device)                 # (B, W)
-    cols = torch.where(flips[:, None], cols.flip(-1), cols)
-    flat = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
-    return padded.reshape(b, c, hp * wp).gather(2, flat).reshape(b, c, h, w)
+    oy, ox, flips = draw_crop_flip(images.shape[0], generator=generator, padding=padding, flip=flip)
+    return crop_flip(images, oy, ox, flips, padding=padding)
 
 
 def flip_labels(y: torch.Tensor, p: float, num_classes: int,
@@ -116,15 +139,27 @@ class DeviceDataset:
         return self.images.shape[0]
 
     def batch(self, indices: torch.Tensor, *, augment: bool,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) for ``indices`` (..., B): x float (..., B, C, H, W) normalized, y int64 (..., B)."""
+              generator: torch.Generator | Sequence[torch.Generator] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) for ``indices`` (..., B): x float (..., B, C, H, W) normalized, y int64 (..., B).
+
+        `generator` draws the augmentation; a sequence of generators, one per row of a 2-D
+        (K, B) `indices`, gives row k its own stream (the draws of `batch(indices[k],
+        generator=generator[k])`, all rows then cropped in one gather).
+        """
         if augment and generator is None:
             raise ValueError("augment=True needs an explicit torch.Generator")
         idx = indices.to(self.device, torch.int64)
         flat = idx.reshape(-1)
         x = self.images.index_select(0, flat)
-        if augment:
+        if augment and isinstance(generator, torch.Generator):
             x = random_crop_flip(x, generator=generator)
+        elif augment:
+            if idx.dim() != 2 or len(generator) != idx.shape[0]:
+                raise ValueError(f"one generator per row of (K, B) indices needed, got "
+                                 f"{len(generator)} for indices {tuple(idx.shape)}")
+            draws = [draw_crop_flip(idx.shape[1], generator=g) for g in generator]
+            x = crop_flip(x, *(torch.cat(parts) for parts in zip(*draws)))
         x = normalize(x, self.mean, self.std, dtype=self.dtype)
         return x.reshape(*idx.shape, *x.shape[1:]), self.labels.index_select(0, flat).reshape(idx.shape)
 
@@ -179,3 +214,82 @@ def synthetic_cifar(n: int, *, seed: int, num_classes: int = 10, noise: float = 
     pixels = 128.0 + contrast * templates[labels] + noise * torch.randn(n, 3, image_size, image_size,
                                                                         generator=g)
     return pixels.round().clamp(0, 255).to(torch.uint8), labels.to(torch.int64)
+
+
+# ---------------------------------------------------------------------------- packed subsets
+PACK_MANIFEST = "manifest.json"
+PACK_FORMAT = "localsgd-cifar-pack-1"
+_PACK_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def is_pack(folder) -> bool:
+    """Whether `folder` holds a packed subset (a manifest written by `write_pack`)."""
+    return (Path(folder) / PACK_MANIFEST).is_file()
+
+
+def pack_train_size(folder) -> int:
+    """The number of training images a pack's manifest announces (nothing else is read)."""
+    try:
+        return int(json.loads((Path(folder) / PACK_MANIFEST).read_text())["files"]["train_labels"]["shape"][0])
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CorruptFileError(f"{Path(folder) / PACK_MANIFEST}: not a readable pack manifest ({exc})") from exc
+
+
+def write_pack(folder, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+               *, source: str = "") -> dict:
+    """Write uint8 (N, 3, H, W) images and labels of a train and a test split as .npy files
+    plus a manifest with their shapes and SHA-256 digests (written last, atomically, so a
+    half-written pack has no manifest). Returns the manifest."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = dict(zip(_PACK_ARRAYS, (*train, *test)))
+    files = {}
+    for name, t in arrays.items():
+        a = t.detach().cpu().numpy().astype(np.uint8 if "images" in name else np.int64)
+        path = folder / f"{name}.npy"
+        tmp = path.with_suffix(".npy.tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, a, allow_pickle=False)
+        os.replace(tmp, path)
+        files[name] = {"file": path.name, "shape": list(a.shape), "dtype": str(a.dtype),
+                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    manifest = {"format": PACK_FORMAT, "source": source, "files": files,
+                "class_counts": {s: torch.bincount(arrays[f"{s}_labels"].cpu().long()).tolist()
+                                 for s in ("train", "test")}}
+    tmp = folder / (PACK_MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, folder / PACK_MANIFEST)
+    return manifest
+
+
+def read_pack(folder) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """((train images, labels), (test images, labels)) of a pack, every file checked against
+    the manifest's SHA-256, shape and dtype first; a missing or altered file raises
+    `experiments.data.CorruptFileError` naming it."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / PACK_MANIFEST).read_text())
+        if manifest.get("format") != PACK_FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r}, expected {PACK_FORMAT!r}")
+        entries = [manifest["files"][name] for name in _PACK_ARRAYS]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptFileError(f"{folder / PACK_MANIFEST}: not a readable pack manifest ({exc})") from exc
+    out = []
+    for name, entry in zip(_PACK_ARRAYS, entries):
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise CorruptFileError(f"{path}: missing from the pack")
+        payload = path.read_bytes()
+        if hashlib.sha256(payload).hexdigest() != entry["sha256"]:
+            raise CorruptFileError(f"{path}: SHA-256 differs from the pack manifest (corrupt or altered)")
+        a = np.load(io.BytesIO(payload), allow_pickle=False)
+        if list(a.shape) != entry["shape"] or str(a.dtype) != entry["dtype"]:
+            raise CorruptFileError(f"{path}: holds {a.dtype} {a.shape}, the manifest says "
+                                   f"{entry['dtype']} {entry['shape']}")
+        out.append(torch.from_numpy(a.copy()))
+    tr_x, tr_y, te_x, te_y = out
+    for x, y, split in ((tr_x, tr_y, "train"), (te_x, te_y, "test")):
+        if x.dim() != 4 or y.shape != x.shape[:1]:
+            raise CorruptFileError(f"{folder}: the {split} split has images {tuple(x.shape)} and "
+                                   f"labels {tuple(y.shape)}")
+    return (tr_x, tr_y), (te_x, te_y)

@@ -57,8 +57,10 @@ HELP = {
     "deterministic": "deterministic algorithms (torch.use_deterministic_algorithms, no cuDNN autotuning)",
     "blowup_factor": "divergence when a step's loss or the parameter norm exceeds this x its round-start value (0: only non-finite values)",
     "epochs": "length of the run; with --resume a larger value extends the run: from the checkpoint's step on, the learning-rate schedule (cosine, step milestones) and the QSR periods are those of the new length",
-    "backend": "serial | vmap | auto (fixed rule: serial on CPU, vmap on GPU; the same in every rank; written to config.json)",
-    "precision": "fp32 | bf16 (autocast) | fp64",
+    "backend": "serial | vmap | auto (fixed rule: serial on CPU, vmap on GPU or with --compile; the same in every rank; written to config.json)",
+    "precision": "fp32 | bf16 (autocast of the forward pass, on a GPU or the CPU) | fp64",
+    "compile": "torch.compile the stacked workers' forward pass (backend vmap; auto then picks vmap)",
+    "channels_last": "channels-last layout for convolution inputs and weights",
     "label_noise": "probability of flipping each drawn label",
     "train_size": "0: the whole training set; else a class-balanced subset (first n // 10 of each class in record order, one more for the first n %% 10 classes)",
 }

@@ -119,7 +119,8 @@ def check_data_available(cfg: TrainConfig) -> None:
         return
     from experiments.data import BINARY_DIR, BINARY_TAR, PYTHON_DIR, PYTHON_TAR, resolve_cifar10_dir
     root = resolve_cifar10_dir(cfg.data_dir or None)
-    if root.is_file():
+    from experiments.datasets import is_pack
+    if root.is_file() or is_pack(root):
         return
     if not any((root / n).exists() for n in (BINARY_DIR, BINARY_TAR, PYTHON_DIR, PYTHON_TAR)):
         raise FileNotFoundError(
@@ -138,11 +139,15 @@ def load_datasets(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
         test = (images[cfg.synthetic_size:], labels[cfg.synthetic_size:])
     else:
         from experiments.data import download_cifar10, load_cifar10, resolve_cifar10_dir
+        from experiments.datasets import is_pack, read_pack
         check_data_available(cfg)
         root = resolve_cifar10_dir(cfg.data_dir or None)
-        if cfg.download:
-            download_cifar10(root)
-        train, test = load_cifar10(root, "train"), load_cifar10(root, "test")
+        if is_pack(root):   # a packed real subset (benchmarks/pack_cifar_subset.py), checksums checked
+            train, test = read_pack(root)
+        else:
+            if cfg.download:
+                download_cifar10(root)
+            train, test = load_cifar10(root, "train"), load_cifar10(root, "test")
         if cfg.train_size:
             from experiments.data import balanced_subset
             train = balanced_subset(*train, cfg.train_size, num_classes=cfg.num_classes)
@@ -161,9 +166,18 @@ class RunPlan:
     evaluations: int
 
 
+def _full_train_size(cfg: TrainConfig) -> int:
+    """Training images of the real data: a pack's count (from its manifest), else 50,000."""
+    if cfg.data_dir:
+        from experiments.datasets import is_pack, pack_train_size
+        if is_pack(cfg.data_dir):
+            return pack_train_size(cfg.data_dir)
+    return 50_000
+
+
 def plan_run(cfg: TrainConfig) -> RunPlan:
     """The `RunPlan` of `cfg` (replays the schedules; ValueError if no step fits)."""
-    n = cfg.synthetic_size if cfg.data == "synthetic" else (cfg.train_size or 50_000)
+    n = cfg.synthetic_size if cfg.data == "synthetic" else (cfg.train_size or _full_train_size(cfg))
     spe = cfg.steps_per_epoch or (n // cfg.workers) // cfg.local_batch
     if spe < 1:
         raise ValueError(f"no full step fits: {n} training images over {cfg.workers} workers x "
@@ -214,11 +228,13 @@ def configure_numerics(cfg: TrainConfig, device: torch.device) -> dict:
             "device": str(device)}
 
 
-def auto_backend(device: torch.device) -> tuple[str, str]:
+def auto_backend(device: torch.device, compile: bool = False) -> tuple[str, str]:
     """(backend, reason) of backend='auto': a fixed rule of the device type, so every rank and
     every run of a config (1 process or P) chooses the same."""
     if torch.device(device).type == "cuda":
         return "vmap", "auto: vmap on a GPU (one batched kernel for all workers)"
+    if compile:
+        return "vmap", "auto: vmap with compile (torch.compile applies to the stacked workers)"
     return "serial", "auto: serial on the CPU (faster there, BENCHMARKS.md bench_trainer)"
 
 
@@ -347,11 +363,17 @@ class Trainer:
 
         model = build_network(cfg, self.device, self.dtype)
         options = dict(sgd=SGDOptions(cfg.momentum, cfg.nesterov, cfg.wd, cfg.wd_norm_bias),
-                       autocast_dtype=autocast, channels_last=cfg.channels_last)
-        self.generators = [torch.Generator().manual_seed(_seed(cfg.seed, 1, k)) for k in self.my_workers]
+                       autocast_dtype=autocast, channels_last=cfg.channels_last, compile=cfg.compile)
+        # per-worker data generators on the data's device: the augmentation and label-noise
+        # draws are made where the data live, nothing is drawn on the host and copied per step
+        self.generators = [torch.Generator(device=self.device).manual_seed(_seed(cfg.seed, 1, k))
+                           for k in self.my_workers]
         self.backend, self.backend_rule = cfg.backend, "given"
         if self.backend == "auto":
-            self.backend, self.backend_rule = auto_backend(self.device)
+            self.backend, self.backend_rule = auto_backend(self.device, cfg.compile)
+        if cfg.compile and self.backend != "vmap":
+            raise ValueError("compile applies to the stacked workers: it needs backend vmap (or auto), "
+                             f"got backend {self.backend!r}")
         self.workers = Workers(model, self.K_loc, backend=self.backend, **options)
         self.eval_model = copy.deepcopy(model).eval()
         self.averager = WorkerAverager(AveragingPolicy(cfg.average_buffers, cfg.average_momentum),
@@ -375,14 +397,13 @@ class Trainer:
         """Per-worker batches for indices (K_loc, B): each worker draws its augmentation and
         label noise from its own generator, so the data do not depend on the process layout."""
         from experiments.datasets import flip_labels
-        xs, ys = [], []
-        for k in range(idx.shape[0]):
-            x, y = self.train_set.batch(idx[k], augment=self.cfg.aug, generator=generators[k])
-            if self.cfg.label_noise:
-                y = flip_labels(y, self.cfg.label_noise, self.cfg.num_classes, generators[k])
-            xs.append(x)
-            ys.append(y)
-        return torch.stack(xs), torch.stack(ys)
+        # one gather + crop for all workers; worker k's draws come from generators[k] in the
+        # order augmentation, then label noise (the same streams as one batch per worker)
+        x, y = self.train_set.batch(idx, augment=self.cfg.aug, generator=list(generators))
+        if self.cfg.label_noise:
+            y = torch.stack([flip_labels(y[k], self.cfg.label_noise, self.cfg.num_classes, g)
+                             for k, g in enumerate(generators)])
+        return x, y
 
     # ------------------------------------------------------------------ state
     def _broadcast_initial(self) -> None:
@@ -422,7 +443,13 @@ class Trainer:
         with torch.no_grad():
             for name in ("params", "momentum", "buffers", "counters"):
                 getattr(w, name).copy_(s[name][sl].to(self.device))
-        for g, state in zip(self.generators, s["generators"][sl]):
+        states = s["generators"][sl]
+        mine = self.generators[0].get_state()
+        if states.shape[1:] != mine.shape:
+            raise ValueError(f"the checkpoint's data generators hold {states.shape[1]}-byte states, this "
+                             f"run's ({self.device.type}) {mine.numel()}-byte ones: the data streams "
+                             "live on the device, so resume on the device type that wrote the checkpoint")
+        for g, state in zip(self.generators, states):
             g.set_state(state.clone())
         self.round, self.step, self.evaluations = int(s["round"]), int(s["step"]), int(s["evaluations"])
         self.round_first = int(s.get("round_first", self.step))
@@ -494,20 +521,21 @@ class Trainer:
     @torch.no_grad()
     def _test_sums(self, model: nn.Module) -> torch.Tensor:
         d, n = self.dist, len(self.test_set)
-        idx = torch.arange(d.rank, n, d.world_size)
-        sums = torch.zeros(3, dtype=torch.float64)
+        idx = torch.arange(d.rank, n, d.world_size, device=self.test_set.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.test_set.device)   # read once, by the caller
         for chunk in torch.split(idx, self.cfg.eval_batch):
             x, y = self.test_set.batch(chunk, augment=False)
             with self.workers._autocast():
                 logits = model(x)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            sums += torch.tensor([float(F.cross_entropy(logits, y, reduction="sum")),
-                                  float((logits.argmax(-1) == y).sum()), len(y)], dtype=torch.float64)
+            sums[0] += F.cross_entropy(logits, y, reduction="sum").to(torch.float64)
+            sums[1] += (logits.argmax(-1) == y).sum().to(torch.float64)
+            sums[2] += len(y)
         return sums
 
     def _evaluate(self, r: int, H: int, spread_sum: float, wall: float) -> EvalRecord:
         model = self._load_eval_model(self.evaluations)
-        sums = torch.cat([self._test_sums(model), self.accum.cpu()])
+        sums = torch.cat([self._test_sums(model), self.accum]).cpu()
         self.dist.all_reduce_sum_(sums)
         test_loss, test_correct, test_n, tr_loss, tr_correct, tr_n = sums.tolist()
         if not (math.isfinite(test_loss) and math.isfinite(tr_loss)):
@@ -560,7 +588,9 @@ class Trainer:
                     break
                 epoch, within = divmod(t, self.steps_per_epoch)
                 if epoch != cached_epoch:
-                    epoch_idx, cached_epoch = self.sampler.epoch(epoch, workers=self.my_workers), epoch
+                    # one host-to-device copy of the epoch's indices, none per step
+                    epoch_idx = self.sampler.epoch(epoch, workers=self.my_workers).to(self.device)
+                    cached_epoch = epoch
                 x, y = self._batches(epoch_idx[within], self.generators)
                 loss, correct = w.step(x, y, self.lr(t))
                 # on the device, no host synchronization (nor a host-to-device copy) per step

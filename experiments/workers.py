@@ -96,14 +96,18 @@ class Workers:
         backend: "serial" or "vmap".
         sgd: `SGDOptions`.
         autocast_dtype: e.g. torch.bfloat16 for bf16 autocast of the forward pass, or None.
-        channels_last: give convolutions channels-last inputs.
+        channels_last: give convolutions channels-last inputs (and store their weights so).
+        compile: `torch.compile` the vmapped forward pass (backend "vmap" only; the first step
+            compiles, minutes on a CPU).
     """
 
     def __init__(self, model: nn.Module, num_workers: int, *, backend: str = "serial",
                  sgd: SGDOptions = SGDOptions(), autocast_dtype: torch.dtype | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, compile: bool = False):
         if backend not in ("serial", "vmap"):
             raise ValueError(f"backend must be 'serial' or 'vmap', got {backend!r}")
+        if compile and backend != "vmap":
+            raise ValueError("compile applies to the stacked workers: it needs backend 'vmap'")
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.K, self.backend, self.sgd = num_workers, backend, sgd
@@ -145,6 +149,13 @@ class Workers:
             self._decayed = [i for i, t in enumerate(mask.values()) if bool(t.reshape(-1)[0])]
         else:
             self.params.requires_grad_(True)
+            model_ = self.model
+
+            def one(p, b, xk):   # one worker's forward pass from its parameters and buffers
+                return functional_call(model_, {**p, **b}, (xk,))
+            self._stacked = vmap(one)
+            if compile:
+                self._stacked = torch.compile(self._stacked)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -229,11 +240,8 @@ class Workers:
         ib = {n: t.clone() for n, t in _split_views(self.counters, *self._ib_layout, (self.K,)).items()}
         bv = {**fb, **ib}
 
-        def f(p, b, xk):
-            return functional_call(self.model, {**p, **b}, (xk,))
-
         with self._autocast():
-            logits = vmap(f)(pv, bv, x)
+            logits = self._stacked(pv, bv, x)
         with torch.no_grad():
             if fb:
                 torch.cat([t.reshape(self.K, -1) for t in fb.values()], dim=1, out=self.buffers)

@@ -168,3 +168,45 @@ def test_synthetic_cifar_is_deterministic_balanced_and_learnable():
     means = torch.stack([z[:1000][y[:1000] == k].mean(0) for k in range(10)])
     pred = torch.cdist(z[1000:], means).argmin(1)
     assert (pred == y[1000:]).double().mean().item() > 0.9
+
+
+def test_per_worker_generators_give_each_row_the_draws_of_its_own_batch():
+    # the batched path (one gather for K rows, row k drawing from generator k) against K
+    # separate batches from generators with the same seeds: identical bits, and the
+    # generators end in the same states (the next draws agree too)
+    images = _random_images(40)
+    data = DeviceDataset(images, torch.arange(40) % 10, device="cpu")
+    idx = torch.randperm(40, generator=torch.Generator().manual_seed(4))[:24].reshape(3, 8)
+    gens_a = [torch.Generator().manual_seed(10 + k) for k in range(3)]
+    gens_b = [torch.Generator().manual_seed(10 + k) for k in range(3)]
+    x, y = data.batch(idx, augment=True, generator=gens_a)
+    for k in range(3):
+        xk, yk = data.batch(idx[k], augment=True, generator=gens_b[k])
+        assert torch.equal(x[k], xk) and torch.equal(y[k], yk)
+    for ga, gb in zip(gens_a, gens_b):
+        assert torch.equal(ga.get_state(), gb.get_state())
+    assert not torch.equal(x[0], x[1])   # rows differ (different images and draws)
+    with pytest.raises(ValueError, match="one generator per row"):
+        data.batch(idx, augment=True, generator=gens_a[:2])
+
+
+def test_pack_round_trip_and_corruption_refused(tmp_path):
+    from experiments.data import CorruptFileError
+    from experiments.datasets import is_pack, read_pack, write_pack
+    tr = _random_images(30), torch.arange(30) % 10
+    te = _random_images(10, seed=5), torch.arange(10) % 10
+    assert not is_pack(tmp_path)
+    manifest = write_pack(tmp_path, tr, te, source="test")
+    assert is_pack(tmp_path) and manifest["class_counts"]["train"] == [3] * 10
+    (a, b), (c, d) = read_pack(tmp_path)
+    assert torch.equal(a, tr[0]) and torch.equal(b, tr[1]) and torch.equal(c, te[0]) and torch.equal(d, te[1])
+    assert a.dtype == torch.uint8 and b.dtype == torch.int64
+    path = tmp_path / "train_images.npy"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF   # one pixel altered: the file still parses, only its digest tells
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptFileError, match="train_images.npy: SHA-256 differs"):
+        read_pack(tmp_path)
+    path.unlink()
+    with pytest.raises(CorruptFileError, match="train_images.npy: missing"):
+        read_pack(tmp_path)

@@ -122,3 +122,72 @@ def test_numerics_are_set_explicitly_and_recorded(tmp_path):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
         torch.use_deterministic_algorithms(saved[2])
         torch.backends.cudnn.benchmark = saved[3]
+
+
+def _tiny_pack(folder):
+    from experiments.datasets import synthetic_cifar, write_pack
+    images, labels = synthetic_cifar(128 + 64, seed=10_007)   # what tiny()'s synthetic data are
+    write_pack(folder, (images[:128], labels[:128]), (images[128:], labels[128:]), source="synthetic test")
+    return folder
+
+
+def test_trainer_reads_a_packed_subset_with_its_checksums(tmp_path, capsys):
+    # a pack in --data-dir is read instead of the CIFAR-10 archive: the run sees exactly the
+    # packed images (same run as the synthetic data it was packed from), and an altered pack
+    # is refused with exit 3 before training
+    from experiments import train as train_cli
+    pack = _tiny_pack(tmp_path / "pack")
+    via_pack = train(tiny(tmp_path, data="cifar10", data_dir=str(pack), out=str(tmp_path / "a"),
+                          synthetic_size=128))
+    direct = train(tiny(tmp_path, out=str(tmp_path / "b")))
+    assert [r.test_loss for r in via_pack.records] == [r.test_loss for r in direct.records]
+    raw = bytearray((pack / "test_labels.npy").read_bytes())
+    raw[-1] ^= 1
+    (pack / "test_labels.npy").write_bytes(bytes(raw))
+    code = train_cli.main(["--model", "small_cnn", "--width", "4", "--data", "cifar10", "--data-dir",
+                           str(pack), "--workers", "2", "--local-batch", "8", "--no-progress",
+                           "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1 and "test_labels.npy: SHA-256 differs from the pack manifest" in err[0]
+
+
+def test_compile_choices(tmp_path):
+    from experiments.trainer import auto_backend
+    with pytest.raises(ValueError, match="compile applies to the stacked workers"):
+        tiny(tmp_path, compile=True, backend="serial")
+    assert auto_backend(torch.device("cpu"), compile=True)[0] == "vmap"
+    assert auto_backend(torch.device("cpu"))[0] == "serial"
+
+
+def test_data_generators_live_on_the_device_and_a_foreign_state_is_refused(tmp_path):
+    trainer = Trainer(tiny(tmp_path))
+    assert all(g.device == trainer.device for g in trainer.generators)
+    state = trainer.checkpoint_state()
+    state["generators"] = torch.zeros(4, 16, dtype=torch.uint8)   # a CUDA generator's state size
+    with pytest.raises(ValueError, match="resume on the device type that wrote the checkpoint"):
+        trainer._restore(state)
+
+
+def test_no_host_reads_per_step(tmp_path, monkeypatch):
+    # the step loop reads nothing back from tensors (.item(), float(), int(), .tolist()): runs
+    # with the same rounds, evaluations and checkpoints but 4x the steps (H = 2 over 8 steps,
+    # H = 8 over 32) make the same number of such reads. What remains is per round (the
+    # divergence verdict at each round end) and per evaluation. (On the CPU the per-step
+    # divergence flag is a bool() of a CPU tensor, not counted; on a GPU it is read
+    # asynchronously.)
+    counts = {"n": 0}
+    for name in ("item", "__float__", "__int__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **k):
+            counts["n"] += 1
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = []
+    for H, epochs in ((2, 2), (8, 8)):
+        counts["n"] = 0
+        result = train(tiny(tmp_path, backend="vmap", aug=True, label_noise=0.1, local_steps=H,
+                            epochs=epochs, eval_every=0, out=str(tmp_path / f"e{epochs}")))
+        assert result.records[-1].step == 4 * epochs
+        reads.append(counts["n"])
+    assert reads[0] == reads[1] and reads[0] > 0

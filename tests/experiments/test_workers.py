@@ -181,3 +181,63 @@ def test_channels_last_applies_to_weights_and_changes_no_result(backend):
     for n in sa:
         torch.testing.assert_close(sa[n], sb[n], rtol=0, atol=1e-10, msg=n)
     torch.testing.assert_close(plain.buffers, cl.buffers, rtol=0, atol=1e-10)
+
+
+def test_stacked_workers_equal_serial_in_float64_to_rounding():
+    # the stacked (vmap) workers and the serial reference over 4 steps of a BN network with
+    # Nesterov momentum and weight decay: float64, so only the summation order of the batched
+    # kernels may differ (~1e-16 relative per operation; 1e-12 leaves room for 4 steps)
+    model = build_model("small_cnn", width=4, norm="batch").double()
+    sgd = SGDOptions(momentum=0.9, nesterov=True, weight_decay=5e-4)
+    ws = {b: Workers(model, 3, backend=b, sgd=sgd, channels_last=True) for b in ("serial", "vmap")}
+    for x, y in _batches(3, 4, (3, 32, 32), 4, seed=7, classes=10):
+        out = {b: w.step(x, y, lr=0.1) for b, w in ws.items()}
+        torch.testing.assert_close(out["serial"][0], out["vmap"][0], rtol=0, atol=1e-12)
+        assert torch.equal(out["serial"][1], out["vmap"][1])
+    s, v = ws["serial"], ws["vmap"]
+    assert (s.params[0] - s.params[1]).abs().max() > 1e-3      # the workers really differ
+    for name in ("params", "momentum", "buffers"):
+        torch.testing.assert_close(getattr(v, name).detach(), getattr(s, name).detach(), rtol=0, atol=1e-12)
+    assert torch.equal(s.counters, v.counters)
+
+
+def test_bf16_autocast_on_the_cpu_stacked_and_serial():
+    # bf16 autocast is allowed on the CPU (torch's CPU autocast): the stacked and serial
+    # workers run the same bf16 kernels up to batching, so their losses agree to bf16 rounding
+    # (8 mantissa bits, relative 2^-8 ~ 4e-3 per rounding; 2e-2 over a small CNN), and they are
+    # really bf16 (different from the fp32 losses)
+    model = build_model("small_cnn", width=4)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 8, 3, 32, 32, generator=g), torch.randint(0, 10, (2, 8), generator=g)
+    out = {b: Workers(model, 2, backend=b, autocast_dtype=torch.bfloat16).step(x, y, 0.1)
+           for b in ("serial", "vmap")}
+    fp32 = Workers(model, 2, backend="vmap").step(x, y, 0.1)
+    torch.testing.assert_close(out["vmap"][0], out["serial"][0], rtol=2e-2, atol=0)
+    assert out["vmap"][0].dtype == torch.float32
+    assert not torch.equal(out["vmap"][0], fp32[0])
+
+
+def test_compile_needs_the_stacked_backend():
+    with pytest.raises(ValueError, match="compile applies to the stacked workers"):
+        Workers(tiny_mlp(), 2, backend="serial", compile=True)
+
+
+@pytest.mark.slow
+def test_compiled_stacked_workers_agree_with_eager():
+    # torch.compile of the vmapped forward pass (about 2 minutes of compilation on one shared
+    # CPU core, hence slow): two steps of a BatchNorm CNN, parameters, momentum and BN buffers
+    # equal to eager to float32 rounding (the compiler fuses and reorders: 1e-5)
+    model = build_model("small_cnn", width=4, norm="batch")
+    sgd = SGDOptions(momentum=0.9)
+    eager = Workers(model, 2, backend="vmap", sgd=sgd)
+    comp = Workers(model, 2, backend="vmap", sgd=sgd, compile=True)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x, y = torch.randn(2, 4, 3, 32, 32, generator=g), torch.randint(0, 10, (2, 4), generator=g)
+        a, b = eager.step(x, y, 0.1), comp.step(x, y, 0.1)
+        torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-5)
+    for name in ("params", "momentum", "buffers"):
+        torch.testing.assert_close(getattr(comp, name).detach(), getattr(eager, name).detach(),
+                                   rtol=1e-5, atol=1e-5)
+    assert (eager.buffers - eager.initial_buffers).abs().max() > 1e-3   # BN statistics moved
+    assert torch.equal(comp.counters, eager.counters)
