@@ -18,7 +18,7 @@ from experiments.models import build_model
 from experiments.sampling import WorkerSampler, node_shards
 
 
-def _data(n=80, dim=12, seed=0):
+def _data(n=80, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, 2, 2, generator=g, dtype=torch.float64)
     y = torch.arange(n) % 10
