@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_REQ ?= torch==2.13.0
 # CIFAR-10 is found by experiments.data.resolve_cifar10_dir (CIFAR10_DIR if set, else a search).
 
-.PHONY: venv test test-slow demo figures bench clean-venv
+.PHONY: venv test test-slow demo figures bench gpu-check clean-venv
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,12 @@ figures: venv
 
 bench: $(VENV)/.bench-installed
 	$(PY) -m benchmarks.run_all
+
+# On a GPU machine, with its own python3 and torch (installs nothing; needs data_subset/ from
+# `python -m benchmarks.pack_cifar_subset`): pytest -m cuda + the GPU benchmarks, <= 8 minutes.
+OUT ?= runs/gpu_check
+gpu-check:
+	benchmarks/gpu_check.sh $(OUT)
 
 clean-venv:
 	rm -rf $(VENV)
