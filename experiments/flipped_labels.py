@@ -184,6 +184,22 @@ class FlipSetup:
     adam_lr: float = 3e-3
 
 
+def train_to_soft_targets(obj: Objective, *, steps: int = 4000, lr: float = 3e-3, gap: float = 1e-7) -> Tensor:
+    """Full-batch Adam on the soft-target objective from its model's parameters until the loss is within
+    `gap` of its minimum (the targets' mean entropy) or `steps`; the flat parameters reached. Deterministic."""
+    q = _targets(obj)
+    entropy = float(-(q * q.log()).sum(1).mean())
+    theta = obj.params.clone().requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)
+    for _ in range(steps):
+        loss, g = obj.loss_and_grad(theta.detach())
+        if loss.item() - entropy <= gap:
+            break
+        theta.grad = g
+        opt.step()
+    return theta.detach()
+
+
 def prepare_flip_point(root: str | Path, setup: FlipSetup = FlipSetup(), *, cache: str | Path | None = None
                        ) -> tuple[Objective, Tensor, Tensor, FlipProjectionReport | None]:
     """(soft-target objective, labels (N,), zeta on Gamma with ||r|| <= 1e-10, report or None if cached)."""
@@ -196,17 +212,8 @@ def prepare_flip_point(root: str | Path, setup: FlipSetup = FlipSetup(), *, cach
         saved = torch.load(cache)
         if saved.get("setup") == key:
             return obj, y, saved["zeta"], None
-    q = _targets(obj)
-    entropy = float(-(q * q.log()).sum(1).mean())
-    theta = obj.params.clone().requires_grad_(True)
-    opt = torch.optim.Adam([theta], lr=setup.adam_lr)
-    for _ in range(setup.adam_steps):
-        loss, g = obj.loss_and_grad(theta.detach())
-        if loss.item() - entropy <= 1e-7:
-            break
-        theta.grad = g
-        opt.step()
-    zeta, report = project_to_flip_manifold(obj, theta.detach(), tol=1e-10)
+    theta = train_to_soft_targets(obj, steps=setup.adam_steps, lr=setup.adam_lr)
+    zeta, report = project_to_flip_manifold(obj, theta, tol=1e-10)
     if cache is not None:
         tmp = Path(str(cache) + ".tmp")
         torch.save({"setup": key, "zeta": zeta}, tmp)

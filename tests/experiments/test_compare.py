@@ -1,0 +1,204 @@
+"""experiments.compare: bring your own model. The pipeline's rows equal the engines' own rows for the
+same point and seeds (both noise models), the command line writes those rows with provenance (in
+process and as a subprocess, on a network defined in THIS file), bad inputs are refused before any
+long work, and the README's example runs as printed. Real CIFAR-10, 10 images at 4x4, float64."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from experiments.compare import build_point, check_model, compare, main, parse_rule, run_schedule
+from experiments.manifold import cifar_subset
+from experiments.noise_models import FlippedLabels, GaussianLabelNoise, parse_noise
+from sde.rules import QSR, SGD, LocalSGD
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = "tests.experiments.test_compare:tiny_net"
+
+
+def tiny_net(image_size: int = 4) -> nn.Module:
+    """The user's network: 3 x image_size^2 -> 32 (tanh) -> 10, D = 1,898 at 4x4."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size ** 2, 32), nn.Tanh(), nn.Linear(32, 10))
+
+
+def wrong_outputs(image_size: int = 4) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size ** 2, 7))
+
+
+def with_batchnorm(image_size: int = 4) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size ** 2, 32), nn.BatchNorm1d(32), nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def data(cifar10_dir):
+    return cifar_subset(cifar10_dir, 10, image_size=4)
+
+
+def _engine_row(noise, rule, eta, x, y, *, seeds, slow_time, checkpoints, train_steps, lr):
+    """The same comparison assembled by hand from the engines (no experiments.compare code)."""
+    from experiments.continuation import ContinuationConfig
+    from experiments.drift_check import compare_rule
+    from experiments.flipped_labels import (FlipContinuationConfig, compare_flip_rule, flip_preconditioner,
+                                            project_to_flip_manifold, train_to_soft_targets)
+    from experiments.manifold import (GramPreconditioner, project_to_manifold, squared_loss_objective,
+                                      train_to_interpolation)
+    from experiments.phi_reading import PhiCorrection
+    from sde.flipped_labels import flip_geometry, flip_sharpness_gradients, soft_target_objective
+    from sde.label_noise import gauss_newton_geometry, sharpness_gradients
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tiny_net().to(torch.float64)
+    steps = round(slow_time / eta ** 2)
+    rounds = max(checkpoints, steps // rule.local_steps(eta))
+    schedule = dict(rounds=rounds, checkpoint_every=max(1, rounds // checkpoints), seeds=seeds)
+    if noise == "flip":
+        obj = soft_target_objective(model, x, y, 0.1)
+        zeta, _ = project_to_flip_manifold(obj, train_to_soft_targets(obj, steps=train_steps, lr=lr), tol=1e-10)
+        geo = flip_geometry(obj, zeta)
+        grads = flip_sharpness_gradients(obj, geo)
+        return compare_flip_rule(obj, y, zeta, FlipContinuationConfig(rule, eta, 0.1, **schedule), seed=0,
+                                 geometry=geo, gradients=grads, correction=PhiCorrection.at(obj, geo, grads),
+                                 preconditioner=flip_preconditioner(obj, zeta))
+    obj = squared_loss_objective(model, x, y)
+    zeta, _ = project_to_manifold(obj, train_to_interpolation(obj, steps=train_steps, lr=lr, target_loss=1e-5),
+                                  tol=1e-10)
+    geo = gauss_newton_geometry(obj, zeta)
+    grads = sharpness_gradients(obj, geo)
+    return compare_rule(obj, zeta, ContinuationConfig(rule, eta, 0.1, **schedule), seed=0, geometry=geo,
+                        gradients=grads, correction=PhiCorrection.at(obj, geo, grads),
+                        preconditioner=GramPreconditioner.at(obj, zeta))
+
+
+@pytest.mark.parametrize("noise,rule", [("flip:0.1", "qsr:K=2,alpha=0.1"), ("gaussian:0.1", "local:K=2,beta=0.2")])
+def test_rows_equal_the_engines_rows_for_the_same_point_and_seeds(data, noise, rule):
+    x, y = data
+    lines = []
+    rows = compare(tiny_net, x, y, noise=noise, rules=[rule], etas=[0.01], seeds=2, slow_time=0.005,
+                   checkpoints=3, train_steps=2000, lr=1e-2, progress=lines.append)
+    (row,) = rows
+    ref = _engine_row(noise.split(":")[0], parse_rule(rule), 0.01, x, y, seeds=2, slow_time=0.005,
+                      checkpoints=3, train_steps=2000, lr=1e-2)
+    # same point, same rule at the same eta: the prediction is the same float64 computation
+    assert row.predicted == pytest.approx(ref.predicted_trace_rate, rel=1e-10, abs=0)
+    assert row.predicted_limit == pytest.approx(ref.predicted_trace_rate_limit, rel=1e-10, abs=0)
+    # same seeds: the runs draw the same batches and noise, so the measured slopes are the same
+    assert row.measured == pytest.approx(ref.measured_trace_rate, rel=1e-9, abs=0)
+    assert row.stderr == pytest.approx(ref.measured_trace_rate_std / 2 ** 0.5, rel=1e-9)
+    assert row.rule == repr(parse_rule(rule)) and row.seeds == 2 and row.noise == noise
+    assert row.local_steps == ref.local_steps and row.warnings == ()
+    assert row.predicted < 0 and row.measured < 0     # both: tr H decreases under label noise
+    assert any(line.startswith("point: on Gamma") for line in lines) and "ratio" in lines[-1]
+
+
+def test_parsers_and_schedule():
+    assert parse_rule("sgd") == SGD(8) and parse_rule("sgd:B=16") == SGD(16)
+    assert parse_rule("local:K=4,beta=0.4") == LocalSGD(4, 2, 0.4)
+    assert parse_rule("local:K=4,beta=0.4", batch=32) == LocalSGD(4, 8, 0.4)
+    assert parse_rule("qsr:K=4,alpha=0.08,b=3") == QSR(4, 3, alpha=0.08)
+    assert parse_rule("qsr:K=2,alpha=0.08", local_batch=5) == QSR(2, 5, alpha=0.08)
+    for bad, match in [("adam", "unknown rule 'adam'"), ("local:K=4", "needs K= and beta="),
+                       ("qsr:K=4,gamma=1", "unknown setting 'gamma=1'"), ("local:K=x,beta=0.4", "K='x' is not a int"),
+                       ("local:K=3,beta=0.4", "not divisible by K = 3")]:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            parse_rule(bad)
+    assert parse_noise("gaussian:0.1") == GaussianLabelNoise(0.1) and parse_noise("flip:0.2") == FlippedLabels(0.2)
+    for bad in ("uniform:0.1", "flip", "flip:x", "flip:0.95", "gaussian:-1"):
+        with pytest.raises(ValueError):
+            parse_noise(bad)
+    # QSR at eta = 0.01, alpha = 0.1: H = floor(100) = 100; 0.1 / 1e-4 = 1000 steps -> 10 rounds (>= 5)
+    assert run_schedule(QSR(2, 4, alpha=0.1), 0.01, slow_time=0.1, checkpoints=5, seeds=3) == \
+        {"rounds": 10, "checkpoint_every": 2, "seeds": 3}
+    assert run_schedule(SGD(8), 0.01, slow_time=0.1, checkpoints=5, seeds=3) == \
+        {"rounds": 5, "steps_per_round_sgd": 200, "seeds": 3}
+
+
+def test_bad_networks_and_points_are_refused_before_training(data):
+    x, y = data
+    noise = GaussianLabelNoise(0.1)
+    with pytest.raises(ValueError, match="BatchNorm.*Gamma is not the set of per-sample minimizers"):
+        check_model(with_batchnorm().double(), x, noise)
+    with pytest.raises(ValueError, match=r"outputs of shape \(2, 7\) .* needs \(2, 10\)"):
+        check_model(wrong_outputs().double(), x, noise)
+    with pytest.raises(ValueError, match="Dropout"):
+        check_model(nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(48, 10)).double(), x, noise)
+    with pytest.raises(ValueError, match="100 equations on Gamma .* D = 69 parameters"):
+        check_model(nn.Sequential(nn.Flatten(), nn.Linear(48, 1), nn.Linear(1, 10)).double(), x, noise)
+    with pytest.raises(ValueError, match="the point is not on Gamma: residual"):
+        build_point(tiny_net, x, y, noise=noise, train_steps=1, tol=1e-300)
+    point = build_point(tiny_net, x, y, noise=noise, train_steps=2000, lr=1e-2)
+    with pytest.raises(ValueError, match="outside the regime: eta x lambda_max > 0.5"):
+        compare(None, noise=noise, rules=["sgd"], etas=[0.6 / point.lambda_max], point=point)
+    with pytest.raises(ValueError, match="built for gaussian:0.1, not flip:0.1"):
+        compare(None, noise="flip:0.1", rules=["sgd"], etas=[0.01], point=point)
+
+
+def _cli(out, *extra):
+    return ["--model", SPEC, "--noise", "gaussian:0.1", "--rules", "sgd", "qsr:K=2,alpha=0.1", "--batch", "8",
+            "--eta", "0.01", "--seeds", "2", "--n", "10", "--image-size", "4", "--slow-time", "0.005",
+            "--checkpoints", "3", "--train-steps", "2000", "--lr", "0.01", "--out", str(out), "--quiet", *extra]
+
+
+def test_command_line_writes_the_library_rows_with_provenance(data, tmp_path, capsys):
+    x, y = data
+    assert main(_cli(tmp_path / "a")) == 0
+    table = capsys.readouterr().out
+    assert "meas/pred" in table and "wrote 2 rows" in table
+    rows = [json.loads(line) for line in (tmp_path / "a" / "rows.jsonl").read_text().splitlines()]
+    lib = compare(tiny_net, x, y, noise="gaussian:0.1", rules=["sgd", "qsr:K=2,alpha=0.1"], etas=[0.01], seeds=2,
+                  slow_time=0.005, checkpoints=3, train_steps=2000, lr=1e-2)
+    assert len(rows) == 2
+    for got, want in zip(rows, lib):
+        assert {"rule", "eta", "predicted", "measured", "stderr", "seeds", "config", "git_revision", "date"} <= set(got)
+        assert got["rule"] == want.rule and got["eta"] == 0.01 and got["seeds"] == 2
+        assert got["predicted"] == want.predicted and got["measured"] == want.measured   # same point, same seeds
+        assert got["config"]["model"] == SPEC and got["config"]["noise"] == "gaussian:0.1"
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", got["git_revision"])
+    # a non-empty --out is refused (nothing moved); --overwrite moves it aside
+    code = main(_cli(tmp_path / "a"))
+    assert code == 2 and "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert main(_cli(tmp_path / "a", "--rules", "sgd", "--overwrite")) == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("a.replaced-")]
+    assert len(aside) == 1 and len((aside[0] / "rows.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "a" / "rows.jsonl").read_text().splitlines()) == 1
+    # the same command in a fresh process (module:function imported from the current directory)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "experiments.compare", *_cli(tmp_path / "b")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    again = [json.loads(line) for line in (tmp_path / "b" / "rows.jsonl").read_text().splitlines()]
+    assert [(r["predicted"], r["measured"]) for r in again] == [(r["predicted"], r["measured"]) for r in rows]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--rules", "adam"], "unknown rule 'adam'"),
+    (["--model", "resnet999"], "unknown model 'resnet999'"),
+    (["--model", "no_such_module_here:f"], "module 'no_such_module_here' does not import"),
+    (["--model", "tests.experiments.test_compare:nothing"], "has no function 'nothing'"),
+    (["--model", "tests.experiments.test_compare:with_batchnorm"], "the network has BatchNorm"),
+    (["--model", "tests.experiments.test_compare:wrong_outputs"], "outputs of shape (2, 7)"),
+    (["--noise", "flip:2"], "flipped labels need 0 < p < 0.9"),
+    (["--eta", "0"], "eta must be positive"),
+    (["--eta", "5"], "outside the regime"),
+])
+def test_command_line_refuses_bad_input_in_one_line(tmp_path, capsys, extra, message):
+    assert main(_cli(tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert not (tmp_path / "out" / "rows.jsonl").exists()
+
+
+def test_readme_example_runs_as_printed(cifar10_dir):
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Bring your own model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 20
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    rows = scope["rows"]
+    assert len(rows) == 2 and all(r.predicted < 0 for r in rows)
