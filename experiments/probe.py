@@ -1,6 +1,7 @@
 """Sharpness of a saved model: top Hessian eigenvalue and Hessian trace of the training loss.
 
     python -m experiments.probe RUN/final.pt [--samples 256] [--matvecs 20] [--seed 0]
+    python -m experiments.probe weights.pt --model mymodels:build --image-size 16 [--data-dir D]
 
 accepts a `final.pt` (averaged parameters with re-estimated BatchNorm statistics), a full
 checkpoint (`checkpoints/last.pt`: the mean of all workers' parameters and buffers) or a run
@@ -10,6 +11,12 @@ is one error line (exit 2 / 3, `experiments.cli`). The loss is the mean cross-en
 of the run's data set, clean labels, no augmentation, network in eval mode (running BN
 statistics: `dynamics.Objective(bn="eval")`). The trainer calls the same functions when it
 tracks sharpness, so the numbers agree.
+
+With `--model module:function` (a function importable from the current directory that returns an
+`nn.Module`; called with `image_size=` when it takes that argument) the file is a plain `state_dict`
+written by any tool: it is read with `torch.load(weights_only=True)` (no code executed), a mismatch
+of keys or shapes is one error line, and the data are the first `samples` (default 256) CIFAR-10
+training images at `--image-size`, normalized per channel, clean labels, in the network's dtype.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from experiments.cli import ArgumentParser, run_main
 from experiments.config import TrainConfig
 from experiments.tracking import measure_sharpness, sharpness_data
 
-__all__ = ["load_model", "probe", "main", "resolve_model_file", "measure_sharpness", "sharpness_data"]
+__all__ = ["load_model", "probe", "main", "resolve_model_file", "measure_sharpness", "sharpness_data",
+           "import_model_factory", "build_from_factory", "load_state_dict_file", "probe_state_dict"]
 
 
 def resolve_model_file(path: str | os.PathLike) -> Path:
@@ -73,6 +81,93 @@ def load_model(path: str, *, device: torch.device = torch.device("cpu")) -> tupl
     return model.eval(), cfg
 
 
+def import_model_factory(spec: str):
+    """The function named by "module:function", imported with the current directory on the path.
+    ValueError (one line) when the form is wrong, the module does not import or lacks the function."""
+    import importlib
+    module_name, sep, func_name = str(spec).partition(":")
+    if not sep or not module_name or not func_name:
+        raise ValueError(f"--model {spec!r}: expected module:function (a function returning an nn.Module)")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's input
+        raise ValueError(f"--model {spec!r}: module {module_name!r} does not import "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise ValueError(f"--model {spec!r}: module {module_name!r} has no function {func_name!r}")
+    return factory
+
+
+def build_from_factory(factory, *, image_size: int, seed: int = 0) -> nn.Module:
+    """factory(image_size=...) when it takes that argument, else factory(), with torch's global
+    generator seeded by `seed` for the call and restored after (a reproducible initialization)."""
+    import inspect
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_size = "image_size" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = factory(image_size=image_size) if takes_size else factory()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"the model factory returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_state_dict_file(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a plain state_dict file into `model` (weights_only: no code executed). ValueError naming
+    the missing / unexpected keys or the first shape mismatch; CheckpointFileError for an unreadable file."""
+    from experiments.checkpoint import CheckpointFileError
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no such file: {file}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a file we cannot read is a bad file
+        raise CheckpointFileError(f"{file} is not a readable state_dict "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointFileError(f"{file} does not hold a state_dict (a dict of tensors)")
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{file} does not fit the model: missing keys {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''}")
+    for key, value in own.items():
+        if state[key].shape != value.shape:
+            raise ValueError(f"{file} does not fit the model: {key} has shape {tuple(state[key].shape)} "
+                             f"in the file, {tuple(value.shape)} in the model")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    return model
+
+
+def probe_state_dict(path: str, model_spec: str, *, image_size: int = 32, samples: int | None = None,
+                     matvecs: int | None = None, seed: int = 0, data_dir: str | None = None) -> dict:
+    """Sharpness of a plain state_dict loaded into `model_spec`'s network (see the module docstring)."""
+    import torch.nn.functional as F
+    from experiments.data import load_cifar10, normalize, resolve_cifar10_dir
+    if 32 % image_size:
+        raise ValueError(f"--image-size must divide 32, got {image_size}")
+    model = build_from_factory(import_model_factory(model_spec), image_size=image_size, seed=seed)
+    load_state_dict_file(model, path)
+    dtype = next(model.parameters()).dtype
+    images, labels = load_cifar10(resolve_cifar10_dir(data_dir, search=True), "train")
+    n = min(samples or 256, len(labels))
+    x = normalize(images[:n], dtype=dtype)
+    if image_size != 32:
+        x = F.avg_pool2d(x, 32 // image_size)
+    data = [(xb, yb) for xb, yb in zip(x.split(256), labels[:n].split(256))]
+    result = measure_sharpness(model.eval(), data, matvecs=matvecs or 20, seed=seed)
+    return {"path": str(path), "model": model_spec, "samples": n, **result}
+
+
 def probe(path: str, *, samples: int | None = None, matvecs: int | None = None, seed: int = 0,
           data_dir: str | None = None) -> dict:
     """Sharpness of the model saved at `path` (see the module docstring)."""
@@ -98,6 +193,9 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--matvecs", type=int, default=None, help="Hessian-vector products per estimate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 folder if it moved since training")
+    parser.add_argument("--model", default=None, metavar="MODULE:FUNCTION",
+                        help="read CHECKPOINT as a plain state_dict of this function's network")
+    parser.add_argument("--image-size", type=int, default=32, help="image side for --model (divides 32)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     if args.samples is not None and args.samples < 1:
@@ -110,8 +208,13 @@ def _main(argv: list[str] | None) -> int:
     from experiments.checkpoint import UnverifiedFileWarning
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnverifiedFileWarning)
-        result = probe(args.checkpoint, samples=args.samples, matvecs=args.matvecs, seed=args.seed,
-                       data_dir=args.data_dir)
+        if args.model is not None:
+            result = probe_state_dict(args.checkpoint, args.model, image_size=args.image_size,
+                                      samples=args.samples, matvecs=args.matvecs, seed=args.seed,
+                                      data_dir=args.data_dir)
+        else:
+            result = probe(args.checkpoint, samples=args.samples, matvecs=args.matvecs, seed=args.seed,
+                           data_dir=args.data_dir)
     for w in caught:
         if issubclass(w.category, UnverifiedFileWarning):
             print(f"warning: {w.message}", file=sys.stderr)

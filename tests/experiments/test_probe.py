@@ -96,3 +96,45 @@ def test_a_channels_last_checkpoint_reads_as_the_same_network(tmp_path):
     m_ckpt, _ = load_model(str(tmp_path / "run" / "checkpoints" / "last.pt"))
     for (n, a), (_, b) in zip(m_final.named_parameters(), m_ckpt.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=n)
+
+
+def user_net(image_size: int = 8) -> nn.Module:
+    """A network the trainer did not build (loaded by `--model tests.experiments.test_probe:user_net`)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size ** 2, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+
+
+def test_probe_reads_a_plain_state_dict_of_a_user_network(tmp_path, capsys, cifar10_dir):
+    from experiments.data import load_cifar10, normalize
+    net = user_net()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    file = tmp_path / "weights.pt"
+    torch.save(net.state_dict(), file)
+    argv = [str(file), "--model", "tests.experiments.test_probe:user_net", "--image-size", "8", "--samples", "32",
+            "--matvecs", "20", "--data-dir", str(cifar10_dir)]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["samples"] == 32 and got["model"] == "tests.experiments.test_probe:user_net"
+    # independent reference: the SAVED weights (not the factory's) on the first 32 images pooled to 8x8
+    images, labels = load_cifar10(cifar10_dir, "train")
+    x = torch.nn.functional.avg_pool2d(normalize(images[:32], dtype=torch.float64), 4)
+    ref = top_eigenpairs(Objective(net.eval(), nn.CrossEntropyLoss(), [(x, labels[:32])]), k=1, tol=1e-10,
+                         max_matvecs=300)
+    assert ref.converged
+    # probe spends 20 matvecs at tol 1e-4; the top Ritz value converges fastest, to ~1e-4 relative
+    assert abs(got["top_eigenvalue"] - float(ref.values[0])) < 1e-4 * abs(float(ref.values[0]))
+    # a state_dict of another network: one line naming the mismatch (exit 2); not a state_dict: exit 3
+    torch.save(user_net(image_size=4).state_dict(), tmp_path / "small.pt")
+    torch.save({k: v for k, v in net.state_dict().items() if k != "3.bias"}, tmp_path / "partial.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    cases = [("small.pt", 2, "1.weight has shape (16, 48) in the file, (16, 192) in the model"),
+             ("partial.pt", 2, "missing keys ['3.bias']"),
+             ("list.pt", 3, "does not hold a state_dict"),
+             ("nothere.pt", 2, "no such file")]
+    for name, code, message in cases:
+        assert main([str(tmp_path / name), *argv[1:]]) == code, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (name, err)
+    assert main([str(file), "--model", "tests.experiments.test_probe:missing", "--image-size", "8"]) == 2
+    assert "has no function 'missing'" in capsys.readouterr().err
