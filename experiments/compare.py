@@ -273,18 +273,36 @@ def _row(rule, eta: float, noise, seed: int, engine, caught) -> Row:
                warnings=tuple(f"{w.category.__name__}: {w.message}" for w in caught), engine=e)
 
 
+def _predicted_row(point: Point, rule, eta: float, config) -> Row:
+    """A row without runs: the rates at zeta of the rule as run at eta (`rule.at_eta`) and of the rule itself."""
+    start = time.perf_counter()
+    obj, geo, grads = point.objective, point.geometry, point.gradients
+    limit = point.noise.predict(obj, geo, grads, rule)
+    run_rule = rule.at_eta(eta)
+    pred = limit if run_rule == rule else point.noise.predict(obj, geo, grads, run_rule)
+    nan = float("nan")
+    return Row(rule=repr(rule), eta=eta, noise=str(point.noise), predicted=pred.trace_rate, measured=nan, stderr=nan,
+               seeds=0, seed=0, predicted_limit=limit.trace_rate, predicted_path=nan,
+               predicted_lambda_max=pred.lambda_max_rate, measured_lambda_max=nan, lambda_max_stderr=nan,
+               local_steps=config.local_steps, slow_time=0.0, trace=point.trace, lambda_max=point.lambda_max,
+               seconds=time.perf_counter() - start)
+
+
 def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *, noise: LabelNoise | str,
             rules: Sequence, etas: Sequence[float], seeds: int = 4, seed: int = 0, slow_time: float = 0.1,
             checkpoints: int = 5, batch: int = 8, local_batch: int | None = None, path_dt: float | None = None,
             train_steps: int = 3000, lr: float = 3e-3, point: Point | None = None, max_eta_lambda: float = 0.5,
-            progress: Progress = None, on_row: Callable[[Row], None] | None = None) -> list[Row]:
+            max_relative_change: float = 0.2, measure: bool = True, progress: Progress = None,
+            on_row: Callable[[Row], None] | None = None) -> list[Row]:
     """Predicted vs measured d tr H / dt for every rule at every eta (see the module docstring).
 
     model: an `nn.Module` or a function returning one (ignored when `point` is given: a `build_point`
     result to reuse). rules: `sde` rules or strings (`parse_rule`, with `batch` / `local_batch`).
     Runs `seeds` seeds stacked, drawn from torch.Generator().manual_seed(seed). Every input is checked
     before the point is built, and every eta against the regime (eta lambda_max <= max_eta_lambda)
-    before any run. `on_row(row)`: called as each row is done (e.g. to write it)."""
+    before any run; a run whose tr H moves by more than `max_relative_change` gets a RegimeWarning,
+    named in its row. measure=False: predictions only (no runs; measured, stderr NaN, seeds 0).
+    `on_row(row)`: called as each row is done (e.g. to write it)."""
     noise = parse_noise(noise) if isinstance(noise, str) else noise
     rules = [parse_rule(r, batch=batch, local_batch=local_batch) if isinstance(r, str) else r for r in rules]
     etas = [float(e) for e in etas]
@@ -296,7 +314,7 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
         raise ValueError(f"checkpoints must be >= 2 (a slope after the t = 0 reading), got {checkpoints}")
     if not slow_time > 0:
         raise ValueError(f"slow_time must be positive, got {slow_time}")
-    configs = {(r, e): noise.config(r, e, max_eta_lambda=max_eta_lambda,
+    configs = {(r, e): noise.config(r, e, max_eta_lambda=max_eta_lambda, max_relative_change=max_relative_change,
                                     **run_schedule(r, e, slow_time=slow_time, checkpoints=checkpoints, seeds=seeds))
                for e in etas for r in rules}
     if point is None:
@@ -314,6 +332,13 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
     say = progress or (lambda line: None)
     rows = []
     for (rule, eta), config in configs.items():
+        if not measure:
+            row = _predicted_row(point, rule, eta, config)
+            say(f"{row.rule} eta = {eta:g}: predicted {row.predicted:.6g} (limit {row.predicted_limit:.6g})")
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+            continue
         say(f"{rule!r} at eta = {eta:g}: {config.rounds} rounds of {config.local_steps} steps, {seeds} seeds")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RegimeWarning)
@@ -383,6 +408,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("--train-steps", type=int, default=3000, help="full-batch Adam steps toward Gamma")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam's step")
     p.add_argument("--path-dt", type=float, default=None, help="also fit the predicted path (Heun step)")
+    p.add_argument("--predict-only", action="store_true", help="the predictions at the point, no runs")
     p.add_argument("--out", required=True, help="folder for rows.jsonl")
     p.add_argument("--overwrite", action="store_true", help="move a non-empty --out aside first")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -449,7 +475,8 @@ def _main(argv: list[str] | None) -> int:
 
     rows = compare(model, x, y, noise=noise, rules=rules, etas=args.eta, seeds=args.seeds, seed=args.seed,
                    slow_time=args.slow_time, checkpoints=args.checkpoints, path_dt=args.path_dt,
-                   train_steps=args.train_steps, lr=args.lr, progress=say, on_row=write)
+                   train_steps=args.train_steps, lr=args.lr, measure=not args.predict_only, progress=say,
+                   on_row=write)
     print(f"{'rule':42s} {'eta':>8s} {'predicted':>11s} {'measured':>11s} {'stderr':>9s} {'meas/pred':>9s}")
     for r in rows:
         print(f"{r.rule:42s} {r.eta:8g} {r.predicted:11.4g} {r.measured:11.4g} {r.stderr:9.2g} {r.ratio:9.3f}"

@@ -48,6 +48,8 @@ class LabelNoise(Protocol):
 
     def point_tools(self, obj: Objective, zeta: Tensor) -> tuple[object, object, object]: ...
 
+    def predict(self, obj: Objective, geometry, gradients, rule): ...   # rates at zeta (.trace_rate, ...)
+
     def config(self, rule, eta: float, **schedule): ...
 
     def compare(self, obj: Objective, labels: Tensor, zeta: Tensor, config, **engine) -> object: ...
@@ -99,6 +101,11 @@ class GaussianLabelNoise:
         geometry = gauss_newton_geometry(obj, zeta)
         return geometry, sharpness_gradients(obj, geometry), GramPreconditioner.at(obj, zeta)
 
+    def predict(self, obj: Objective, geometry, gradients, rule):
+        """`sde.label_noise.predict_label_noise_rates` (exact Jacobian path) for `rule` at zeta."""
+        from sde.label_noise import predict_label_noise_rates
+        return predict_label_noise_rates(obj, geometry, rule, sigma=self.sigma, gradients=gradients)
+
     def config(self, rule, eta: float, **schedule):
         from experiments.continuation import ContinuationConfig
         return ContinuationConfig(rule=rule, eta=eta, sigma=self.sigma, **schedule)
@@ -146,6 +153,11 @@ class FlippedLabels:
         from sde.flipped_labels import flip_geometry, flip_sharpness_gradients
         geometry = flip_geometry(obj, zeta)
         return geometry, flip_sharpness_gradients(obj, geometry), flip_preconditioner(obj, zeta)
+
+    def predict(self, obj: Objective, geometry, gradients, rule):
+        """`sde.flipped_labels.closed_form_rates` (Sigma = H on Gamma) for `rule` at zeta."""
+        from sde.flipped_labels import closed_form_rates
+        return closed_form_rates(obj, geometry, rule, gradients=gradients)
 
     def config(self, rule, eta: float, **schedule):
         from experiments.flipped_labels import FlipContinuationConfig

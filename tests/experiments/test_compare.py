@@ -2,8 +2,11 @@
 same point and seeds (both noise models), the command line writes those rows with provenance (in
 process and as a subprocess, on a network defined in THIS file), bad inputs are refused before any
 long work, and the README's example runs as printed. Real CIFAR-10, 10 images at 4x4, float64."""
+import contextlib
 import json
+import math
 import os
+import warnings
 import re
 import subprocess
 import sys
@@ -136,6 +139,25 @@ def test_bad_networks_and_points_are_refused_before_training(data):
         compare(None, noise=noise, rules=["sgd"], etas=[0.6 / point.lambda_max], point=point)
     with pytest.raises(ValueError, match="built for gaussian:0.1, not flip:0.1"):
         compare(None, noise="flip:0.1", rules=["sgd"], etas=[0.01], point=point)
+    # predictions alone (no runs) are the measured rows' predictions; a run leaving the linear regime
+    # (here: any change of tr H beyond 1e-9 relative) keeps its row and names the RegimeWarning in it
+    kw = dict(noise=noise, rules=["sgd", "qsr:K=2,alpha=0.1"], etas=[0.01], seeds=2, slow_time=0.005, checkpoints=3)
+    only = compare(None, point=point, measure=False, **kw)
+    with _no_warning():
+        full = compare(None, point=point, max_relative_change=1e-9, **kw)
+    for a, b in zip(only, full):
+        assert (a.rule, a.predicted, a.predicted_limit) == (b.rule, b.predicted, b.predicted_limit)
+        assert math.isnan(a.measured) and a.seeds == 0 and not math.isnan(b.measured)
+        assert len(b.warnings) == 1 and b.warnings[0].startswith("RegimeWarning: tr H changed by")
+    assert only[1].predicted != only[1].predicted_limit     # QSR at eta: Local SGD with beta = eta H
+
+
+@contextlib.contextmanager
+def _no_warning():
+    """Fails on any warning that escapes (compare records RegimeWarnings in the row instead)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
 
 
 def _cli(out, *extra):
