@@ -35,7 +35,15 @@ in every rank), write a checkpoint atomically, mid-round if need be (it records 
 round began, so a resume continues the same round bit for bit), and raise `Interrupted`.
 
 `--backend auto` is a fixed rule, the same in every rank and run: serial on the CPU (measured
-faster there, BENCHMARKS.md), vmap on a GPU. It is written to config.json.
+faster there, BENCHMARKS.md), vmap (the stacked workers) on a GPU or with `compile`. It is
+written to config.json.
+
+The device: `cfg.device` ("auto": the GPU if there is one), or the DistContext's under
+torchrun. Every per-step operation stays there: each worker's augmentation and label noise
+are drawn by its own generator on the data's device (so a checkpoint resumes on the device
+type that wrote it), the epoch's indices are copied once per epoch, the training sums
+accumulate on the device, and nothing is read back to the host inside the step loop (one
+read of the divergence flag per round; evaluations and checkpoints read what they report).
 
 Library code: quiet; progress is reported through the `on_round` and `on_eval` callbacks
 (train.py draws the bar and the table).
@@ -60,7 +68,7 @@ from experiments.averaging import AveragingPolicy, WorkerAverager
 from experiments.checkpoint import (FINAL_FORMAT, LAST, load_checkpoint, resolve_checkpoint,
                                     save_checkpoint, save_final)
 from experiments.config import TrainConfig
-from experiments.distributed import DistContext
+from experiments.distributed import DistContext, resolve_device
 from experiments.divergence import DivergenceError, DivergenceWatch, Interrupted, describe
 from experiments.metrics import MetricsLog, atomic_write_json, provenance, remove_stale_temp_files
 from experiments.schedules import build_lr_schedule, build_sync_schedule, plan_rounds
@@ -323,7 +331,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, dist: DistContext | None = None,
                  on_round: Callable | None = None, on_eval: Callable | None = None):
-        self.cfg, self.dist = cfg, dist or DistContext()
+        # one process without a given context: the device cfg.device names ("auto": the GPU if any)
+        self.cfg, self.dist = cfg, dist or DistContext(device=resolve_device(cfg.device))
         self.on_round, self.on_eval = on_round, on_eval
         self.stop_signal: int | None = None
         d = self.dist

@@ -191,3 +191,15 @@ def test_no_host_reads_per_step(tmp_path, monkeypatch):
         assert result.records[-1].step == 4 * epochs
         reads.append(counts["n"])
     assert reads[0] == reads[1] and reads[0] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the test is about one without it")
+def test_a_library_run_takes_the_configs_device(tmp_path, monkeypatch):
+    # train(cfg) without a DistContext runs on cfg.device (it used to run on the CPU whatever
+    # the config said): "cuda" without CUDA is refused before any work, "cpu" is the CPU
+    with pytest.raises(ValueError, match="device='cuda' was asked for but CUDA is not available"):
+        Trainer(tiny(tmp_path, device="cuda"))
+    asked = []
+    import experiments.trainer as trainer_mod
+    monkeypatch.setattr(trainer_mod, "resolve_device", lambda name: asked.append(name) or torch.device("cpu"))
+    assert Trainer(tiny(tmp_path, device="auto")).device == torch.device("cpu") and asked == ["auto"]
