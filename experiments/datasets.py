@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from experiments.data import CIFAR10_MEAN, CIFAR10_STD, CorruptFileError, normalize
+from experiments.data import CIFAR10_MEAN, CIFAR10_STD, CorruptFileError
 
 
 def _draw_device(generator: torch.Generator | None) -> torch.device:
@@ -130,6 +130,10 @@ class DeviceDataset:
         self.labels = labels.to(device=device, dtype=torch.int64)
         self.num_classes = num_classes
         self.mean, self.std, self.dtype = mean, std, dtype
+        # the constants of `normalize` on the device once: building them per batch would copy
+        # from the host, and a blocking host-to-device copy synchronizes the GPU at every step
+        self._mean_t = torch.as_tensor(mean, dtype=dtype, device=self.images.device)[:, None, None]
+        self._std_t = torch.as_tensor(std, dtype=dtype, device=self.images.device)[:, None, None]
 
     @property
     def device(self) -> torch.device:
@@ -160,7 +164,7 @@ class DeviceDataset:
                                  f"{len(generator)} for indices {tuple(idx.shape)}")
             draws = [draw_crop_flip(idx.shape[1], generator=g) for g in generator]
             x = crop_flip(x, *(torch.cat(parts) for parts in zip(*draws)))
-        x = normalize(x, self.mean, self.std, dtype=self.dtype)
+        x = (x.to(self.dtype) - self._mean_t) / self._std_t     # = normalize(x, mean, std), no host copy
         return x.reshape(*idx.shape, *x.shape[1:]), self.labels.index_select(0, flat).reshape(idx.shape)
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

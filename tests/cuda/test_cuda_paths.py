@@ -71,6 +71,7 @@ def test_resume_on_the_gpu_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     from experiments.trainer import train
     base = dict(device="cuda", deterministic=True, momentum=0.9, aug=True, label_noise=0.1,
                 checkpoint_every=8, progress=False)
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     try:
         full = train(preset("cpu-tiny", epochs=4, out=str(tmp_path / "full"), **base))
         assert full.backend == "vmap"    # the stacked workers are the default on a GPU
@@ -78,6 +79,7 @@ def test_resume_on_the_gpu_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
         train(preset("cpu-tiny", epochs=4, out=str(tmp_path / "cut"), resume=str(tmp_path / "cut"), **base))
     finally:
         torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
     a = load_verified(tmp_path / "full" / "final.pt")["state_dict"]
     b = load_verified(tmp_path / "cut" / "final.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
