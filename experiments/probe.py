@@ -119,7 +119,8 @@ def build_from_factory(factory, *, image_size: int, seed: int = 0) -> nn.Module:
 
 
 def load_state_dict_file(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a plain state_dict file into `model` (weights_only: no code executed). ValueError naming
+    """Load a plain state_dict file into `model` (weights_only: no code executed), the model moved to
+    the file's floating dtype when it has one. ValueError naming
     the missing / unexpected keys or the first shape mismatch; CheckpointFileError for an unreadable file."""
     from experiments.checkpoint import CheckpointFileError
     file = Path(path)
@@ -134,6 +135,9 @@ def load_state_dict_file(model: nn.Module, path: str | os.PathLike) -> nn.Module
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointFileError(f"{file} does not hold a state_dict (a dict of tensors)")
+    floats = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(floats) == 1:
+        model.to(floats.pop())            # the weights as saved (a float64 file into a float32 factory stays float64)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:

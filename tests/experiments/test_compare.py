@@ -224,3 +224,38 @@ def test_readme_example_runs_as_printed(cifar10_dir):
     exec(compile(code, "README.md", "exec"), scope)
     rows = scope["rows"]
     assert len(rows) == 2 and all(r.predicted < 0 for r in rows)
+
+
+def test_checkpoints_plain_state_dict_and_trainer_file(data, tmp_path, capsys):
+    from experiments.config import TrainConfig
+    from experiments.trainer import train
+    x, y = data
+    # a plain state_dict of the test's network: the point starts from THOSE weights
+    start = tiny_net().double()
+    with torch.no_grad():
+        for p in start.parameters():
+            p.mul_(1.5)
+    torch.save(start.state_dict(), tmp_path / "w.pt")
+    assert main(_cli(tmp_path / "a", "--checkpoint", str(tmp_path / "w.pt"), "--predict-only")) == 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "rows.jsonl").read_text().splitlines()]
+    want = compare(start, x, y, noise="gaussian:0.1", rules=["sgd", "qsr:K=2,alpha=0.1"], etas=[0.01],
+                   train_steps=2000, lr=1e-2, measure=False)
+    default = compare(tiny_net, x, y, noise="gaussian:0.1", rules=["sgd"], etas=[0.01], train_steps=2000, lr=1e-2,
+                      measure=False)
+    assert [r["predicted"] for r in rows] == [r.predicted for r in want]
+    assert rows[0]["predicted"] != default[0].predicted        # another start, another point of Gamma
+    assert rows[0]["measured"] is None and rows[0]["seeds"] == 0
+    # files of experiments.train (no --model): a BatchNorm network is refused, a normalization-free one used
+    for name, model, norm in (("bn", "small_cnn", "default"), ("plain", "mlp", "none")):
+        cfg = TrainConfig(model=model, width=4 if model == "small_cnn" else 16, norm=norm, data="synthetic", synthetic_size=64, test_size=32,
+                          workers=2, local_batch=8, local_steps=2, lr=0.05, epochs=1, eval_every=4, bn_batches=2,
+                          precision="fp64", checkpoint_every=4, out=str(tmp_path / name), backend="serial",
+                          progress=False)
+        train(cfg)
+    argv = [a for a in _cli(tmp_path / "b", "--image-size", "32", "--predict-only", "--eta", "0.001") if a != SPEC]
+    argv.remove("--model")
+    assert main([*argv, "--checkpoint", str(tmp_path / "bn" / "final.pt")]) == 2
+    assert "the network has BatchNorm" in capsys.readouterr().err
+    assert main([*argv, "--checkpoint", str(tmp_path / "plain" / "final.pt")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "b" / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["predicted"] < 0 and rows[0]["config"]["checkpoint"].endswith("final.pt")
