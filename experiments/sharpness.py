@@ -19,7 +19,6 @@ eigenvectors (`dynamics.noise.noise_probe`: tangent/normal split and alignment w
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from experiments.config import TrainConfig
-from experiments.metrics import atomic_write_bytes
 
 SNAPSHOT_DIR = "snapshots"
 
@@ -47,13 +45,10 @@ class Snapshot:
 
 
 def _save_snapshot(model: nn.Module, cfg: TrainConfig, path: Path, rec) -> None:
-    from experiments.trainer import FINAL_FORMAT
-    buf = io.BytesIO()
-    torch.save({"format": FINAL_FORMAT, "config": cfg.to_dict(),
-                "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                "step": rec.step, "round": rec.round, "epoch": rec.epoch,
-                "evaluation": rec.evaluation}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    """The network at one evaluation, in the final.pt format with its SHA-256 (atomic)."""
+    from experiments.checkpoint import save_final
+    save_final(path, model.state_dict(), cfg, step=rec.step, round=rec.round,
+               epoch=float(rec.epoch), evaluation=rec.evaluation)
 
 
 def train_with_snapshots(cfg: TrainConfig, *, dist=None, on_round: Callable | None = None,
