@@ -6,7 +6,7 @@ from experiments.notebooks import execute_notebook, has_outputs, notebook_paths,
 NOTEBOOKS = notebook_paths()
 
 
-def test_the_five_notebooks_exist():
+def test_the_notebooks_exist():
     names = [p.stem for p in NOTEBOOKS]
     for stem in ["01_toy_slow_sde", "02_sync_rules", "03_sharpness_probes",
                  "04_drift_vs_sharpness_cifar10", "05_generalization", "06_local_sgd_convergence"]:
