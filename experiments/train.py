@@ -62,6 +62,7 @@ HELP = {
     "compile": "torch.compile the stacked workers' forward pass (backend vmap; auto then picks vmap)",
     "channels_last": "channels-last layout for convolution inputs and weights",
     "label_noise": "probability of flipping each drawn label",
+    "data_dir": "the CIFAR-10 folder (default: CIFAR10_DIR or a search), or a packed subset made by benchmarks/pack_cifar_subset.py (its SHA-256 manifest is checked)",
     "train_size": "0: the whole training set; else a class-balanced subset (first n // 10 of each class in record order, one more for the first n %% 10 classes)",
 }
 
