@@ -224,8 +224,8 @@ def test_compile_needs_the_stacked_backend():
 
 @pytest.mark.slow
 def test_compiled_stacked_workers_agree_with_eager():
-    # torch.compile of the vmapped forward pass (about 2 minutes of compilation on one shared
-    # CPU core, hence slow): two steps of a BatchNorm CNN, parameters, momentum and BN buffers
+    # torch.compile of the vmapped forward pass (about a minute of compilation on one shared
+    # CPU core, 52 s measured, hence slow): two steps of a BatchNorm CNN, parameters, momentum and BN buffers
     # equal to eager to float32 rounding (the compiler fuses and reorders: 1e-5)
     model = build_model("small_cnn", width=4, norm="batch")
     sgd = SGDOptions(momentum=0.9)
