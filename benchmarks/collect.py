@@ -17,6 +17,7 @@ BENCHMARKS = {
     "bench_sde_em": "Euler-Maruyama core against torchsde",
     "bench_loader": "data loading and augmentation as a share of a training step",
     "bench_trainer": "Local SGD throughput against single-model SGD; serial against vmap workers",
+    "gpu_check": "the GPU path on one H200 (benchmarks/gpu_check.sh; pending a session with a device)",
 }
 
 HEADER = """# Benchmarks
