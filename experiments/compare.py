@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from experiments.cli import ArgumentParser, run_main
-from experiments.noise_models import NUM_CLASSES, LabelNoise, parse_noise
+from experiments.noise_models import LabelNoise, parse_noise
 from sde.rules import QSR, SGD, LocalSGD
 
 __all__ = ["Point", "Row", "build_point", "compare", "parse_rule", "run_schedule", "check_model",
@@ -121,11 +121,11 @@ def _registered(name: str) -> Callable[..., nn.Module]:
     return MODELS.get(name)
 
 
-def check_model(model: nn.Module, images: Tensor, noise: LabelNoise) -> None:
-    """ValueError before any work when the network cannot have the Gamma the theory assumes: a
-    BatchNorm layer (outputs depend on the batch, or in eval mode on statistics that SGD does not
-    move), Dropout (a random loss), an output size other than one per class, or more equations on
-    Gamma than parameters."""
+def check_model(model: nn.Module, images: Tensor, labels: Tensor, noise: LabelNoise) -> tuple[int, Tensor]:
+    """(C, targets in the noise model's form), or ValueError before any work when the network cannot
+    have the Gamma the theory assumes: a BatchNorm layer (outputs depend on the batch, or in eval mode
+    on statistics that SGD does not move), Dropout (a random loss), outputs that are not one per class
+    of the targets, or more equations on Gamma than parameters."""
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"the network has BatchNorm ({name or 'the model'}: {type(module).__name__}): with "
@@ -140,15 +140,24 @@ def check_model(model: nn.Module, images: Tensor, noise: LabelNoise) -> None:
     except Exception as exc:  # noqa: BLE001 - the user's network on the user's images
         raise ValueError(f"the network fails on images of shape {tuple(probe.shape[1:])}: "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    if tuple(out.shape) != (len(probe), NUM_CLASSES):
+    if out.dim() != 2 or out.shape[0] != len(probe) or out.shape[1] < 2:
         raise ValueError(f"the network gives outputs of shape {tuple(out.shape)} for {len(probe)} images; "
-                         f"{noise} needs ({len(probe)}, {NUM_CLASSES}): one output per class")
+                         f"{noise} needs ({len(probe)}, C), one output per class, C >= 2")
+    classes = out.shape[1]
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} targets")
+    try:
+        targets = noise.targets(labels, classes)
+    except ValueError as exc:
+        raise ValueError(f"the network gives outputs of shape {tuple(out.shape)} for {len(probe)} images; "
+                         f"{noise}: {exc}") from None
     dim = sum(p.numel() for p in model.parameters())
-    eqs = noise.equations(len(images), NUM_CLASSES)
+    eqs = noise.equations(len(images), classes)
     if eqs > dim:
         raise ValueError(f"{len(images)} images give {eqs} equations on Gamma ({noise}) but the network has "
                          f"D = {dim} parameters: Gamma is a manifold only when equations <= D; "
                          "use fewer images or a larger network")
+    return classes, targets
 
 
 @dataclass(frozen=True)
@@ -156,7 +165,7 @@ class Point:
     """A point zeta (D,) on Gamma and what every comparison there reuses (built once by `build_point`)."""
     noise: LabelNoise
     objective: object
-    labels: Tensor
+    labels: Tensor           # the targets in the noise model's form (`LabelNoise.targets`)
     zeta: Tensor
     residual: float          # the noise model's distance to Gamma at zeta (loss, or ||centred(f - log q)||)
     geometry: object
@@ -164,6 +173,7 @@ class Point:
     preconditioner: object
     correction: object       # `experiments.phi_reading.PhiCorrection`: readings at Phi to second order
     seconds: float
+    classes: int = 10        # C, the network's output count
 
     @property
     def trace(self) -> float:
@@ -187,15 +197,16 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise: LabelNoise | st
                 lr: float = 3e-3, tol: float = 1e-10, seed: int = 0, progress: Progress = None) -> Point:
     """Train `model` (a module, or a factory called with image_size and torch seeded by `seed`) toward
     Gamma by full-batch Adam, project onto Gamma (residual <= tol), and build the geometry, the Phi
-    correction and the preconditioner at zeta. Images (N, 3, s, s) and model are used in float64.
+    correction and the preconditioner at zeta. Images (N, 3, s, s) and model are used in float64;
+    labels: integer (N,) or float (N, C) targets, C = the network's output count (`experiments.noise_models`).
     ValueError when the network does not fit (`check_model`) or the point is not on Gamma."""
     from experiments.phi_reading import PhiCorrection
     noise = parse_noise(noise) if isinstance(noise, str) else noise
     start = time.perf_counter()
     images = images.to(torch.float64)
     net = _as_model(model, image_size=images.shape[-1], seed=seed).to(torch.float64)
-    check_model(net, images, noise)
-    obj = noise.objective(net, images, labels)
+    classes, targets = check_model(net, images, labels, noise)
+    obj = noise.objective(net, images, targets, classes)
     say = progress or (lambda line: None)
     say(f"point: Adam on {noise} for up to {train_steps} steps (N = {len(images)}, D = {obj.dim})")
     theta = noise.fit(obj, steps=train_steps, lr=lr)
@@ -208,9 +219,9 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise: LabelNoise | st
     correction = PhiCorrection.at(obj, geometry, gradients)
     say(f"point: tr H = {float(geometry.trace):.6g}, lambda_max = {float(geometry.lambda_max):.6g} "
         f"({time.perf_counter() - start:.0f} s)")
-    return Point(noise=noise, objective=obj, labels=labels, zeta=zeta, residual=residual, geometry=geometry,
+    return Point(noise=noise, objective=obj, labels=targets, zeta=zeta, residual=residual, geometry=geometry,
                  gradients=gradients, preconditioner=pre, correction=correction,
-                 seconds=time.perf_counter() - start)
+                 seconds=time.perf_counter() - start, classes=classes)
 
 
 # ---------------------------------------------------------------------- the comparison
@@ -310,13 +321,14 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
         raise ValueError("need at least one rule and one eta")
     if any(not (math.isfinite(e) and e > 0) for e in etas):
         raise ValueError(f"every eta must be positive, got {etas}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     if checkpoints < 2:
         raise ValueError(f"checkpoints must be >= 2 (a slope after the t = 0 reading), got {checkpoints}")
     if not slow_time > 0:
         raise ValueError(f"slow_time must be positive, got {slow_time}")
-    configs = {(r, e): noise.config(r, e, max_eta_lambda=max_eta_lambda, max_relative_change=max_relative_change,
-                                    **run_schedule(r, e, slow_time=slow_time, checkpoints=checkpoints, seeds=seeds))
-               for e in etas for r in rules}
+    schedules = {(r, e): run_schedule(r, e, slow_time=slow_time, checkpoints=checkpoints, seeds=seeds)
+                 for e in etas for r in rules}                          # a rule's bad settings: ValueError now
     if point is None:
         if images is None or labels is None:
             raise ValueError("give images and labels, or a prebuilt point")
@@ -328,6 +340,9 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
     if too_large:
         raise ValueError(f"eta = {too_large} outside the regime: eta x lambda_max > {max_eta_lambda} "
                          f"(lambda_max = {point.lambda_max:.4g} at this point); the slow SDE assumes small eta")
+    configs = {key: noise.config(*key, classes=point.classes, max_eta_lambda=max_eta_lambda,
+                                 max_relative_change=max_relative_change, **schedule)
+               for key, schedule in schedules.items()}
     from experiments.continuation import RegimeWarning
     say = progress or (lambda line: None)
     rows = []

@@ -131,9 +131,13 @@ def sharpness_on_manifold(obj: Objective, theta: Tensor, *,
 
 
 def _stacked_data(obj: Objective) -> tuple[Tensor, Tensor]:
+    """(x, targets (N, C)): integer labels one-hot over the network's C outputs, float targets as they are."""
     x = torch.cat([xb for xb, _ in obj.data])
     y = torch.cat([yb for _, yb in obj.data])
-    return x, torch.zeros(len(y), 10, dtype=x.dtype).scatter(-1, y[:, None], 1.0)
+    if y.is_floating_point():
+        return x, y.to(x.dtype)
+    classes = obj.forward(obj.params, x[:1]).shape[-1]
+    return x, torch.zeros(len(y), classes, dtype=x.dtype).scatter(-1, y[:, None], 1.0)
 
 
 def run_continuation(obj: Objective, zeta: Tensor, config: ContinuationConfig, *,

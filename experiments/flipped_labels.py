@@ -46,8 +46,9 @@ from experiments.drift_path import NodeRates, PredictedPath, integrate_drift_pat
 from experiments.data import resolve_cifar10_dir
 from experiments.manifold import GramPreconditioner, _gram_solve, build_small_mlp, cifar_subset
 from experiments.phi_reading import PhiCorrection, read_at_phi  # noqa: F401 (PhiCorrection re-exported)
-from sde.flipped_labels import (_centred_basis, _metric_roots, closed_form_drift, closed_form_rates, flip_geometry,
-                                flip_labels, flip_sharpness_gradients, soft_cross_entropy, soft_target_objective)
+from sde.flipped_labels import (_centred_basis, _metric_roots, check_flip_probability, closed_form_drift,
+                                closed_form_rates, flip_geometry, flip_labels, flip_sharpness_gradients,
+                                soft_cross_entropy, soft_target_objective)
 from sde.label_noise import output_jacobian
 from sde.rules import QSR, SGD, LocalSGD, check_rule
 
@@ -227,7 +228,9 @@ class FlipContinuationConfig(RoundSchedule):
     """`rule` run for `rounds` rounds at step `eta` with flip probability `p`.
 
     For SGD a round is `steps_per_round_sgd` steps; `checkpoint_every` rounds between projections;
-    H = `rule.local_steps(eta)` (QSR needs rule.alpha). Guards as `experiments.continuation`.
+    H = `rule.local_steps(eta)` (QSR needs rule.alpha). Guards as `experiments.continuation`;
+    p < (C-1)/C for C = `classes`, the targets' class count (None: p < 0.9 here, checked against the
+    targets' C when run).
     """
     rule: object
     eta: float
@@ -239,13 +242,18 @@ class FlipContinuationConfig(RoundSchedule):
     gd_steps: int = 10
     max_eta_lambda: float = 0.5
     max_relative_change: float = 0.2
+    classes: int | None = None
 
     def __post_init__(self):
         check_rule(self.rule)
         if not self.eta > 0:
             raise ValueError(f"eta must be positive, got {self.eta}")
-        if not 0 < self.p < 0.9:
+        if self.classes is None and not 0 < self.p < 0.9:
             raise ValueError(f"p must be in (0, 0.9) (C = 10), got {self.p}")
+        if self.classes is not None:
+            if not self.p > 0:
+                raise ValueError(f"p must be positive, got {self.p}")
+            check_flip_probability(self.p, self.classes)
         self._check_rounds()
 
 
@@ -308,6 +316,9 @@ def run_flip_continuation(obj: Objective, labels: Tensor, zeta: Tensor, config: 
     if cfg.eta * lmax0 > cfg.max_eta_lambda:
         raise ValueError(f"eta x lambda_max = {cfg.eta * lmax0:.3f} exceeds {cfg.max_eta_lambda}")
     C = _targets(obj).shape[1]
+    if cfg.classes not in (None, C):
+        raise ValueError(f"the config is for C = {cfg.classes} classes, the targets have C = {C}")
+    check_flip_probability(cfg.p, C)
     workers, b_loc, H = cfg.rule.workers, cfg.local_batch, cfg.local_steps
     x_all = torch.cat([xb for xb, _ in obj.data])
     n = len(x_all)

@@ -151,8 +151,10 @@ def train_to_interpolation(obj: Objective, *, steps: int = 3000, lr: float = 3e-
 
 
 def residuals(obj: Objective, outputs: Tensor) -> Tensor:
-    """f(x_i) - onehot(y_i), shape (N, C)."""
+    """f(x_i) - onehot(y_i), shape (N, C); float targets (N, C) are used as they are."""
     y = torch.cat([yb for _, yb in obj.data])
+    if y.is_floating_point():
+        return outputs - y.to(outputs.dtype)
     return outputs - F.one_hot(y, outputs.shape[-1]).to(outputs.dtype)
 
 
@@ -462,7 +464,7 @@ def project_to_manifold_cg(obj: Objective, theta: Tensor | None = None, *, tol: 
         raise ValueError("gd_steps > 0 needs a positive gd_lr")
     if not 0 < cg_rtol < 1:
         raise ValueError(f"cg_rtol must be in (0, 1), got {cg_rtol}")
-    equations = obj.num_samples * NUM_CLASSES
+    equations = obj.num_samples * obj.forward(theta0, obj.data[0][0][:1]).shape[-1]     # N C
     if equations > obj.dim:
         raise ValueError(f"N*C = {equations} equations exceed D = {obj.dim} parameters: "
                          "Gamma is not a manifold of interpolating solutions here")

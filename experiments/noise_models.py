@@ -15,8 +15,9 @@ this protocol, so it never asks which noise it holds. Two implementations:
   `experiments.flipped_labels` (point, measurement, comparison row).
 
 `parse_noise("gaussian:0.1")` / `parse_noise("flip:0.1")` build one from the command line's string.
-Images and labels: float images (N, ...) and int64 labels (N,) in [0, C); C = 10 for now (the
-engines assume CIFAR-10's ten classes).
+Images (N, ...) float; C, the number of classes, is the network's output count. Targets: integer
+labels (N,) in [0, C), or float (N, C): any real targets for the squared loss, one-hot rows for
+flipped labels (`targets` checks and normalizes them).
 """
 from __future__ import annotations
 
@@ -24,13 +25,12 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from dynamics.objective import Objective
 
-__all__ = ["LabelNoise", "GaussianLabelNoise", "FlippedLabels", "parse_noise", "NOISE_MODELS", "NUM_CLASSES"]
-
-NUM_CLASSES = 10
+__all__ = ["LabelNoise", "GaussianLabelNoise", "FlippedLabels", "parse_noise", "NOISE_MODELS"]
 
 
 class LabelNoise(Protocol):
@@ -40,7 +40,9 @@ class LabelNoise(Protocol):
 
     def equations(self, n: int, classes: int) -> int: ...            # dimension of the normal space of Gamma
 
-    def objective(self, model: nn.Module, x: Tensor, labels: Tensor) -> Objective: ...
+    def targets(self, labels: Tensor, classes: int) -> Tensor: ...   # checked, in the engine's form
+
+    def objective(self, model: nn.Module, x: Tensor, targets: Tensor, classes: int) -> Objective: ...
 
     def fit(self, obj: Objective, *, steps: int, lr: float) -> Tensor: ...   # full-batch Adam toward Gamma
 
@@ -50,17 +52,29 @@ class LabelNoise(Protocol):
 
     def predict(self, obj: Objective, geometry, gradients, rule): ...   # rates at zeta (.trace_rate, ...)
 
-    def config(self, rule, eta: float, **schedule): ...
+    def config(self, rule, eta: float, classes: int, **schedule): ...
 
     def compare(self, obj: Objective, labels: Tensor, zeta: Tensor, config, **engine) -> object: ...
 
 
-def _check_labels(labels: Tensor, classes: int) -> None:
-    if labels.dim() != 1 or labels.is_floating_point():
-        raise ValueError(f"labels must be integer class indices of shape (N,), got dtype {labels.dtype} "
+def _check_labels(labels: Tensor, classes: int) -> Tensor:
+    """Integer labels (N,) in [0, classes), as int64; ValueError naming what does not fit."""
+    if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"targets must be integer labels (N,) or float targets (N, C), got dtype {labels.dtype} "
                          f"and shape {tuple(labels.shape)}")
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-        raise ValueError(f"labels must lie in [0, {classes}), got [{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(f"labels lie in [{int(labels.min())}, {int(labels.max())}] but the network has {classes} "
+                         f"outputs: one output per class is needed")
+    return labels.long()
+
+
+def _float_targets(targets: Tensor, classes: int) -> bool:
+    if not targets.is_floating_point():
+        return False
+    if targets.dim() != 2 or targets.shape[1] != classes:
+        raise ValueError(f"float targets of shape {tuple(targets.shape)} do not fit the network's {classes} "
+                         f"outputs: (N, {classes}) needed")
+    return True
 
 
 @dataclass(frozen=True)
@@ -79,10 +93,13 @@ class GaussianLabelNoise:
         """N C: every output of every image is pinned to its one-hot target on Gamma."""
         return n * classes
 
-    def objective(self, model: nn.Module, x: Tensor, labels: Tensor) -> Objective:
+    def targets(self, labels: Tensor, classes: int) -> Tensor:
+        """Integer labels (N,) in [0, C) (one-hot targets), or any float targets (N, C), in float64."""
+        return labels.to(torch.float64) if _float_targets(labels, classes) else _check_labels(labels, classes)
+
+    def objective(self, model: nn.Module, x: Tensor, targets: Tensor, classes: int) -> Objective:
         from experiments.manifold import squared_loss_objective
-        _check_labels(labels, NUM_CLASSES)
-        return squared_loss_objective(model, x, labels)
+        return squared_loss_objective(model, x, self.targets(targets, classes))
 
     def fit(self, obj: Objective, *, steps: int, lr: float) -> Tensor:
         from experiments.manifold import train_to_interpolation
@@ -106,7 +123,7 @@ class GaussianLabelNoise:
         from sde.label_noise import predict_label_noise_rates
         return predict_label_noise_rates(obj, geometry, rule, sigma=self.sigma, gradients=gradients)
 
-    def config(self, rule, eta: float, **schedule):
+    def config(self, rule, eta: float, classes: int, **schedule):
         from experiments.continuation import ContinuationConfig
         return ContinuationConfig(rule=rule, eta=eta, sigma=self.sigma, **schedule)
 
@@ -122,9 +139,8 @@ class FlippedLabels:
     p: float
 
     def __post_init__(self):
-        if not (isinstance(self.p, (int, float)) and 0 < self.p < 1 - 1 / NUM_CLASSES):
-            raise ValueError(f"flipped labels need 0 < p < {1 - 1 / NUM_CLASSES:g} (C = {NUM_CLASSES}: "
-                             f"above it a wrong class is likelier than the true one), got {self.p!r}")
+        if not (isinstance(self.p, (int, float)) and 0 < self.p < 1):
+            raise ValueError(f"flipped labels need 0 < p < (C-1)/C, got {self.p!r}")
 
     def __str__(self) -> str:
         return f"flip:{self.p:g}"
@@ -133,10 +149,22 @@ class FlippedLabels:
         """N (C - 1): softmax(f_i) = q_i pins the centred outputs of every image."""
         return n * (classes - 1)
 
-    def objective(self, model: nn.Module, x: Tensor, labels: Tensor) -> Objective:
+    def targets(self, labels: Tensor, classes: int) -> Tensor:
+        """Integer labels (N,) in [0, C), or one-hot float rows (N, C) turned into labels; p < (C-1)/C
+        (above it a wrong class is likelier than the true one)."""
+        if classes < 2 or not self.p < (classes - 1) / classes:
+            raise ValueError(f"flipped labels need 0 < p < (C-1)/C = {(classes - 1) / classes:.4g} for the "
+                             f"network's C = {classes} outputs, got p = {self.p:g}")
+        if _float_targets(labels, classes):
+            hot = labels.argmax(1)
+            if not torch.equal(labels, torch.zeros_like(labels).scatter(1, hot[:, None], 1.0)):
+                raise ValueError("flipped labels need class labels: float targets must be one-hot rows")
+            return hot
+        return _check_labels(labels, classes)
+
+    def objective(self, model: nn.Module, x: Tensor, targets: Tensor, classes: int) -> Objective:
         from sde.flipped_labels import soft_target_objective
-        _check_labels(labels, NUM_CLASSES)
-        return soft_target_objective(model, x, labels, self.p, num_classes=NUM_CLASSES)
+        return soft_target_objective(model, x, self.targets(targets, classes), self.p, num_classes=classes)
 
     def fit(self, obj: Objective, *, steps: int, lr: float) -> Tensor:
         from experiments.flipped_labels import train_to_soft_targets
@@ -159,9 +187,9 @@ class FlippedLabels:
         from sde.flipped_labels import closed_form_rates
         return closed_form_rates(obj, geometry, rule, gradients=gradients)
 
-    def config(self, rule, eta: float, **schedule):
+    def config(self, rule, eta: float, classes: int, **schedule):
         from experiments.flipped_labels import FlipContinuationConfig
-        return FlipContinuationConfig(rule=rule, eta=eta, p=self.p, **schedule)
+        return FlipContinuationConfig(rule=rule, eta=eta, p=self.p, classes=classes, **schedule)
 
     def compare(self, obj: Objective, labels: Tensor, zeta: Tensor, config, **engine):
         """`experiments.flipped_labels.compare_flip_rule` (a `FlipComparison`)."""

@@ -111,7 +111,7 @@ def test_parsers_and_schedule():
         with pytest.raises(ValueError, match=re.escape(match)):
             parse_rule(bad)
     assert parse_noise("gaussian:0.1") == GaussianLabelNoise(0.1) and parse_noise("flip:0.2") == FlippedLabels(0.2)
-    for bad in ("uniform:0.1", "flip", "flip:x", "flip:0.95", "gaussian:-1"):
+    for bad in ("uniform:0.1", "flip", "flip:x", "flip:1.5", "gaussian:-1"):
         with pytest.raises(ValueError):
             parse_noise(bad)
     # QSR at eta = 0.01, alpha = 0.1: H = floor(100) = 100; 0.1 / 1e-4 = 1000 steps -> 10 rounds (>= 5)
@@ -125,13 +125,19 @@ def test_bad_networks_and_points_are_refused_before_training(data):
     x, y = data
     noise = GaussianLabelNoise(0.1)
     with pytest.raises(ValueError, match="BatchNorm.*Gamma is not the set of per-sample minimizers"):
-        check_model(with_batchnorm().double(), x, noise)
-    with pytest.raises(ValueError, match=r"outputs of shape \(2, 7\) .* needs \(2, 10\)"):
-        check_model(wrong_outputs().double(), x, noise)
+        check_model(with_batchnorm().double(), x, y, noise)
+    with pytest.raises(ValueError, match=r"outputs of shape \(2, 7\) .* labels lie in \[0, 9\] but the network has 7"):
+        check_model(wrong_outputs().double(), x, y, noise)
+    with pytest.raises(ValueError, match=r"float targets of shape \(10, 3\) do not fit the network's 10 outputs"):
+        check_model(tiny_net().double(), x, torch.zeros(10, 3, dtype=torch.float64), noise)
+    with pytest.raises(ValueError, match="float targets must be one-hot rows"):
+        check_model(tiny_net().double(), x, torch.full((10, 10), 0.1, dtype=torch.float64), FlippedLabels(0.1))
+    with pytest.raises(ValueError, match=r"0 < p < \(C-1\)/C = 0.5 for the network's C = 2 outputs"):
+        check_model(nn.Sequential(nn.Flatten(), nn.Linear(48, 2)).double(), x, y % 2, FlippedLabels(0.6))
     with pytest.raises(ValueError, match="Dropout"):
-        check_model(nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(48, 10)).double(), x, noise)
+        check_model(nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(48, 10)).double(), x, y, noise)
     with pytest.raises(ValueError, match="100 equations on Gamma .* D = 69 parameters"):
-        check_model(nn.Sequential(nn.Flatten(), nn.Linear(48, 1), nn.Linear(1, 10)).double(), x, noise)
+        check_model(nn.Sequential(nn.Flatten(), nn.Linear(48, 1), nn.Linear(1, 10)).double(), x, y, noise)
     with pytest.raises(ValueError, match="the point is not on Gamma: residual"):
         build_point(tiny_net, x, y, noise=noise, train_steps=1, tol=1e-300)
     point = build_point(tiny_net, x, y, noise=noise, train_steps=2000, lr=1e-2)
@@ -204,7 +210,8 @@ def test_command_line_writes_the_library_rows_with_provenance(data, tmp_path, ca
     (["--model", "tests.experiments.test_compare:nothing"], "has no function 'nothing'"),
     (["--model", "tests.experiments.test_compare:with_batchnorm"], "the network has BatchNorm"),
     (["--model", "tests.experiments.test_compare:wrong_outputs"], "outputs of shape (2, 7)"),
-    (["--noise", "flip:2"], "flipped labels need 0 < p < 0.9"),
+    (["--noise", "flip:2"], "flipped labels need 0 < p < (C-1)/C"),
+    (["--noise", "flip:0.95"], "0 < p < (C-1)/C = 0.9 for the network's C = 10 outputs"),
     (["--eta", "0"], "eta must be positive"),
     (["--eta", "5"], "outside the regime"),
 ])
@@ -259,3 +266,35 @@ def test_checkpoints_plain_state_dict_and_trainer_file(data, tmp_path, capsys):
     assert main([*argv, "--checkpoint", str(tmp_path / "plain" / "final.pt")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "b" / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["predicted"] < 0 and rows[0]["config"]["checkpoint"].endswith("final.pt")
+
+
+def five_classes(image_size: int = 4) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size ** 2, 32), nn.Tanh(), nn.Linear(32, 5))
+
+
+def test_any_number_of_classes_and_float_targets(data):
+    from experiments.flipped_labels import project_to_flip_manifold, train_to_soft_targets
+    from sde.flipped_labels import closed_form_rates, flip_geometry, flip_sharpness_gradients, soft_target_objective
+    x, y = data
+    kw = dict(rules=["sgd", "local:K=2,beta=0.2"], etas=[0.01], seeds=2, slow_time=0.005, checkpoints=3,
+              train_steps=2000, lr=1e-2)
+    # one-hot float targets are the integer labels: the same point, the same rows, bit for bit
+    hot = torch.nn.functional.one_hot(y, 10).to(torch.float64)
+    a = compare(tiny_net, x, y, noise="gaussian:0.1", **kw)
+    b = compare(tiny_net, x, hot, noise="gaussian:0.1", **kw)
+    assert [(r.predicted, r.measured) for r in a] == [(r.predicted, r.measured) for r in b]
+    # C = 5 classes (labels y mod 5), flipped labels at p = 0.3 < 4/5: the prediction is the closed form at
+    # the same point assembled by hand, and the runs (5-class flips) read tr H falling
+    labels = y % 5
+    rows = compare(five_classes, x, labels, noise="flip:0.3", **kw)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = five_classes().double()
+    obj = soft_target_objective(model, x, labels, 0.3, num_classes=5)
+    zeta, _ = project_to_flip_manifold(obj, train_to_soft_targets(obj, steps=2000, lr=1e-2), tol=1e-10)
+    geo = flip_geometry(obj, zeta)
+    for row, rule in zip(rows, (SGD(8), LocalSGD(2, 4, 0.2))):
+        ref = closed_form_rates(obj, geo, rule, gradients=flip_sharpness_gradients(obj, geo)).trace_rate
+        assert row.predicted == pytest.approx(ref, rel=1e-10, abs=0)
+        assert row.predicted < 0 and row.measured < 0
+        assert row.trace == pytest.approx(geo.trace, rel=1e-12)
