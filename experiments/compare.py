@@ -109,16 +109,17 @@ def parse_rule(text: str, *, batch: int = 8, local_batch: int | None = None):
 
 
 # ---------------------------------------------------------------------- the point
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+def _small_cnn(*, image_size: int, generator: torch.Generator) -> nn.Module:
+    from experiments.manifold import build_small_cnn
+    return build_small_cnn(image_size=image_size, generator=generator)
 
 
-def _registered(name: str) -> Callable[..., nn.Module]:
-    from experiments.manifold import build_small_cnn, build_small_mlp
-    MODELS.setdefault("cnn", lambda *, image_size, generator: build_small_cnn(image_size=image_size,
-                                                                              generator=generator))
-    MODELS.setdefault("mlp", lambda *, image_size, generator: build_small_mlp(image_size=image_size,
-                                                                              generator=generator))
-    return MODELS.get(name)
+def _small_mlp(*, image_size: int, generator: torch.Generator) -> nn.Module:
+    from experiments.manifold import build_small_mlp
+    return build_small_mlp(image_size=image_size, generator=generator)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"cnn": _small_cnn, "mlp": _small_mlp}   # --model names
 
 
 def check_model(model: nn.Module, images: Tensor, labels: Tensor, noise: LabelNoise) -> tuple[int, Tensor]:
@@ -438,7 +439,7 @@ def _model_from_args(args):
         model, _ = load_model(args.checkpoint)
         return model
     spec = args.model or "cnn"
-    registered = _registered(spec)
+    registered = MODELS.get(spec)
     if registered is not None:
         factory = lambda *, image_size: registered(image_size=image_size,    # noqa: E731
                                                    generator=torch.Generator().manual_seed(args.seed))
