@@ -273,16 +273,27 @@ class Row:
         return self.measured / self.predicted
 
 
-def _row(rule, eta: float, noise, seed: int, engine, caught) -> Row:
+def _measured_row(point: Point, rule, eta: float, config, *, seed: int, path_dt, progress) -> Row:
+    """The noise model's engine run for one config at the point; its RegimeWarnings go into the row."""
+    from experiments.continuation import RegimeWarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RegimeWarning)
+        engine = point.noise.compare(point.objective, point.labels, point.zeta, config, seed=seed,
+                                     geometry=point.geometry, gradients=point.gradients, correction=point.correction,
+                                     path_dt=path_dt, preconditioner=point.preconditioner, progress=progress)
+    regime = [w for w in caught if issubclass(w.category, RegimeWarning)]
+    for w in caught:
+        if w not in regime:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     e = dataclasses.asdict(engine)
     root = math.sqrt(e["seeds"])
-    return Row(rule=e["rule"], eta=eta, noise=str(noise), predicted=e["predicted_trace_rate"],
+    return Row(rule=e["rule"], eta=eta, noise=str(point.noise), predicted=e["predicted_trace_rate"],
                measured=e["measured_trace_rate"], stderr=e["measured_trace_rate_std"] / root, seeds=e["seeds"],
                seed=seed, predicted_limit=e["predicted_trace_rate_limit"], predicted_path=e["predicted_trace_rate_path"],
                predicted_lambda_max=e["predicted_lambda_max_rate"], measured_lambda_max=e["measured_lambda_max_rate"],
                lambda_max_stderr=e["measured_lambda_max_rate_std"] / root, local_steps=e["local_steps"],
                slow_time=e["slow_time"], trace=e["trace"], lambda_max=e["lambda_max"], seconds=e["seconds"],
-               warnings=tuple(f"{w.category.__name__}: {w.message}" for w in caught), engine=e)
+               warnings=tuple(f"{w.category.__name__}: {w.message}" for w in regime), engine=e)
 
 
 def _predicted_row(point: Point, rule, eta: float, config) -> Row:
@@ -344,31 +355,18 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
     configs = {key: noise.config(*key, classes=point.classes, max_eta_lambda=max_eta_lambda,
                                  max_relative_change=max_relative_change, **schedule)
                for key, schedule in schedules.items()}
-    from experiments.continuation import RegimeWarning
     say = progress or (lambda line: None)
     rows = []
     for (rule, eta), config in configs.items():
-        if not measure:
+        if measure:
+            say(f"{rule!r} at eta = {eta:g}: {config.rounds} rounds of {config.local_steps} steps, {seeds} seeds")
+            row = _measured_row(point, rule, eta, config, seed=seed, path_dt=path_dt, progress=progress)
+            say(f"{row.rule} eta = {eta:g}: predicted {row.predicted:.4g}, measured {row.measured:.4g} "
+                f"+- {row.stderr:.2g} (ratio {row.ratio:.3f}, {row.seconds:.0f} s)"
+                + "".join(f"; {w}" for w in row.warnings))
+        else:
             row = _predicted_row(point, rule, eta, config)
             say(f"{row.rule} eta = {eta:g}: predicted {row.predicted:.6g} (limit {row.predicted_limit:.6g})")
-            rows.append(row)
-            if on_row is not None:
-                on_row(row)
-            continue
-        say(f"{rule!r} at eta = {eta:g}: {config.rounds} rounds of {config.local_steps} steps, {seeds} seeds")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", RegimeWarning)
-            engine = noise.compare(point.objective, point.labels, point.zeta, config, seed=seed,
-                                   geometry=point.geometry, gradients=point.gradients, correction=point.correction,
-                                   path_dt=path_dt, preconditioner=point.preconditioner, progress=progress)
-        regime = [w for w in caught if issubclass(w.category, RegimeWarning)]
-        for w in caught:
-            if w not in regime:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        row = _row(rule, eta, noise, seed, engine, regime)
-        say(f"{row.rule} eta = {eta:g}: predicted {row.predicted:.4g}, measured {row.measured:.4g} "
-            f"+- {row.stderr:.2g} (ratio {row.ratio:.3f}, {row.seconds:.0f} s)"
-            + "".join(f"; {w}" for w in row.warnings))
         rows.append(row)
         if on_row is not None:
             on_row(row)
