@@ -101,7 +101,7 @@ def random_vector(obj, generator: torch.Generator | None, distribution: str = "g
     return v.to(obj.device)
 
 
-def _orthogonalize(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+def orthogonalize(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     """w minus its projection on the orthonormal columns of basis, done twice; returns (w, coeffs)."""
     if basis.shape[1] == 0:
         return w, w.new_zeros(0)
@@ -142,7 +142,7 @@ def lanczos_tridiagonal(obj, v0: Tensor, steps: int) -> tuple[Tensor, Tensor, in
     scale = 0.0
     for j in range(steps):
         w = obj.hvp(basis[:, j]).to(obj.dtype)
-        w, h = _orthogonalize(w, basis[:, :j + 1])
+        w, h = orthogonalize(w, basis[:, :j + 1])
         alphas.append(float(h[j]))
         beta = float(torch.linalg.vector_norm(w))
         scale = max(scale, abs(alphas[-1]), beta)
@@ -221,7 +221,7 @@ def top_eigenpairs(obj, k: int = 1, *, which: str = "LA", tol: float = 1e-6, max
         while j < m_max:
             w = obj.hvp(basis[:, j]).to(obj.dtype)
             matvecs += 1
-            w, h = _orthogonalize(w, basis[:, :j + 1])
+            w, h = orthogonalize(w, basis[:, :j + 1])
             T[j, j] = float(h[j])
             beta = float(torch.linalg.vector_norm(w))
             scale = max(scale, abs(float(h[j])), beta)
@@ -230,7 +230,7 @@ def top_eigenpairs(obj, k: int = 1, *, which: str = "LA", tol: float = 1e-6, max
                 basis[:, j + 1] = 0.0
             elif beta <= 1e3 * eps * scale:
                 # Invariant Krylov space: continue with a fresh direction orthogonal to the basis.
-                w, _ = _orthogonalize(random_vector(obj, generator), basis[:, :j + 1])
+                w, _ = orthogonalize(random_vector(obj, generator), basis[:, :j + 1])
                 basis[:, j + 1] = w / torch.linalg.vector_norm(w)
                 beta = 0.0
             else:

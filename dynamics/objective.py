@@ -34,8 +34,10 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from dynamics.fast_backward import FastDoubleBackward
 
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
-               nn.InstanceNorm2d, nn.InstanceNorm3d)
+# Normalization layers: put in train mode by bn="train"; experiments excludes their parameters
+# from weight decay (experiments.models.param_groups_no_wd, experiments.workers.weight_decay_mask).
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
+              nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -48,7 +50,7 @@ def _network_mode(model: nn.Module, bn: str):
         model.eval()
         if bn == "train":
             for m in model.modules():
-                if isinstance(m, _NORM_TYPES):
+                if isinstance(m, NORM_TYPES):
                     m.train()
         yield
     finally:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dynamics.lanczos import MatrixOperator, _orthogonalize, check_operator, random_vector
+from dynamics.lanczos import MatrixOperator, orthogonalize, check_operator, random_vector
 from dynamics.objective import Objective
 
 __all__ = ["TraceEstimate", "hessian_trace", "METHODS"]
@@ -151,7 +151,7 @@ def _krylov(obj, budget: int, gen, distribution: str) -> TraceEstimate:
         exact += alpha
         if k == steps:
             break
-        w, _ = _orthogonalize(w, basis[:, :k])
+        w, _ = orthogonalize(w, basis[:, :k])
         beta = float(torch.linalg.vector_norm(w))
         scale = max(scale, abs(alpha), beta)
         if beta <= 1e3 * torch.finfo(obj.dtype).eps * scale:  # invariant subspace found

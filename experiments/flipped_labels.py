@@ -44,10 +44,10 @@ from experiments.continuation import (RegimeWarning, RoundSchedule, check_regime
                                       progress_line)                         # (RegimeWarning re-exported)
 from experiments.drift_path import NodeRates, PredictedPath, integrate_drift_path
 from experiments.data import resolve_cifar10_dir
-from experiments.manifold import GramPreconditioner, _gram_solve, build_small_mlp, cifar_subset
+from experiments.manifold import GramPreconditioner, build_small_mlp, cifar_subset, gram_solve
 from experiments.phi_reading import PhiCorrection, read_at_phi  # noqa: F401 (PhiCorrection re-exported)
-from sde.flipped_labels import (_centred_basis, _metric_roots, check_flip_probability, closed_form_drift,
-                                closed_form_rates, flip_geometry, flip_labels, flip_sharpness_gradients,
+from sde.flipped_labels import (centred_basis, check_flip_probability, closed_form_drift, closed_form_rates,
+                                flip_geometry, flip_labels, flip_sharpness_gradients, metric_roots,
                                 soft_cross_entropy, soft_target_objective)
 from sde.label_noise import output_jacobian
 from sde.rules import QSR, SGD, LocalSGD, check_rule
@@ -70,17 +70,17 @@ def weighted_residual(obj: Objective, theta: Tensor, outputs: Tensor | None = No
     (||r|| = ||centred(f - log q)||)."""
     q = _targets(obj)
     out = _outputs(obj, theta) if outputs is None else outputs
-    Q = _centred_basis(q.shape[1], out.dtype, out.device)
+    Q = centred_basis(q.shape[1], out.dtype, out.device)
     r = (out - q.log()) @ Q
-    return torch.einsum("nab,nb->na", _metric_roots(q.to(out.dtype), Q), r).reshape(-1), r
+    return torch.einsum("nab,nb->na", metric_roots(q.to(out.dtype), Q), r).reshape(-1), r
 
 
 def weighted_jacobian(obj: Objective, theta: Tensor) -> Tensor:
     """Jt (N (C-1), D), rows R_i Q^T J_i: Hessian(L) = Jt^T Jt / N on Gamma."""
     q = _targets(obj)
     _, jac = output_jacobian(obj, theta)
-    Q = _centred_basis(q.shape[1], jac.dtype, jac.device)
-    return torch.einsum("nab,cb,ncd->nad", _metric_roots(q.to(jac.dtype), Q), Q, jac).reshape(-1, obj.dim)
+    Q = centred_basis(q.shape[1], jac.dtype, jac.device)
+    return torch.einsum("nab,cb,ncd->nad", metric_roots(q.to(jac.dtype), Q), Q, jac).reshape(-1, obj.dim)
 
 
 def flip_preconditioner(obj: Objective, theta: Tensor) -> GramPreconditioner:
@@ -135,7 +135,7 @@ def project_to_flip_manifold(obj: Objective, theta: Tensor | None = None, *, tol
             if jt.shape[0] > jt.shape[1]:
                 raise ValueError(f"N (C-1) = {jt.shape[0]} equations exceed D = {jt.shape[1]} parameters: "
                                  "Gamma is not a manifold here")
-        a = _gram_solve(jt, rt, preconditioner)
+        a = gram_solve(jt, rt, preconditioner)
         candidate = theta - jt.T @ a
         rt_new, r_new = weighted_residual(obj, candidate)
         new = float(r_new.norm())

@@ -181,7 +181,7 @@ class GramPreconditioner:
         return self.vectors @ ((self.vectors.T @ r) / self.values)
 
 
-def _gram_solve(jac: Tensor, r: Tensor, pre: GramPreconditioner | None, *, rtol: float = 1e-11,
+def gram_solve(jac: Tensor, r: Tensor, pre: GramPreconditioner | None, *, rtol: float = 1e-11,
                 max_iter: int = 200) -> Tensor:
     """a with (J J^T) a = r: dense solve, or preconditioned conjugate gradients if `pre` is given."""
     if pre is None:
@@ -245,7 +245,7 @@ def project_to_manifold(obj: Objective, theta: Tensor | None = None, *, tol: flo
         if jac.shape[0] > jac.shape[1]:
             raise ValueError(f"N*C = {jac.shape[0]} equations exceed D = {jac.shape[1]} parameters: "
                              "Gamma is not a manifold of interpolating solutions here")
-        a = _gram_solve(jac, r, preconditioner)
+        a = gram_solve(jac, r, preconditioner)
         candidate = theta - jac.T @ a
         new_loss = obj.loss(candidate).item()
         if new_loss > loss:  # damped step when the full step overshoots (far from Gamma)

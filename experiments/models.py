@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynamics.objective import NORM_TYPES  # one definition, shared with workers.weight_decay_mask
+
 Norm = Literal["batch", "group", "layer", "none"]
 Activation = Literal["relu", "gelu", "silu", "softplus", "tanh"]
 
@@ -57,7 +59,6 @@ _DEFAULTS = {  # name -> (width, norm, activation, depth)
 }
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "softplus": nn.Softplus,
                 "tanh": nn.Tanh}
-NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 
 
 def _norm(kind: str, channels: int, groups: int) -> nn.Module:

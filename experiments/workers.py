@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from dynamics.objective import _NORM_TYPES
+from dynamics.objective import NORM_TYPES
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def _flat(t: Tensor, last: bool) -> Tensor:
 def weight_decay_mask(model: nn.Module, *, wd_norm_bias: bool) -> Tensor:
     """(D,) 1.0 where weight decay applies; 0.0 on norm-layer parameters and biases unless
     `wd_norm_bias` (Gu et al. 2023 exclude them)."""
-    norm_params = {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES)
+    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES)
                    for p in m.parameters(recurse=False)}
     parts = []
     for name, p in model.named_parameters():

@@ -14,11 +14,12 @@ from .matrix_free import MatrixFreeProblem
 from .problem import Problem
 from .psi import psi, psi_integral
 from .rules import QSR, SGD, LocalSGD
-from .slow_sde import SlowSDETerms, drift_and_diffusion, slow_sde
+from .slow_sde import drift_and_diffusion, slow_sde
+from .terms import SlowSDETerms
 from .projection import project
 from .simulate import simulate
 from . import analysis, discrete, label_noise, toys
 
 __all__ = ["Problem", "MatrixFreeProblem", "psi", "psi_integral", "SGD", "LocalSGD", "QSR",
            "slow_sde", "SlowSDETerms", "drift_and_diffusion", "blocks", "project", "simulate", "toys",
-           "discrete"]
+           "discrete", "analysis", "label_noise"]

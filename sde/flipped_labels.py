@@ -172,7 +172,7 @@ def exact_noise_in_basis(obj: Objective, theta: Tensor, basis: Tensor) -> Tensor
 
 
 # ---------------------------------------------------------------------- geometry of Gamma
-def _centred_basis(C: int, dtype, device) -> Tensor:
+def centred_basis(C: int, dtype, device) -> Tensor:
     """Q (C, C-1) with orthonormal columns spanning {w : sum w = 0}."""
     eye = torch.eye(C, dtype=dtype, device=device)
     Q, _ = torch.linalg.qr(eye - 1.0 / C)
@@ -236,7 +236,9 @@ class FlipGeometry:
         return torch.einsum("ca,nab,nbd->ncd", self.centred, self.metric_roots, wj)
 
 
-def _metric_roots(q: Tensor, Q: Tensor) -> Tensor:
+def metric_roots(q: Tensor, Q: Tensor) -> Tensor:
+    """R_i = (Q^T A_i Q)^{1/2} (N, C-1, C-1) for probabilities q (N, C), A_i = diag(q_i) - q_i q_i^T and
+    Q (C, C-1) from `centred_basis`."""
     A = torch.diag_embed(q) - q[:, :, None] * q[:, None, :]
     small = Q.T @ A @ Q                                    # (N, C-1, C-1), positive definite for q > 0
     values, vectors = torch.linalg.eigh(small)
@@ -260,8 +262,8 @@ def flip_geometry(obj: Objective, theta: Tensor | None = None, *, max_residual: 
         raise ValueError(f"theta is not on Gamma: ||centred(f - log q)|| = {residual:.3e} > {max_residual:.1e}; "
                          "project it first (experiments.flipped_labels.project_to_flip_manifold)")
     N, C, D = jac.shape
-    Q = _centred_basis(C, jac.dtype, jac.device)
-    R = _metric_roots(q.to(jac.dtype), Q)
+    Q = centred_basis(C, jac.dtype, jac.device)
+    R = metric_roots(q.to(jac.dtype), Q)
     reduced = torch.einsum("nab,cb,ncd->nad", R, Q, jac).reshape(N * (C - 1), D)
     values, vectors = torch.linalg.eigh(reduced @ reduced.T / N)
     values, vectors = values.flip(0), vectors.flip(1)

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from .psi import psi
 from .rules import check_rule
+from .terms import SlowSDETerms
 
 DEFAULT_RANK_RTOL = 1e-5
 
@@ -166,7 +167,6 @@ class MatrixFreeProblem:
         from dynamics.noise import noise_probe
         from dynamics.third_order import LowRank, third_order
 
-        from .slow_sde import SlowSDETerms
         check_rule(rule)
         obj = self.obj
         if zeta.shape != (obj.dim,):

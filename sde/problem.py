@@ -48,5 +48,6 @@ class Problem:
     @staticmethod
     def from_objective(obj, **options):
         """A matrix-free problem for a network; see `sde.matrix_free.MatrixFreeProblem` for options."""
+        # Lazy and one-way: matrix_free never imports problem, so no cycle (tests/test_layout.py).
         from .matrix_free import MatrixFreeProblem
         return MatrixFreeProblem(obj, **options)
