@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from experiments.data import CIFAR10_MEAN, CIFAR10_STD, CorruptFileError
+from experiments.data import CIFAR10_MEAN, CIFAR10_STD, CorruptFileError, balanced_subset
 
 
 def _draw_device(generator: torch.Generator | None) -> torch.device:
@@ -186,15 +186,7 @@ def subset(images: torch.Tensor, labels: torch.Tensor, n: int, *, balanced: bool
         return images[:n], labels[:n]
     if n % num_classes:
         raise ValueError(f"a balanced subset needs n divisible by {num_classes}, got {n}")
-    per_class = n // num_classes
-    picked = []
-    for c in range(num_classes):
-        where = torch.nonzero(labels == c).flatten()
-        if where.numel() < per_class:
-            raise ValueError(f"class {c} has only {where.numel()} examples, {per_class} requested")
-        picked.append(where[:per_class])
-    idx = torch.sort(torch.cat(picked)).values
-    return images[idx], labels[idx]
+    return balanced_subset(images, labels, n, num_classes=num_classes)
 
 
 def synthetic_cifar(n: int, *, seed: int, num_classes: int = 10, noise: float = 40.0,
