@@ -32,7 +32,6 @@ import argparse
 import copy
 import datetime
 import json
-import math
 import os
 import re
 import statistics
@@ -124,13 +123,32 @@ def _time_round(obj, x, y, steps, device) -> float:
     return time.perf_counter() - start
 
 
+def _synthetic_batch(s: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fixed (K, B_loc) batch of random images and labels (timing only; the data do not matter)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(s["K"], s["B"], 3, 32, 32, generator=g).to(device)
+    return x, torch.randint(0, 10, (s["K"], s["B"]), generator=g).to(device)
+
+
+def _images_per_s(objs: dict, x, y, s: dict, device) -> tuple[dict, dict]:
+    """Median images/s of each stepper over `rounds` interleaved rounds (order rotated every round),
+    after `warmup` steps each; also the round times."""
+    for obj in objs.values():
+        _time_round(obj, x, y, s["warmup"], device)
+    times = {k: [] for k in objs}
+    for r in range(s["rounds"]):
+        names = list(objs)
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            times[k].append(_time_round(objs[k], x, y, s["steps"], device))
+    ips = {k: s["K"] * s["B"] * s["steps"] / statistics.median(v) for k, v in times.items()}
+    return ips, times
+
+
 def throughput(out: Path, smoke: bool) -> dict:
     from experiments.models import build_model
     s, device = sizes(smoke), device_for(smoke)
     K, B, H = s["K"], s["B"], s["H"]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(K, B, 3, 32, 32, generator=g).to(device)
-    y = torch.randint(0, 10, (K, B), generator=g).to(device)
+    x, y = _synthetic_batch(s, device)
     rows = {}
     for name in s["models"]:
         torch.manual_seed(0)
@@ -138,14 +156,7 @@ def throughput(out: Path, smoke: bool) -> dict:
         for precision in ("fp32", "bf16"):
             objs = {"single": Single(model, precision), "serial": Local(model, K, H, "serial", precision),
                     "stacked": Local(model, K, H, "vmap", precision)}
-            for obj in objs.values():
-                _time_round(obj, x, y, s["warmup"], device)
-            times = {k: [] for k in objs}
-            for r in range(s["rounds"]):
-                order = list(objs)[r % 3:] + list(objs)[:r % 3]
-                for k in order:
-                    times[k].append(_time_round(objs[k], x, y, s["steps"], device))
-            ips = {k: K * B * s["steps"] / statistics.median(v) for k, v in times.items()}
+            ips, times = _images_per_s(objs, x, y, s, device)
             rows[f"{name}/{precision}"] = {
                 "images_per_s": ips, "round_seconds": times,
                 "stacked_over_single": ips["stacked"] / ips["single"],
@@ -164,22 +175,14 @@ def throughput(out: Path, smoke: bool) -> dict:
 def compile_stage(out: Path, smoke: bool) -> dict:
     from experiments.models import build_model
     s, device = sizes(smoke), device_for(smoke)
-    K, B, H = s["K"], s["B"], s["H"]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(K, B, 3, 32, 32, generator=g).to(device)
-    y = torch.randint(0, 10, (K, B), generator=g).to(device)
+    K, H = s["K"], s["H"]
+    x, y = _synthetic_batch(s, device)
     torch.manual_seed(0)
     name = s["models"][0]
     model = build_model(name, **s["model_kwargs"]).to(device)
-    eager, comp = Local(model, K, H, "vmap", "fp32"), Local(model, K, H, "vmap", "fp32", compile=True)
-    first = _time_round(comp, x, y, 1, device)           # includes compilation
-    _time_round(eager, x, y, s["warmup"], device)
-    _time_round(comp, x, y, s["warmup"], device)
-    times = {"eager": [], "compiled": []}
-    for _ in range(s["rounds"]):
-        times["eager"].append(_time_round(eager, x, y, s["steps"], device))
-        times["compiled"].append(_time_round(comp, x, y, s["steps"], device))
-    ips = {k: K * B * s["steps"] / statistics.median(v) for k, v in times.items()}
+    objs = {"eager": Local(model, K, H, "vmap", "fp32"), "compiled": Local(model, K, H, "vmap", "fp32", compile=True)}
+    first = _time_round(objs["compiled"], x, y, 1, device)           # includes compilation
+    ips, _ = _images_per_s(objs, x, y, s, device)
     result = {"model": f"{name}/fp32", "first_step_seconds_with_compilation": first, "images_per_s": ips,
               "compiled_over_eager": ips["compiled"] / ips["eager"]}
     print(f"compile {name}: first step {first:.1f} s, " + ", ".join(f"{k} {v:,.0f} img/s" for k, v in ips.items()),
