@@ -22,7 +22,6 @@ theta -= eta d.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 
 import torch
@@ -314,17 +313,3 @@ class Workers:
         self.apply_sgd_(grads, lr)
         return losses, correct
 
-
-def choose_backend(model: nn.Module, num_workers: int, x: Tensor, y: Tensor, *, repeats: int = 2,
-                   **options) -> str:
-    """The faster backend for this model, worker count and batch (x: (K, B, ...)), by timing
-    `repeats` steps of each on throwaway copies (after one warm-up step)."""
-    timings = {}
-    for backend in ("serial", "vmap"):
-        w = Workers(model, num_workers, backend=backend, **options)
-        w.forward_backward(x, y)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            w.forward_backward(x, y)
-        timings[backend] = time.perf_counter() - start
-    return min(timings, key=timings.get)

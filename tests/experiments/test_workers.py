@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from experiments.averaging import AveragingPolicy, WorkerAverager
 from experiments.models import build_model, param_groups_no_wd
-from experiments.workers import SGDOptions, Workers, choose_backend, weight_decay_mask
+from experiments.workers import SGDOptions, Workers, weight_decay_mask
 from tests.reference import tiny_cnn_bn, tiny_mlp
 
 
@@ -139,15 +139,6 @@ def test_channels_last_and_bf16_autocast_stay_on_the_same_path():
     # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per operation): the loss agrees to ~1%
     torch.testing.assert_close(bf[0], base[0], rtol=2e-2, atol=0)
     assert not torch.equal(bf[0], base[0])  # autocast really ran in bf16
-
-
-def test_choose_backend_returns_a_backend_and_leaves_the_model_alone():
-    model = build_model("small_cnn", width=4)
-    before = copy.deepcopy(model.state_dict())
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(2, 4, 3, 32, 32, generator=g), torch.randint(0, 10, (2, 4), generator=g)
-    assert choose_backend(model, 2, x, y, repeats=1) in ("serial", "vmap")
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_bad_inputs_are_rejected():
