@@ -77,8 +77,6 @@ def _feed(h, value) -> None:
         h.update(b"F" + struct.pack("<d", value))
     elif isinstance(value, str):
         h.update(b"S" + struct.pack("<q", len(value)) + value.encode())
-    elif isinstance(value, torch.Size):
-        _feed(h, tuple(value))
     else:
         raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint payload "
                         "(tensors, numbers, strings and dict/list/tuple only)")

@@ -2,7 +2,7 @@
 
     from experiments.cli import ArgumentParser, run_main
     def main(argv=None):
-        return run_main(lambda debug: _main(argv), argv)
+        return run_main(lambda: _main(argv), argv)
 
 Every failure a user can cause prints ONE line "error: ..." on stderr (no traceback) and exits
 with a code that says what kind of failure it was; `--debug` anywhere on the command line

@@ -148,7 +148,7 @@ class TrainConfig:
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 bad(f"{f.name} must be a finite number, got {v}")
-            if f.name in ("decay_at",) and any(not math.isfinite(x) for x in v):
+            if f.name == "decay_at" and any(not math.isfinite(x) for x in v):
                 bad(f"{f.name} must hold finite numbers, got {v}")
         if not self.out:
             bad("out (the run folder) must not be empty")
