@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from experiments.metrics import atomic_write_bytes
 from experiments.sampling import REGIMES, WorkerSampler, node_shards
 
 
@@ -228,19 +228,14 @@ def fit_loglog_slope(rounds: np.ndarray, loss: np.ndarray, *, max_loss: float = 
 # ---------------------------------------------------------------- data and the study grid
 
 def cifar_subset(root, n: int, *, image_size: int = 8, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n / 10 images of every class of CIFAR-10 ``split`` (record order), normalized
-    per channel and average-pooled to ``image_size`` (a divisor of 32): float32 (n, 3, S, S),
-    int64 (n,)."""
-    from experiments.data import load_cifar10, normalize
-    from experiments.datasets import subset
+    """`experiments.manifold.cifar_subset` in float32: the first n / 10 images of every class of
+    CIFAR-10 ``split`` (record order), normalized per channel and average-pooled to
+    ``image_size`` (a divisor of 32): float32 (n, 3, S, S), int64 (n,)."""
+    from experiments.manifold import cifar_subset as balanced_cifar
 
-    if image_size < 1 or 32 % image_size:
+    if image_size < 1:
         raise ValueError(f"image_size must divide 32, got {image_size}")
-    images, labels = load_cifar10(root, split)
-    images, labels = subset(torch.as_tensor(images), torch.as_tensor(labels), n, balanced=True)
-    x = normalize(images).float()
-    if image_size != 32:
-        x = F.avg_pool2d(x, 32 // image_size)
+    x, labels = balanced_cifar(root, n, image_size=image_size, split=split, dtype=torch.float32)
     return x.contiguous(), labels.to(torch.int64)
 
 
@@ -264,18 +259,6 @@ def study_grid(regimes: Sequence[str], local_steps: Sequence[int], seeds: Sequen
     if not local_steps or any(int(k) < 1 for k in local_steps) or not seeds:
         raise ValueError("need at least one K >= 1 and one seed")
     return [StudySpec(r, int(k), int(s)) for r in regimes for k in local_steps for s in seeds]
-
-
-def _write_json_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(rows, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def run_study(x: torch.Tensor, y: torch.Tensor, specs: Iterable[StudySpec], *,
@@ -323,7 +306,7 @@ def run_study(x: torch.Tensor, y: torch.Tensor, specs: Iterable[StudySpec], *,
         rows.append(row)
         done[s.key] = row
         if path is not None:
-            _write_json_atomic(path, list(done.values()))
+            atomic_write_bytes(path, json.dumps(list(done.values())).encode())
         if log is not None:
             log(f"{s.key}: {len(traj.rounds)} readings, final loss {traj.loss[-1]:.2e} at round "
                 f"{traj.rounds[-1]}, reached {traj.reached:.0f}, {traj.wall_s:.1f} s")
