@@ -194,7 +194,7 @@ def train_from(cfg: TrainConfig, init: str | Path | None = None, **kwargs):
     """`experiments.trainer.train(cfg)`, but with every worker starting from the network saved
     in `init` (a final.pt: parameters and BatchNorm statistics) instead of cfg's random
     initialization; momentum starts at zero and the schedules at step 0. Writes
-    out/init.json (path, SHA-256 and step of the checkpoint) after the run. `kwargs` go to
+    out/init.json (path and SHA-256 of the checkpoint) after the run. `kwargs` go to
     the `Trainer` (on_round, on_eval). Returns the trainer's RunResult."""
     from experiments.trainer import Trainer
     if init is None:
