@@ -26,10 +26,7 @@ import argparse
 import datetime
 import json
 import math
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +39,7 @@ from experiments.phi_reading import PhiCorrection
 from experiments.data import download_cifar10, load_cifar10, resolve_cifar10_dir
 from experiments.drift_check import PointSetup, extrapolate_to_zero_eta, prepare_point
 from experiments.manifold import GramPreconditioner
+from experiments.metrics import atomic_write_bytes, git_revision
 from experiments.notebooks import record_provenance
 from experiments.plotstyle import SLOW_TIME_LABEL, apply_style, save_figure
 from sde.analysis import extrapolate_to_zero
@@ -328,16 +326,6 @@ def cifar_figures(cifar: dict, folder: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------- entry point
-def git_revision() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
-        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _finite(obj):
     """NaN / inf -> None (strict JSON), recursively."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -350,15 +338,8 @@ def _finite(obj):
 
 
 def write_json_atomic(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite(payload), f, indent=1, allow_nan=False, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Strict JSON (NaN / inf as null), written atomically (`experiments.metrics.atomic_write_bytes`)."""
+    atomic_write_bytes(path, json.dumps(_finite(payload), indent=1, allow_nan=False, default=str).encode())
 
 
 def _jsonable(settings) -> dict:

@@ -31,26 +31,10 @@ def figures_dir(quick: bool) -> Path:
     return RUNS_DIR / ("figures-quick" if quick else "figures")
 
 
-def _git_revision() -> str:
-    import subprocess
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_DIR,
-                               capture_output=True, text=True, timeout=10)
-        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _write_json(payload: dict, path: Path) -> None:
     import json
-    import tempfile
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    from experiments.metrics import atomic_write_bytes
+    atomic_write_bytes(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _read_json(path: Path) -> dict:
@@ -61,8 +45,9 @@ def _read_json(path: Path) -> dict:
 def record_provenance(folder: Path, source: str, figures: list[str], **extra) -> None:
     """Add (or replace) `source`'s entry in folder/provenance.json: figures, date, git revision, extra."""
     import datetime
+    from experiments.metrics import git_revision
     book = _read_json(folder / PROVENANCE_NAME)
-    book[source] = {"figures": sorted(figures), "git_revision": _git_revision(),
+    book[source] = {"figures": sorted(figures), "git_revision": git_revision(),
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra}
     _write_json(book, folder / PROVENANCE_NAME)
 
