@@ -14,7 +14,7 @@ from torch import nn
 from experiments.continuation import (ContinuationConfig, RegimeWarning, fit_slope, run_continuation,
                                       sharpness_on_manifold)
 from experiments.data import load_cifar10, normalize
-from experiments.manifold import (GramPreconditioner, build_small_cnn, cifar_subset, half_squared_error,
+from experiments.manifold import (GramPreconditioner, build_small_cnn, cifar_subset,
                                   project_to_manifold, squared_loss_objective)
 from sde.label_noise import gauss_newton_geometry, predict_label_noise_rates
 from sde.rules import QSR, SGD, LocalSGD
