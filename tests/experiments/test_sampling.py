@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from experiments.sampling import WorkerSampler, epoch_generator, worker_range
+from experiments.sampling import REGIMES, WorkerSampler, epoch_generator, node_shards, worker_range
 
 
 def test_without_replacement_each_epoch_is_a_permutation_disjoint_over_workers():
@@ -99,9 +99,6 @@ def test_worker_range_rejects_uneven_splits():
 
 
 # ---- node shards for the Local SGD convergence study (Qin, Etesami & Uribe, TMLR 2024)
-
-from experiments.sampling import REGIMES, node_shards  # noqa: E402
-
 
 def _balanced_labels(per_class, classes=10, seed=0):
     labels = torch.arange(per_class * classes) % classes
