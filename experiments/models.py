@@ -278,9 +278,9 @@ def _init_like_authors(model: nn.Module, *, linear_std: float | None) -> None:
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             else:
                 nn.init.normal_(m.weight, 0.0, linear_std)
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)) and m.bias is not None:
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.GroupNorm)) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
 
