@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from experiments.cli import ArgumentParser, run_main
+from experiments.continuation import run_schedule
 from experiments.noise_models import LabelNoise, parse_noise
 from sde.rules import QSR, SGD, LocalSGD
 
@@ -226,17 +227,6 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise: LabelNoise | st
 
 
 # ---------------------------------------------------------------------- the comparison
-def run_schedule(rule, eta: float, *, slow_time: float, checkpoints: int, seeds: int) -> dict:
-    """Rounds of one run: about slow_time / eta^2 steps per worker with `checkpoints` readings. A rule
-    that averages runs max(checkpoints, steps // H) rounds of H = rule.local_steps(eta) steps, read
-    every rounds // checkpoints; SGD runs `checkpoints` rounds of steps // checkpoints steps."""
-    steps = max(1, round(slow_time / eta ** 2))
-    if not rule.averages:
-        return {"rounds": checkpoints, "steps_per_round_sgd": max(1, steps // checkpoints), "seeds": seeds}
-    rounds = max(checkpoints, steps // rule.local_steps(eta))
-    return {"rounds": rounds, "checkpoint_every": max(1, rounds // checkpoints), "seeds": seeds}
-
-
 @dataclass(frozen=True)
 class Row:
     """One rule at one eta: d tr H / dt (slow time) predicted at zeta and measured over `seeds` runs.

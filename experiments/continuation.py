@@ -65,6 +65,17 @@ class RoundSchedule:
         return torch.tensor([k * every * self.local_steps * self.eta ** 2 for k in range(n + 1)], dtype=torch.float64)
 
 
+def run_schedule(rule, eta: float, *, slow_time: float, checkpoints: int, seeds: int) -> dict:
+    """Rounds of one run: about slow_time / eta^2 steps per worker with `checkpoints` readings. A rule
+    that averages runs max(checkpoints, steps // H) rounds of H = rule.local_steps(eta) steps, read
+    every rounds // checkpoints; SGD runs `checkpoints` rounds of steps // checkpoints steps."""
+    steps = max(1, round(slow_time / eta ** 2))
+    if not rule.averages:
+        return {"rounds": checkpoints, "steps_per_round_sgd": max(1, steps // checkpoints), "seeds": seeds}
+    rounds = max(checkpoints, steps // rule.local_steps(eta))
+    return {"rounds": rounds, "checkpoint_every": max(1, rounds // checkpoints), "seeds": seeds}
+
+
 @dataclass(frozen=True)
 class ContinuationConfig(RoundSchedule):
     """One continuation experiment: `rule` run for `rounds` rounds at step `eta`, label-noise std `sigma`.

@@ -41,7 +41,7 @@ from torch.func import grad, vmap
 
 from dynamics.objective import Objective
 from experiments.continuation import (RegimeWarning, RoundSchedule, check_regime, fit_slope,  # noqa: F401
-                                      progress_line)                         # (RegimeWarning re-exported)
+                                      progress_line, run_schedule)           # (RegimeWarning re-exported)
 from experiments.drift_path import NodeRates, PredictedPath, integrate_drift_path
 from experiments.data import resolve_cifar10_dir
 from experiments.manifold import GramPreconditioner, build_small_mlp, cifar_subset, gram_solve
@@ -576,24 +576,17 @@ def flip_configs(eta: float, p: float, *, seeds: int, checkpoints: int, slow_tim
     """SGD (B = batch), Local SGD (K = workers, B_loc = batch / K, beta) and QSR (alpha).
 
     Each rule runs for about slow_times[rule] of slow time (steps = T / eta^2 per worker; default
-    `DEFAULT_SLOW_TIMES`, chosen so tr H changes by about 7% in every run) with `checkpoints` readings.
+    `DEFAULT_SLOW_TIMES`, chosen so tr H changes by about 7% in every run) with `checkpoints` readings,
+    scheduled by `experiments.continuation.run_schedule` (as `experiments.compare`).
     """
     if batch % workers:
         raise ValueError(f"batch {batch} must be divisible by workers {workers}")
     T = {**DEFAULT_SLOW_TIMES, **(slow_times or {})}
     b_loc = batch // workers
-    steps = {k: max(1, round(v / eta ** 2)) for k, v in T.items()}
-    local_rule, qsr_rule = LocalSGD(workers, b_loc, beta), QSR(workers, b_loc, alpha=qsr_alpha)
-    r_local = max(checkpoints, steps["local"] // local_rule.local_steps(eta))
-    r_qsr = max(checkpoints, steps["qsr"] // qsr_rule.local_steps(eta))
-    return {
-        "sgd": FlipContinuationConfig(SGD(batch), eta, p, rounds=checkpoints, seeds=seeds,
-                                      steps_per_round_sgd=max(1, steps["sgd"] // checkpoints)),
-        "local": FlipContinuationConfig(local_rule, eta, p, rounds=r_local,
-                                        checkpoint_every=max(1, r_local // checkpoints), seeds=seeds),
-        "qsr": FlipContinuationConfig(qsr_rule, eta, p, rounds=r_qsr,
-                                      checkpoint_every=max(1, r_qsr // checkpoints), seeds=seeds),
-    }
+    rules = {"sgd": SGD(batch), "local": LocalSGD(workers, b_loc, beta), "qsr": QSR(workers, b_loc, alpha=qsr_alpha)}
+    return {name: FlipContinuationConfig(rule, eta, p, **run_schedule(rule, eta, slow_time=T[name],
+                                                                      checkpoints=checkpoints, seeds=seeds))
+            for name, rule in rules.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
