@@ -154,27 +154,14 @@ def is_finished(spec: RunSpec) -> bool:
 
 
 def load_final(path: str | Path) -> dict:
-    """The payload of a trainer's final.pt ({"format", "config", "state_dict", ...}), format
-    checked, loaded tensors-only (weights_only=True: no code runs; numpy float64 scalars, which
-    a config computed with numpy may hold, are admitted)."""
-    import torch
-    try:
-        from numpy._core.multiarray import scalar   # numpy >= 2
-    except ImportError:
-        from numpy.core.multiarray import scalar
-    from experiments.trainer import FINAL_FORMAT
+    """The payload of a trainer's final.pt ({"format", "config", "state_dict", ...}), read by
+    `experiments.checkpoint.load_verified`: tensors only (no code runs), format and SHA-256
+    checked; CheckpointFileError (a ValueError) naming the file otherwise."""
+    from experiments.checkpoint import FINAL_FORMAT, load_verified
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no pre-trained checkpoint at {path}")
-    with torch.serialization.safe_globals([scalar, np.dtype, np.dtypes.Float64DType]):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:   # unpickling errors come in many types; name the file
-            raise ValueError(f"{path} cannot be read as a trainer's final.pt: "
-                             f"{(str(exc).splitlines() or [type(exc).__name__])[0][:120]}") from None
-    if not isinstance(state, dict) or state.get("format") != FINAL_FORMAT:
-        raise ValueError(f"{path} is not a trainer's final.pt ({FINAL_FORMAT})")
-    return state
+    return load_verified(path, formats=(FINAL_FORMAT,))
 
 
 def load_init_state(path: str | Path, cfg: TrainConfig) -> dict:

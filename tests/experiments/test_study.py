@@ -229,25 +229,37 @@ def test_train_from_refuses_another_network_before_training(tmp_path):
     not_final.write_bytes(b"")
     import torch
     torch.save({"format": "something else"}, not_final)
-    with pytest.raises(ValueError, match="not a trainer's final.pt"):
+    with pytest.raises(ValueError, match="is not a file of this trainer"):
         train_from(BASE.replace(out=str(tmp_path / "y")), not_final)
     with pytest.raises(FileNotFoundError, match="no pre-trained checkpoint"):
         train_from(BASE.replace(out=str(tmp_path / "z")), tmp_path / "missing.pt")
     assert not (tmp_path / "wider").exists() and not (tmp_path / "y").exists()
 
 
-def test_load_final_admits_numpy_scalars_in_the_config_and_nothing_else(tmp_path):
-    """A config computed with numpy (qsr_alpha = lr * np.sqrt(H)) holds a numpy float64: the
-    tensors-only loader admits it; any other object is refused, naming the file."""
+def test_load_final_reads_a_verified_final_pt_and_refuses_anything_else(tmp_path):
+    """A config computed with numpy (qsr_alpha = lr * np.sqrt(H)) is saved as plain numbers and
+    reads back; a flipped byte, a file without a SHA-256 and a file holding another object are
+    refused, naming the file."""
     import fractions
     import torch
+    from experiments.checkpoint import save_final
     from experiments.study import load_final
     from experiments.trainer import FINAL_FORMAT
-    cfg = BASE.replace(sync="qsr", local_steps=2, qsr_alpha=0.1 * np.sqrt(4.0)).to_dict()
-    ok, bad = tmp_path / "ok.pt", tmp_path / "bad.pt"
-    torch.save({"format": FINAL_FORMAT, "config": cfg, "state_dict": {"w": torch.ones(2)}}, ok)
+    cfg = BASE.replace(sync="qsr", local_steps=2, qsr_alpha=0.1 * np.sqrt(4.0))
+    ok = save_final(tmp_path / "ok.pt", {"w": torch.ones(2)}, cfg)
     state = load_final(ok)
     assert state["config"]["qsr_alpha"] == pytest.approx(0.2) and torch.equal(state["state_dict"]["w"], torch.ones(2))
+    flipped = tmp_path / "flipped.pt"
+    raw = bytearray(ok.read_bytes())
+    at = raw.index(torch.ones(2).numpy().tobytes())        # the tensor's bytes: still a loadable file
+    raw[at] ^= 0xFF
+    flipped.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="flipped.pt failed its integrity check"):
+        load_final(flipped)
+    unsigned, bad = tmp_path / "unsigned.pt", tmp_path / "bad.pt"
+    torch.save({"format": FINAL_FORMAT, "config": cfg.to_dict(), "state_dict": {"w": torch.ones(2)}}, unsigned)
+    with pytest.raises(ValueError, match="unsigned.pt carries no SHA-256"):
+        load_final(unsigned)
     torch.save({"format": FINAL_FORMAT, "config": {"x": fractions.Fraction(1, 3)}, "state_dict": {}}, bad)
     with pytest.raises(ValueError, match="bad.pt cannot be read"):
         load_final(bad)
