@@ -68,7 +68,7 @@ def promote_figures(sources: list[Path] | None = None, dest: Path | None = None)
     runs/demo) into `dest` (default figures/), merge their provenance into dest/provenance.json and
     return the copied paths. demo_results.json travels with the demo figures; ValueError (before any
     copy) if it holds a machine path, or if a source has no provenance.json or misses a listed file."""
-    import shutil
+    from experiments.metrics import atomic_write_bytes
     from experiments.plotstyle import FIGURES_DIR
     sources = sources if sources is not None else [figures_dir(False), RUNS_DIR / "demo"]
     dest = Path(dest) if dest is not None else FIGURES_DIR
@@ -92,9 +92,7 @@ def promote_figures(sources: list[Path] | None = None, dest: Path | None = None)
             book[source] = record
     dest.mkdir(parents=True, exist_ok=True)
     for path in plan:
-        tmp = dest / f".{path.name}.tmp"
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, dest / path.name)
+        atomic_write_bytes(dest / path.name, path.read_bytes())
     _write_json(book, dest / PROVENANCE_NAME)
     return [dest / p.name for p in plan]
 
