@@ -364,16 +364,6 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
 
 
 # ---------------------------------------------------------------------- command line
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _prepare_out(out: Path, overwrite: bool) -> Path | None:
     """Refuse an existing non-empty --out unless `overwrite`, which moves it aside (returns where to)."""
     if out.exists() and not out.is_dir():
@@ -444,7 +434,7 @@ def _model_from_args(args):
 def _main(argv: list[str] | None) -> int:
     from experiments.data import resolve_cifar10_dir
     from experiments.manifold import cifar_subset
-    from experiments.metrics import atomic_write_bytes, provenance
+    from experiments.metrics import atomic_write_bytes, finite_or_none, provenance
     args = _parser().parse_args(argv)
     noise = parse_noise(args.noise)
     rules = [parse_rule(r, batch=args.batch, local_batch=args.local_batch) for r in args.rules]
@@ -474,7 +464,7 @@ def _main(argv: list[str] | None) -> int:
     def write(row: Row) -> None:
         record_row = {**dataclasses.asdict(row), "config": record["config"], "git_revision": record["git_revision"],
                       "date": record["written"], "torch": record["torch"]}
-        lines.append(json.dumps(_json_safe(record_row), sort_keys=True))
+        lines.append(json.dumps(finite_or_none(record_row), sort_keys=True))
         atomic_write_bytes(out / "rows.jsonl", ("\n".join(lines) + "\n").encode())
 
     rows = compare(model, x, y, noise=noise, rules=rules, etas=args.eta, seeds=args.seeds, seed=args.seed,

@@ -39,7 +39,7 @@ from experiments.phi_reading import PhiCorrection
 from experiments.data import download_cifar10, load_cifar10, resolve_cifar10_dir
 from experiments.drift_check import PointSetup, extrapolate_to_zero_eta, prepare_point
 from experiments.manifold import GramPreconditioner
-from experiments.metrics import atomic_write_bytes, git_revision
+from experiments.metrics import atomic_write_bytes, finite_or_none, git_revision
 from experiments.notebooks import record_provenance
 from experiments.plotstyle import SLOW_TIME_LABEL, apply_style, save_figure
 from sde.analysis import extrapolate_to_zero
@@ -326,20 +326,9 @@ def cifar_figures(cifar: dict, folder: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------- entry point
-def _finite(obj):
-    """NaN / inf -> None (strict JSON), recursively."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def write_json_atomic(payload: dict, path: Path) -> None:
     """Strict JSON (NaN / inf as null), written atomically (`experiments.metrics.atomic_write_bytes`)."""
-    atomic_write_bytes(path, json.dumps(_finite(payload), indent=1, allow_nan=False, default=str).encode())
+    atomic_write_bytes(path, json.dumps(finite_or_none(payload), indent=1, allow_nan=False, default=str).encode())
 
 
 def _jsonable(settings) -> dict:

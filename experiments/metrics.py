@@ -63,6 +63,18 @@ def _clean(value):
     return value
 
 
+def finite_or_none(value):
+    """`value` with every NaN / inf float replaced by None, recursively through dicts, lists and
+    tuples (for strict JSON: `json.dumps(..., allow_nan=False)`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n").encode())
 
