@@ -228,15 +228,13 @@ def fit_loglog_slope(rounds: np.ndarray, loss: np.ndarray, *, max_loss: float = 
 # ---------------------------------------------------------------- data and the study grid
 
 def cifar_subset(root, n: int, *, image_size: int = 8, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """`experiments.manifold.cifar_subset` in float32: the first n / 10 images of every class of
-    CIFAR-10 ``split`` (record order), normalized per channel and average-pooled to
-    ``image_size`` (a divisor of 32): float32 (n, 3, S, S), int64 (n,)."""
-    from experiments.manifold import cifar_subset as balanced_cifar
+    """`experiments.data.cifar_subset` in float32 (the trainer's dtype): the first n / 10 images of every
+    class of CIFAR-10 ``split`` (record order), normalized, average-pooled to ``image_size`` (a divisor
+    of 32): float32 (n, 3, S, S), int64 (n,)."""
+    from experiments.data import cifar_subset as balanced_cifar
 
-    if image_size < 1:
-        raise ValueError(f"image_size must divide 32, got {image_size}")
     x, labels = balanced_cifar(root, n, image_size=image_size, split=split, dtype=torch.float32)
-    return x.contiguous(), labels.to(torch.int64)
+    return x.contiguous(), labels
 
 
 @dataclass(frozen=True)

@@ -325,6 +325,24 @@ def balanced_subset(images: torch.Tensor, labels: torch.Tensor, n: int, *,
     return images[idx], labels[idx]
 
 
+def cifar_subset(root: str | os.PathLike | None, n: int, *, image_size: int = 16, split: str = "train",
+                 dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """n real CIFAR-10 images of ``split``, n / 10 per class, normalized per channel and avg-pooled.
+
+    Returns images (n, 3, image_size, image_size) in ``dtype`` and int64 labels (n,): the first n / 10
+    images of every class in record order (`balanced_subset`), so deterministic and nested in n.
+    """
+    if n < len(CLASSES) or n % len(CLASSES):
+        raise ValueError(f"n must be a positive multiple of {len(CLASSES)} (class-balanced), got {n}")
+    if not 0 < image_size <= 32 or 32 % image_size:
+        raise ValueError(f"image_size must divide 32, got {image_size}")
+    images, labels = balanced_subset(*load_cifar10(root, split), n, num_classes=len(CLASSES))
+    x = normalize(images, dtype=dtype)
+    if image_size != 32:
+        x = torch.nn.functional.avg_pool2d(x, 32 // image_size)
+    return x, labels
+
+
 def verify_binary_archive(path: str | os.PathLike) -> None:
     """Check every data member of a binary-version archive against BINARY_SHA1 (raises if not)."""
     path = Path(path)

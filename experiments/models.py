@@ -371,3 +371,58 @@ def param_groups_no_wd(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable scalars."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------- small smooth nets (the comparison layer's)
+_SMOOTH = ("gelu", "tanh", "softplus", "silu")
+
+
+def _smooth_activation(name: str) -> type:
+    if name not in _SMOOTH:
+        raise ValueError(f"activation must be one of {sorted(_SMOOTH)} (smooth: the theory needs third "
+                         f"derivatives), got {name!r}")
+    return _ACTIVATIONS[name]
+
+
+def _init_uniform(model: nn.Module, generator: torch.Generator | None) -> None:
+    """Weights U(-sqrt(3/fan_in), sqrt(3/fan_in)), biases U(-1/sqrt(fan_in), ...), from `generator` (seed 0 if None)."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                bound = m.weight[0].numel() ** -0.5
+                m.weight.copy_((torch.rand(m.weight.shape, generator=gen) * 2 - 1) * bound * 3 ** 0.5)
+                m.bias.copy_((torch.rand(m.bias.shape, generator=gen) * 2 - 1) * bound)
+
+
+def build_small_cnn(*, channels: tuple[int, int] = (8, 16), hidden: int = 32, image_size: int = 16,
+                    classes: int = 10, activation: str = "gelu", generator: torch.Generator | None = None,
+                    dtype=torch.float64) -> nn.Module:
+    """Conv3x3-act-avgpool2 twice, then Linear-act-Linear; smooth, no normalization layers (so the
+    minimizer manifold is per-sample). Inputs (N, 3, image_size, image_size), image_size divisible by 4;
+    with the defaults (16x16) D = 9,946. Initialization `_init_uniform` from `generator` (seed 0 if None)."""
+    act = _smooth_activation(activation)
+    if image_size % 4:
+        raise ValueError(f"image_size must be divisible by 4, got {image_size}")
+    c1, c2 = channels
+    model = nn.Sequential(
+        nn.Conv2d(3, c1, 3, padding=1), act(), nn.AvgPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1), act(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(c2 * (image_size // 4) ** 2, hidden), act(), nn.Linear(hidden, classes))
+    _init_uniform(model, generator)
+    return model.to(dtype)
+
+
+def build_small_mlp(*, image_size: int = 8, hidden: tuple[int, ...] = (32, 32), classes: int = 10,
+                    activation: str = "gelu", generator: torch.Generator | None = None,
+                    dtype=torch.float64) -> nn.Module:
+    """Flatten -> (Linear-act) x len(hidden) -> Linear on 3 x image_size^2 inputs; smooth, no normalization.
+    With the defaults (8x8) D = 7,562. Initialization as `build_small_cnn`."""
+    act = _smooth_activation(activation)
+    widths = [3 * image_size ** 2, *hidden, classes]
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers += [nn.Linear(a, b)] + ([act()] if i < len(widths) - 2 else [])
+    model = nn.Sequential(*layers)
+    _init_uniform(model, generator)
+    return model.to(dtype)
