@@ -1,6 +1,7 @@
 """Measurement on a fixed-data training loss: Hessian-vector products, top eigenpairs, trace,
 spectral density, matrix functions f(A) v and traces tr(f(A) B) by Lanczos, third-order
-contractions and gradient-noise probes (DESIGN.md, "Public contracts")."""
+contractions, gradient-noise probes and output-Jacobian primitives (`dynamics.jacobian`) (DESIGN.md, "Public contracts")."""
+from dynamics import jacobian
 from dynamics.density import SpectralDensity, spectral_density
 from dynamics.lanczos import EigenResult, MatrixOperator, power_iteration, top_eigenpairs
 from dynamics.matrix_function import (FunctionApplication, FunctionTraceEstimate, apply_function,
@@ -18,4 +19,5 @@ __all__ = [
     "spectral_density", "SpectralDensity",
     "third_order", "LowRank", "grad_trace_hessian", "GradTraceEstimate",
     "noise_probe", "NoiseProbe", "Alignment",
+    "jacobian",
 ]

@@ -1,108 +1,103 @@
-"""Predicted sharpness drift under label noise, at a point of Gamma of a squared-loss network.
+"""Predicted sharpness drift under label noise at a point of Gamma, for any output metric (exact route).
 
-Setting (THEORY.md, "Label noise: the closed form"): L(theta) = (1/N) sum_i 1/2 ||f_i - y_i||^2
-(mean over samples, half the sum over the C outputs), Gaussian label noise of std sigma added to
-every target at every draw, so on Gamma (all residuals zero) the one-sample gradient noise is
-Sigma = sigma^2 Hessian(L), S_par = 0 (no diffusion) and the slow drift is
+Setting (THEORY.md, "Label noise: the closed form"). Both noise models have a minimizer manifold
+Gamma = {r_i(theta) = 0} with a reduced, metric-weighted residual r_i = R_i Q^T (f_i - g(target_i))
+in R^m (`OutputMetric`), and on Gamma
 
-    d zeta/dt = -(sigma^2 / (4B)) P d3L[W],  W = sum_i w(lambda_i) v_i v_i^T  (normal eigenpairs)
+    Hessian(L) = Jt^T Jt / N,  Jt_i = R_i Q^T J_i,    one-draw noise covariance Sigma = c Hessian(L),
 
-with w = 1 (SGD, batch B), w = 1 + (K-1) psi(2 beta lambda) (Local SGD, Gu et al. 2023), w = K
-(QSR, Gu et al. 2024). Slow time t = eta^2 x steps per worker. A scalar s changes at the rate
-d s/dt = grad s . drift; grad tr H = d3L[I], grad lambda_max = d3L[u u^T].
+J_i the (C, D) output Jacobian, c = `noise_scale`:
+- Gaussian label noise sigma on 1/2 ||f - y||^2: Q = I, R_i = I (m = C), c = sigma^2 (identity metric);
+- flipped labels p, cross-entropy against soft targets q_i: Q (C, C-1) an orthonormal basis of
+  {w: sum w = 0} (`centred_basis`), R_i = (Q^T A_i Q)^{1/2}, A_i = diag(q_i) - q_i q_i^T
+  (`metric_roots`), m = C - 1, c = 1 (Fisher = Hessian on Gamma).
+So S_par = 0 (no diffusion) and the slow drift (slow time t = eta^2 x steps per worker) is
 
-Exact path (this module): on Gamma H = J^T J / N with J the (N C, D) output Jacobian, and
-differentiating <Hessian(L), M> at zero residual gives
+    d zeta/dt = -(c / 4B) P d3L[w(H)],   w = 1 (SGD), 1 + (K-1) psi(2 beta lambda) (Local SGD,
+    Gu et al. 2023), K (QSR, Gu et al. 2024);
 
-    P d3L[M] = (2/N) P grad_theta <J(theta), J0 M>_F      (J0 = J at zeta, held fixed)
-
-because the residual term's gradient lies in the row space of J, which P removes. With the
-Gram matrix G = J0 J0^T / N = U diag(lambda) U^T (its eigenvalues are the nonzero Hessian
-eigenvalues), J0 w(H) = w(G) J0 and P = I - J0^T (N G)^+ J0. Cost: one Jacobian, one
-eigendecomposition of size N C, and one reverse pass through N C Jacobian-vector products per
-matrix M; practical for a few hundred images. The matrix-free path is `sde.label_noise_mf`.
+a scalar s changes at d s/dt = grad s . drift, grad tr H = d3L[I], grad lambda_max = d3L[u u^T].
+Differentiating <Hessian(L), M> at zero residual gives P d3L[M] = (2/N) P grad_theta <J(theta),
+lift(Jt0 M)>_F (Jt0 at zeta held fixed; the derivatives of A_i and of the residual term lie in the
+normal space, which P removes). With G = Jt Jt^T / N = U diag(lambda) U^T (its eigenvalues are the
+nonzero Hessian eigenvalues), Jt w(H) = w(G) Jt and P = I - Jt^T (N G)^+ Jt. Cost: one Jacobian, one
+eigendecomposition of size N m, one reverse pass of N C Jacobian-vector products per matrix M; a few
+hundred images. The matrix-free route is `sde.label_noise_mf`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.func import grad, jacrev, jvp, vmap
 
+from dynamics.jacobian import jacobian_pairing_grad, output_jacobian
 from dynamics.objective import Objective
 from sde.rules import check_rule
 
-
-def output_jacobian(obj: Objective, theta: Tensor) -> tuple[Tensor, Tensor]:
-    """(outputs (N, C), Jacobian (N, C, D)) of the network at theta over all samples of obj."""
-    def single(t: Tensor, x: Tensor):
-        out = obj.forward(t, x.unsqueeze(0))[0]
-        return out, out
-
-    outs, jacs = [], []
-    for x, _ in obj.data:
-        jac, out = vmap(jacrev(single, has_aux=True), in_dims=(None, 0))(theta, x)
-        outs.append(out)
-        jacs.append(jac)
-    return torch.cat(outs), torch.cat(jacs)
+__all__ = ["OutputMetric", "centred_basis", "metric_roots", "GaussNewtonGeometry", "gauss_newton_geometry",
+           "drift_weights", "SharpnessGradients", "sharpness_gradients", "label_noise_drift", "PredictedRates",
+           "predict_rates"]
 
 
-def output_jacobian_derivative(obj: Objective, theta: Tensor, direction: Tensor) -> Tensor:
-    """d/de J(theta + e v) at e = 0, (N, C, D): the Jacobian's derivative along v = `direction` (D,).
+@dataclass(frozen=True)
+class OutputMetric:
+    """The reduction x_i -> R_i Q^T x_i of per-sample output-space quantities (module docstring).
 
-    Exact (forward-mode `jvp` over the reverse-mode Jacobian of each sample), one pass over the data
-    costing a few Jacobian passes; no finite differences."""
-    if direction.shape != theta.shape:
-        raise ValueError(f"direction must have shape {tuple(theta.shape)}, got {tuple(direction.shape)}")
-    theta, direction = theta.detach(), direction.detach().to(theta.dtype)
-
-    def single(t: Tensor, x: Tensor) -> Tensor:
-        return obj.forward(t, x.unsqueeze(0))[0]
-
-    out = []
-    for x, _ in obj.data:
-        jac = lambda t: vmap(jacrev(single), in_dims=(None, 0))(t, x)    # noqa: E731 (closes over the batch)
-        out.append(jvp(jac, (theta,), (direction,))[1])
-    return torch.cat(out)
-
-
-def jacobian_pairing_grad(obj: Objective, theta: Tensor, pairing: Tensor, *, chunk_size: int = 64) -> Tensor:
-    """grad_theta sum_{i,c} <grad f_ic(theta), pairing[i, c]>, shape (D,); pairing (N, C, D) is held fixed.
-
-    Evaluated as the reverse pass of N C Jacobian-vector products, `chunk_size` samples at a time.
+    basis: (C, m) orthonormal columns Q, None for the identity (m = C); roots: (N, m, m) symmetric
+    R_i, None for the identity. The default OutputMetric() is the squared loss's identity metric.
     """
-    theta = theta.detach()
-    inputs = torch.cat([x for x, _ in obj.data])
-    if pairing.shape[0] != len(inputs) or pairing.shape[-1] != obj.dim:
-        raise ValueError(f"pairing must have shape (N={len(inputs)}, C, D={obj.dim}), got {tuple(pairing.shape)}")
+    basis: Tensor | None = None
+    roots: Tensor | None = None
 
-    def chunk_value(t: Tensor, xs: Tensor, rs: Tensor) -> Tensor:
-        def per_sample(x: Tensor, r: Tensor) -> Tensor:
-            f = lambda tt: obj.forward(tt, x.unsqueeze(0))[0]
-            tangents = vmap(lambda v: jvp(f, (t,), (v,))[1])(r)       # (C, C): row c = J r_c
-            return tangents.diagonal().sum()
-        return vmap(per_sample)(xs, rs).sum()
+    def reduce(self, x: Tensor) -> Tensor:
+        """x (N, C, *rest) -> (N, m, *rest): R_i Q^T x_i."""
+        if self.basis is not None:
+            x = torch.einsum("cm,nc...->nm...", self.basis.to(x.dtype), x)
+        if self.roots is not None:
+            x = torch.einsum("nab,nb...->na...", self.roots.to(x.dtype), x)
+        return x
 
-    total = torch.zeros_like(theta)
-    for start in range(0, len(inputs), chunk_size):
-        total += grad(chunk_value)(theta, inputs[start:start + chunk_size], pairing[start:start + chunk_size])
-    return total
+    def lift(self, y: Tensor) -> Tensor:
+        """y (N, m, *rest) -> (N, C, *rest): Q R_i y_i, the adjoint of `reduce`."""
+        if self.roots is not None:
+            y = torch.einsum("nab,nb...->na...", self.roots.to(y.dtype), y)
+        if self.basis is not None:
+            y = torch.einsum("cm,nm...->nc...", self.basis.to(y.dtype), y)
+        return y
+
+
+def centred_basis(C: int, dtype, device) -> Tensor:
+    """Q (C, C-1) with orthonormal columns spanning {w : sum w = 0}."""
+    eye = torch.eye(C, dtype=dtype, device=device)
+    Q, _ = torch.linalg.qr(eye - 1.0 / C)
+    return Q[:, : C - 1]
+
+
+def metric_roots(q: Tensor, Q: Tensor) -> Tensor:
+    """R_i = (Q^T A_i Q)^{1/2}, (N, C-1, C-1), for probabilities q (N, C), A_i = diag(q_i) - q_i q_i^T
+    and Q (C, C-1) from `centred_basis` (positive definite for q > 0)."""
+    A = torch.diag_embed(q) - q[:, :, None] * q[:, None, :]
+    values, vectors = torch.linalg.eigh(Q.T @ A @ Q)
+    return (vectors * values.clamp_min(0).sqrt()[:, None, :]) @ vectors.transpose(-1, -2)
 
 
 @dataclass(frozen=True)
 class GaussNewtonGeometry:
-    """Exact second-order geometry of Gamma at theta (squared loss, zero residual).
+    """Exact second-order geometry of Gamma at theta under an output metric.
 
-    jacobian: (N, C, D); eigenvalues: (r,) the nonzero Hessian eigenvalues, descending;
-    gram_vectors: (N C, r) the matching unit eigenvectors of G = J J^T / N (Hessian eigenvector
-    i is J^T U[:, i] / sqrt(N lambda_i)); loss: L(theta), which should be ~0.
+    jacobian (N, C, D); reduced (N m, D) the rows of Jt = metric.reduce(J), Hessian(L) =
+    reduced^T reduced / N; eigenvalues (r,) the nonzero Hessian eigenvalues, descending; gram_vectors
+    (N m, r) the unit eigenvectors of G = reduced reduced^T / N (Hessian eigenvector i is
+    reduced^T U[:, i] / sqrt(N lambda_i)); residual: the caller's distance to Gamma at theta.
     """
     theta: Tensor
     jacobian: Tensor
+    metric: OutputMetric
+    reduced: Tensor
     eigenvalues: Tensor
     gram_vectors: Tensor
-    loss: float
+    residual: float = field(default=0.0)
 
     @property
     def num_samples(self) -> int:
@@ -110,7 +105,7 @@ class GaussNewtonGeometry:
 
     @property
     def trace(self) -> float:
-        """tr Hessian(L) = ||J||_F^2 / N."""
+        """tr Hessian(L) = ||Jt||_F^2 / N."""
         return float(self.eigenvalues.sum())
 
     @property
@@ -118,50 +113,50 @@ class GaussNewtonGeometry:
         return float(self.eigenvalues[0])
 
     def hessian_eigenvectors(self, k: int) -> Tensor:
-        """The top-k unit Hessian eigenvectors, shape (D, k)."""
-        flat = self.jacobian.reshape(-1, self.jacobian.shape[-1])
-        return flat.T @ self.gram_vectors[:, :k] / (self.num_samples * self.eigenvalues[:k]).sqrt()
+        """The top-k unit Hessian eigenvectors, (D, k)."""
+        return self.reduced.T @ self.gram_vectors[:, :k] / (self.num_samples * self.eigenvalues[:k]).sqrt()
 
     def reduce(self, jac: Tensor) -> Tensor:
-        """(N C, D) rows M with Hessian = M^T M / N when M is built from J (N, C, D): here M = J."""
-        return jac.reshape(-1, jac.shape[-1])
+        """(N m, D) rows metric.reduce(jac) for jac (N, C, D) (J gives `reduced`; its derivative along a
+        tangent direction gives reduced's derivative, the metric being constant on Gamma to first order)."""
+        return self.metric.reduce(jac).reshape(-1, jac.shape[-1])
 
     def reduced_in_basis(self) -> Tensor:
-        """J U (N C, r) for U the unit Hessian eigenvectors: V diag(sqrt(N lambda)) (no product with J)."""
+        """Jt U (N m, r) for U the unit Hessian eigenvectors: V diag(sqrt(N lambda)) (no product with Jt)."""
         return self.gram_vectors * (self.num_samples * self.eigenvalues).sqrt()
 
     def tangent_project(self, v: Tensor) -> Tensor:
-        """P v = v - J^T (N G)^+ J v for v of shape (D,)."""
-        flat = self.jacobian.reshape(-1, v.shape[0])
-        coeff = self.gram_vectors.T @ (flat @ v) / (self.num_samples * self.eigenvalues)
-        return v - flat.T @ (self.gram_vectors @ coeff)
+        """P v = v - Jt^T (N G)^+ Jt v for v (D,)."""
+        coeff = self.gram_vectors.T @ (self.reduced @ v) / (self.num_samples * self.eigenvalues)
+        return v - self.reduced.T @ (self.gram_vectors @ coeff)
 
-    def gram_function_times_jacobian(self, weights: Tensor) -> Tensor:
-        """w(G) J as (N, C, D), given w(lambda_i) for every nonzero eigenvalue (zero on the kernel)."""
-        flat = self.jacobian.reshape(-1, self.jacobian.shape[-1])
-        out = self.gram_vectors @ (weights[:, None] * (self.gram_vectors.T @ flat))
-        return out.reshape(self.jacobian.shape)
+    def pairing(self, weights: Tensor) -> Tensor:
+        """lift(w(G) Jt) as (N, C, D), given w(lambda) on the nonzero eigenvalues (zero on the kernel);
+        identity metric: w(G) J."""
+        wj = self.gram_vectors @ (weights[:, None] * (self.gram_vectors.T @ self.reduced))
+        return self.metric.lift(wj.reshape(self.num_samples, -1, self.reduced.shape[1]))
+
+    def d3_pairing(self, obj: Objective, pairing: Tensor) -> Tensor:
+        """P d3L[M] = (2/N) P grad_theta <J(theta), pairing>, (D,), for pairing = lift(Jt0 M) (N, C, D)."""
+        return 2 / self.num_samples * self.tangent_project(jacobian_pairing_grad(obj, self.theta, pairing))
 
 
-def gauss_newton_geometry(obj: Objective, theta: Tensor | None = None, *, rank_tol: float = 1e-12,
-                          max_loss: float = 1e-8) -> GaussNewtonGeometry:
-    """Jacobian and Gram eigendecomposition at theta; ValueError if L(theta) > max_loss (not on Gamma).
+def gauss_newton_geometry(obj: Objective, theta: Tensor | None = None, *, metric: OutputMetric | None = None,
+                          residual: float = 0.0, rank_tol: float = 1e-12) -> GaussNewtonGeometry:
+    """Jacobian, reduced Jacobian and Gram eigendecomposition at theta (obj.params if None).
 
-    Gram eigenvalues below rank_tol x the largest are treated as zero (kernel of J^T).
+    No on-Gamma check: the caller checks and passes its distance as `residual`. Gram eigenvalues
+    below rank_tol x the largest count as zero (the kernel of Jt^T).
     """
     theta = (obj.params if theta is None else theta).detach()
-    loss = obj.loss(theta).item()
-    if loss > max_loss:
-        raise ValueError(f"theta is not on Gamma: L = {loss:.3e} > max_loss = {max_loss:.1e}; "
-                         "project it first (experiments.manifold.project_to_manifold)")
+    metric = metric or OutputMetric()
     _, jac = output_jacobian(obj, theta)
-    flat = jac.reshape(-1, obj.dim)
-    n = jac.shape[0]
-    values, vectors = torch.linalg.eigh(flat @ flat.T / n)
+    reduced = metric.reduce(jac).reshape(-1, obj.dim)
+    values, vectors = torch.linalg.eigh(reduced @ reduced.T / jac.shape[0])
     values, vectors = values.flip(0), vectors.flip(1)
     keep = values > rank_tol * values[0]
-    return GaussNewtonGeometry(theta=theta, jacobian=jac, eigenvalues=values[keep],
-                               gram_vectors=vectors[:, keep], loss=loss)
+    return GaussNewtonGeometry(theta=theta, jacobian=jac, metric=metric, reduced=reduced,
+                               eigenvalues=values[keep], gram_vectors=vectors[:, keep], residual=float(residual))
 
 
 def drift_weights(rule, eigenvalues: Tensor, *, eta: float | None = None) -> Tensor:
@@ -175,18 +170,6 @@ def drift_weights(rule, eigenvalues: Tensor, *, eta: float | None = None) -> Ten
 
 
 @dataclass(frozen=True)
-class PredictedRates:
-    """Predicted d/dt (slow time) of tr H and lambda_max at a point of Gamma, and the drift (D,)."""
-    rule: object
-    sigma: float
-    trace_rate: float
-    lambda_max_rate: float
-    trace: float
-    lambda_max: float
-    drift: Tensor
-
-
-@dataclass(frozen=True)
 class SharpnessGradients:
     """Tangent-projected gradients P grad tr H = P d3L[I] and P grad lambda_max = P d3L[u u^T], (D,)."""
     trace: Tensor
@@ -195,33 +178,50 @@ class SharpnessGradients:
 
 def sharpness_gradients(obj: Objective, geometry: GaussNewtonGeometry) -> SharpnessGradients:
     """Exact tangent gradients of tr H and lambda_max on Gamma (module docstring)."""
-    n, theta = geometry.num_samples, geometry.theta
-    g_trace = 2 / n * geometry.tangent_project(jacobian_pairing_grad(obj, theta, geometry.jacobian))
+    jt = geometry.reduced.reshape(geometry.num_samples, -1, obj.dim)
     top = torch.zeros_like(geometry.eigenvalues)
     top[0] = 1
-    g_lmax = 2 / n * geometry.tangent_project(
-        jacobian_pairing_grad(obj, theta, geometry.gram_function_times_jacobian(top)))
-    return SharpnessGradients(trace=g_trace, lambda_max=g_lmax)
+    return SharpnessGradients(trace=geometry.d3_pairing(obj, geometry.metric.lift(jt)),
+                              lambda_max=geometry.d3_pairing(obj, geometry.pairing(top)))
 
 
-def label_noise_drift(obj: Objective, geometry: GaussNewtonGeometry, rule, *, sigma: float,
+def _check_scale(noise_scale: float) -> None:
+    if not noise_scale > 0:
+        raise ValueError(f"noise_scale must be positive (sigma^2, or 1 for flipped labels), got {noise_scale}")
+
+
+def label_noise_drift(obj: Objective, geometry: GaussNewtonGeometry, rule, *, noise_scale: float,
                       eta: float | None = None) -> Tensor:
-    """Slow drift -(sigma^2 / 4B) P d3L[w(H)] at zeta = geometry.theta, shape (D,)."""
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    check_rule(rule)
+    """Slow drift -(c / 4B) P d3L[w(H)] at zeta = geometry.theta, (D,); c = noise_scale."""
+    _check_scale(noise_scale)
     weights = drift_weights(rule, geometry.eigenvalues, eta=eta)
-    pairing = geometry.gram_function_times_jacobian(weights)
-    d3 = 2 / geometry.num_samples * geometry.tangent_project(jacobian_pairing_grad(obj, geometry.theta, pairing))
-    return -(sigma ** 2) / (4 * rule.total_batch) * d3
+    return -noise_scale / (4 * rule.total_batch) * geometry.d3_pairing(obj, geometry.pairing(weights))
 
 
-def predict_label_noise_rates(obj: Objective, geometry: GaussNewtonGeometry, rule, *, sigma: float,
-                              eta: float | None = None,
-                              gradients: SharpnessGradients | None = None) -> PredictedRates:
-    """d tr H/dt and d lambda_max/dt (slow time) under `rule` with label-noise std sigma (exact path)."""
+@dataclass(frozen=True)
+class PredictedRates:
+    """Predicted d/dt (slow time) of tr H and lambda_max at a point of Gamma, one rule, either route.
+
+    drift: the (D,) drift, None where the route does not form it (matrix-free Local SGD); stderr: the
+    standard errors of stochastic estimates (0 for exact ones).
+    """
+    rule: object
+    noise_scale: float
+    trace_rate: float
+    lambda_max_rate: float
+    trace: float
+    lambda_max: float
+    drift: Tensor | None
+    trace_rate_stderr: float = 0.0
+    lambda_max_rate_stderr: float = 0.0
+
+
+def predict_rates(obj: Objective, geometry: GaussNewtonGeometry, rule, *, noise_scale: float,
+                  eta: float | None = None, gradients: SharpnessGradients | None = None) -> PredictedRates:
+    """d tr H/dt and d lambda_max/dt (slow time) under `rule`, Sigma = noise_scale x H (exact route)."""
+    _check_scale(noise_scale)
     gradients = gradients or sharpness_gradients(obj, geometry)
-    drift = label_noise_drift(obj, geometry, rule, sigma=sigma, eta=eta)
-    return PredictedRates(rule=rule, sigma=float(sigma), trace_rate=float(gradients.trace @ drift),
+    drift = label_noise_drift(obj, geometry, rule, noise_scale=noise_scale, eta=eta)
+    return PredictedRates(rule=rule, noise_scale=float(noise_scale), trace_rate=float(gradients.trace @ drift),
                           lambda_max_rate=float(gradients.lambda_max @ drift), trace=geometry.trace,
                           lambda_max=geometry.lambda_max, drift=drift)

@@ -1,0 +1,153 @@
+"""Output-Jacobian primitives of a network over the samples of an `Objective` (measurement, no theory).
+
+J is the (N, C, D) Jacobian of the N x C network outputs with respect to the flat parameters theta
+(D,). The products below never form it except where the name says so (`output_jacobian`,
+`output_jacobian_derivative`, per-sample chunks). All assume outputs per sample (no normalization
+layer mixing samples; DESIGN.md "Known traps"). Device and dtype follow theta.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import grad, grad_and_value, jacrev, jvp, vjp, vmap
+
+from dynamics.objective import Objective
+
+__all__ = ["output_jacobian", "output_jacobian_derivative", "jacobian_pairing_grad", "jacobian_times",
+           "jacobian_transpose_times", "jacobian_derivative_times", "jacobian_derivative_transpose_times",
+           "per_sample_gram_blocks", "gram_times_block", "jacobian_frobenius_pass"]
+
+
+def _inputs(obj: Objective) -> list[Tensor]:
+    return [x for x, _ in obj.data]
+
+
+def _per_sample_jacobians(obj: Objective, theta: Tensor, xs: Tensor) -> Tensor:
+    """(n, C, D) Jacobians of the samples xs (n, ...) at theta."""
+    single = lambda t, x: obj.forward(t, x.unsqueeze(0))[0]      # noqa: E731
+    return vmap(jacrev(single), in_dims=(None, 0))(theta, xs)
+
+
+def _chunks(obj: Objective, chunk_size: int):
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    inputs = torch.cat(_inputs(obj))
+    return [inputs[s:s + chunk_size] for s in range(0, len(inputs), chunk_size)]
+
+
+def output_jacobian(obj: Objective, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """(outputs (N, C), Jacobian (N, C, D)) of the network at theta over all samples of obj."""
+    def single(t: Tensor, x: Tensor):
+        out = obj.forward(t, x.unsqueeze(0))[0]
+        return out, out
+
+    outs, jacs = [], []
+    for x in _inputs(obj):
+        jac, out = vmap(jacrev(single, has_aux=True), in_dims=(None, 0))(theta, x)
+        outs.append(out)
+        jacs.append(jac)
+    return torch.cat(outs), torch.cat(jacs)
+
+
+def output_jacobian_derivative(obj: Objective, theta: Tensor, direction: Tensor) -> Tensor:
+    """d/de J(theta + e v) at e = 0, (N, C, D), v = `direction` (D,): forward mode over each batch's
+    reverse-mode Jacobian, exact, a few Jacobian passes."""
+    if direction.shape != theta.shape:
+        raise ValueError(f"direction must have shape {tuple(theta.shape)}, got {tuple(direction.shape)}")
+    theta, direction = theta.detach(), direction.detach().to(theta.dtype)
+    return torch.cat([jvp(lambda t: _per_sample_jacobians(obj, t, x), (theta,), (direction,))[1]
+                      for x in _inputs(obj)])
+
+
+def jacobian_pairing_grad(obj: Objective, theta: Tensor, pairing: Tensor, *, chunk_size: int = 64) -> Tensor:
+    """grad_theta sum_{i,c} <grad f_ic(theta), pairing[i, c]>, (D,), pairing (N, C, D) held fixed:
+    the reverse pass of N C Jacobian-vector products, `chunk_size` samples at a time."""
+    theta = theta.detach()
+    inputs = torch.cat(_inputs(obj))
+    if pairing.shape[0] != len(inputs) or pairing.shape[-1] != obj.dim:
+        raise ValueError(f"pairing must have shape (N={len(inputs)}, C, D={obj.dim}), got {tuple(pairing.shape)}")
+
+    def chunk_value(t: Tensor, xs: Tensor, rs: Tensor) -> Tensor:
+        def per_sample(x: Tensor, r: Tensor) -> Tensor:
+            f = lambda tt: obj.forward(tt, x.unsqueeze(0))[0]      # noqa: E731
+            return vmap(lambda v: jvp(f, (t,), (v,))[1])(r).diagonal().sum()   # sum_c (J r_c)_c
+        return vmap(per_sample)(xs, rs).sum()
+
+    total = torch.zeros_like(theta)
+    for start in range(0, len(inputs), chunk_size):
+        total += grad(chunk_value)(theta, inputs[start:start + chunk_size], pairing[start:start + chunk_size])
+    return total
+
+
+def jacobian_times(obj: Objective, theta: Tensor, v: Tensor) -> Tensor:
+    """J v, (N, C): forward-mode products of all outputs at theta with v (D,)."""
+    return torch.cat([jvp(lambda t: obj.forward(t, x), (theta,), (v,))[1] for x in _inputs(obj)])
+
+
+def jacobian_transpose_times(obj: Objective, theta: Tensor, a: Tensor) -> Tensor:
+    """J^T a, (D,), for output-space coefficients a (N, C): one reverse pass per batch."""
+    out, start = torch.zeros_like(theta), 0
+    for x in _inputs(obj):
+        _, pull = vjp(lambda t: obj.forward(t, x), theta)
+        out += pull(a[start:start + len(x)])[0]
+        start += len(x)
+    return out
+
+
+def jacobian_derivative_times(obj: Objective, theta: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """DJ[u] v = d/de J(theta + e u) v, (N, C): second directional derivatives of the outputs along
+    (u, v), forward over forward mode."""
+    outs = []
+    for x in _inputs(obj):
+        inner = lambda t: jvp(lambda tt: obj.forward(tt, x), (t,), (v,))[1]      # noqa: E731
+        outs.append(jvp(inner, (theta,), (u,))[1])
+    return torch.cat(outs)
+
+
+def jacobian_derivative_transpose_times(obj: Objective, theta: Tensor, u: Tensor, a: Tensor) -> Tensor:
+    """DJ[u]^T a = grad_theta <a, J(theta) u>, (D,), for output coefficients a (N, C)."""
+    out, start = torch.zeros_like(theta), 0
+    for x in _inputs(obj):
+        _, pull = vjp(lambda t: jvp(lambda tt: obj.forward(tt, x), (t,), (u,))[1], theta)
+        out += pull(a[start:start + len(x)])[0]
+        start += len(x)
+    return out
+
+
+def per_sample_gram_blocks(obj: Objective, theta: Tensor, *, chunk_size: int = 64) -> Tensor:
+    """J_i J_i^T for every sample i, (N, C, C); per-sample Jacobians exist `chunk_size` at a time
+    (memory chunk_size x C x D). The traces sum to ||J||_F^2."""
+    theta = theta.detach()
+    blocks = []
+    for xs in _chunks(obj, chunk_size):
+        jac = _per_sample_jacobians(obj, theta, xs)
+        blocks.append(jac @ jac.transpose(1, 2))
+    return torch.cat(blocks)
+
+
+def gram_times_block(obj: Objective, theta: Tensor, block: Tensor) -> Tensor:
+    """J J^T applied to each of m output-space vectors, block (m, N, C) -> (m, N, C), vmapped vjp / jvp."""
+    weights, start = torch.zeros(len(block), obj.dim, dtype=theta.dtype, device=theta.device), 0
+    for x in _inputs(obj):
+        _, pull = vjp(lambda t: obj.forward(t, x), theta)
+        weights = weights + vmap(pull)(block[:, start:start + len(x)])[0]
+        start += len(x)
+    return torch.cat([vmap(lambda w: jvp(lambda t: obj.forward(t, x), (theta,), (w,))[1])(weights)
+                      for x in _inputs(obj)], dim=1)
+
+
+def jacobian_frobenius_pass(obj: Objective, theta: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, float]:
+    """(grad_theta ||J(theta)||_F^2 (D,), per-sample Gram blocks J_i J_i^T (N, C, C), ||J||_F^2).
+
+    Per-sample Jacobians exist only `chunk_size` samples at a time (memory chunk x C x D)."""
+    def chunk(t: Tensor, xs: Tensor):
+        jac = _per_sample_jacobians(obj, t, xs)
+        return jac.pow(2).sum(), jac.detach() @ jac.detach().transpose(1, 2)
+
+    grads, blocks, total = torch.zeros_like(theta), [], 0.0
+    for xs in _chunks(obj, chunk_size):
+        g, (value, block) = grad_and_value(chunk, has_aux=True)(theta, xs)
+        grads += g
+        blocks.append(block)
+        total += float(value)
+    return grads, torch.cat(blocks), total
