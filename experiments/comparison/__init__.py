@@ -1,0 +1,25 @@
+"""The comparison layer: predicted vs measured sharpness drift under label noise, for any network and noise.
+
+noise (the label-noise protocol), projection (onto Gamma, sharpness there), phi (the reading at Phi), point
+(a point of Gamma and its tools), path (the predicted path), continuation (the measurement).
+"""
+from experiments.comparison.continuation import (ContinuationConfig, ContinuationResult, Measurement,
+                                                 RegimeWarning, check_regime, extrapolate_to_zero_eta, measure,
+                                                 progress_line, run_continuation, run_schedule)
+from experiments.comparison.noise import NOISE_MODELS, FlippedLabels, GaussianLabelNoise, LabelNoise, parse_noise
+from experiments.comparison.path import (NodeRates, PredictedPath, SlopeFit, fit_slope, integrate_drift_path,
+                                         predicted_path)
+from experiments.comparison.phi import PhiCorrection, PhiReading, read_at_phi
+from experiments.comparison.point import Point, build_point, check_model, check_on_gamma, fit, objective, point_at
+from experiments.comparison.projection import (GramPreconditioner, GramPreconditionerMF, GramSolveNotConverged,
+                                               ProjectionReport, gram_solve, gram_solve_cg, outputs_and_targets,
+                                               project, reduced_jacobian, sharpness_at)
+
+__all__ = ["ContinuationConfig", "ContinuationResult", "Measurement", "RegimeWarning", "check_regime",
+           "extrapolate_to_zero_eta", "measure", "progress_line", "run_continuation", "run_schedule",
+           "NOISE_MODELS", "FlippedLabels", "GaussianLabelNoise", "LabelNoise", "parse_noise",
+           "NodeRates", "PredictedPath", "SlopeFit", "fit_slope", "integrate_drift_path", "predicted_path",
+           "PhiCorrection", "PhiReading", "read_at_phi",
+           "Point", "build_point", "check_model", "check_on_gamma", "fit", "objective", "point_at",
+           "GramPreconditioner", "GramPreconditionerMF", "GramSolveNotConverged", "ProjectionReport", "gram_solve",
+           "gram_solve_cg", "outputs_and_targets", "project", "reduced_jacobian", "sharpness_at"]

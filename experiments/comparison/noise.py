@@ -1,0 +1,195 @@
+"""Label-noise models: what the comparison pipeline needs to know about the noise, behind one protocol.
+
+Both models have a minimizer manifold Gamma = {r_i(theta) = 0} with a per-sample reduced, metric-weighted
+residual r_i = R_i Q^T (f_i - g(target_i)) in R^m, on which Hessian(L) = Jt^T Jt / N (Jt_i = R_i Q^T J_i) and
+the one-draw gradient-noise covariance is Sigma = c Hessian(L), c = `noise_scale` (THEORY.md, "Label noise";
+`sde.label_noise` holds the theory for any `OutputMetric`).
+
+- `GaussianLabelNoise(sigma)`: squared loss 1/2 ||f - y||^2 (batch mean), every drawn target perturbed by
+  N(0, sigma^2 I_C) (Li, Wang & Arora, ICLR 2022). Q = I, R_i = I (m = C), c = sigma^2.
+- `FlippedLabels(p)`: cross-entropy, every drawn label flipped with probability p to a uniform other class;
+  the expected loss is the cross-entropy against soft targets q_i (1 - p on the label). Q (C, C-1) orthonormal
+  and orthogonal to 1, R_i = (Q^T A_i Q)^{1/2}, A_i = diag(q_i) - q_i q_i^T (m = C - 1), c = 1.
+
+Targets are float (N, C) expected targets (`targets` builds them from integer labels); `draw` gives one noisy
+draw of them with an explicit generator. `parse_noise("gaussian:0.1")` / `parse_noise("flip:0.1")`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from experiments.datasets import flip_labels
+from sde.label_noise import OutputMetric, centred_basis, metric_roots
+
+__all__ = ["LabelNoise", "GaussianLabelNoise", "FlippedLabels", "parse_noise", "NOISE_MODELS"]
+
+
+class LabelNoise(Protocol):
+    """What the pipeline asks of a label-noise model (module docstring). Shapes: N samples, C classes."""
+    noise_scale: float          # c with Sigma = c H on Gamma
+    on_gamma: float             # default tolerance of `distance` for "on Gamma"
+    fit_gap: float              # Adam toward Gamma stops at loss - minimum_loss <= fit_gap
+
+    def __str__(self) -> str: ...                                           # "gaussian:0.1" / "flip:0.1"
+    def equations(self, n: int, classes: int) -> int: ...                   # N m
+    def targets(self, labels: Tensor, classes: int) -> Tensor: ...          # (N, C) float expected targets
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor: ...         # batch mean
+    def draw(self, targets: Tensor, generator: torch.Generator) -> Tensor: ...   # (..., C) one noisy draw
+    def residual(self, outputs: Tensor, targets: Tensor) -> Tensor: ...     # (N, m), zero on Gamma
+    def distance(self, outputs: Tensor, targets: Tensor) -> float: ...      # the stopping measure
+    def metric(self, targets: Tensor) -> OutputMetric: ...
+    def minimum_loss(self, targets: Tensor) -> float: ...                   # the loss on Gamma
+
+
+def _one_hot(labels: Tensor, classes: int, dtype=torch.float64) -> Tensor:
+    """Integer labels (...) in [0, C) -> one-hot (..., C); ValueError naming what does not fit."""
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"targets must be integer labels (N,) or float targets (N, C), got dtype {labels.dtype} "
+                         f"and shape {tuple(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise ValueError(f"labels lie in [{int(labels.min())}, {int(labels.max())}] but the network has {classes} "
+                         f"outputs: one output per class is needed")
+    return torch.zeros(*labels.shape, classes, dtype=dtype, device=labels.device).scatter(
+        -1, labels.long().unsqueeze(-1), 1.0)
+
+
+def _float_targets(targets: Tensor, classes: int) -> bool:
+    if not targets.is_floating_point():
+        return False
+    if targets.dim() != 2 or targets.shape[1] != classes:
+        raise ValueError(f"float targets of shape {tuple(targets.shape)} do not fit the network's {classes} "
+                         f"outputs: (N, {classes}) needed")
+    return True
+
+
+@dataclass(frozen=True)
+class GaussianLabelNoise:
+    """Squared loss with Gaussian label noise of std `sigma` on every target coordinate (module docstring)."""
+    sigma: float
+    on_gamma: float = 1e-8
+    fit_gap: float = 1e-5       # `point.fit` stops Adam at L <= fit_gap
+
+    def __post_init__(self):
+        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(f"gaussian label noise needs sigma > 0, got {self.sigma!r}")
+
+    def __str__(self) -> str:
+        return f"gaussian:{self.sigma:g}"
+
+    @property
+    def noise_scale(self) -> float:
+        return float(self.sigma) ** 2
+
+    def equations(self, n: int, classes: int) -> int:
+        """N C: every output of every image is pinned to its target on Gamma."""
+        return n * classes
+
+    def targets(self, labels: Tensor, classes: int) -> Tensor:
+        """Integer labels (N,) in [0, C) (one-hot targets), or any float targets (N, C); float64."""
+        if _float_targets(labels, classes):
+            return labels.to(torch.float64)
+        return _one_hot(labels, classes)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Mean over the batch of 1/2 sum_c (outputs - targets)^2."""
+        return 0.5 * (outputs - targets).pow(2).sum(-1).mean()
+
+    def draw(self, targets: Tensor, generator: torch.Generator) -> Tensor:
+        """targets + sigma N(0, 1): one randn of targets' shape."""
+        return targets + self.sigma * torch.randn(targets.shape, generator=generator, dtype=targets.dtype)
+
+    def residual(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return outputs - targets
+
+    def distance(self, outputs: Tensor, targets: Tensor) -> float:
+        """The loss L = mean 1/2 ||f - y||^2 (zero on Gamma)."""
+        return self.loss(outputs, targets).item()
+
+    def metric(self, targets: Tensor) -> OutputMetric:
+        return OutputMetric(basis=None, roots=None)
+
+    def minimum_loss(self, targets: Tensor) -> float:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class FlippedLabels:
+    """Cross-entropy with every drawn label flipped with probability `p` to a uniform other class."""
+    p: float
+    on_gamma: float = 1e-8
+    fit_gap: float = 1e-7       # `point.fit` stops Adam within fit_gap of the minimum (mean entropy of q)
+    noise_scale: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.p, (int, float)) and 0 < self.p < 1):
+            raise ValueError(f"flipped labels need 0 < p < (C-1)/C, got {self.p!r}")
+
+    def __str__(self) -> str:
+        return f"flip:{self.p:g}"
+
+    def equations(self, n: int, classes: int) -> int:
+        """N (C - 1): softmax(f_i) = q_i pins the centred outputs of every image."""
+        return n * (classes - 1)
+
+    def targets(self, labels: Tensor, classes: int) -> Tensor:
+        """Soft targets q (N, C) float64 (1 - p on the label, p / (C - 1) elsewhere) from integer labels (N,)
+        or one-hot float rows; p < (C-1)/C (above it a wrong class is likelier than the true one)."""
+        if classes < 2 or not self.p < (classes - 1) / classes:
+            raise ValueError(f"flipped labels need 0 < p < (C-1)/C = {(classes - 1) / classes:.4g} for the "
+                             f"network's C = {classes} outputs, got p = {self.p:g}")
+        if _float_targets(labels, classes):
+            hot = labels.argmax(1)
+            if not torch.equal(labels, torch.zeros_like(labels).scatter(1, hot[:, None], 1.0)):
+                raise ValueError("flipped labels need class labels: float targets must be one-hot rows")
+            labels = hot
+        hot = _one_hot(labels, classes)
+        return hot * (1 - self.p) + (1 - hot) * (self.p / (classes - 1))
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Mean over the batch of -sum_c targets_c log softmax(outputs)_c (soft or one-hot targets)."""
+        return -(targets * torch.log_softmax(outputs, dim=-1)).sum(-1).mean()
+
+    def draw(self, targets: Tensor, generator: torch.Generator) -> Tensor:
+        """One-hot of the flipped labels of argmax(q) (`experiments.datasets.flip_labels`: rand, then randint)."""
+        labels = flip_labels(targets.argmax(-1), self.p, targets.shape[-1], generator)
+        return torch.zeros_like(targets).scatter(-1, labels.unsqueeze(-1), 1.0)
+
+    def _centred(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return (outputs - targets.log()) @ centred_basis(targets.shape[-1], outputs.dtype, outputs.device)
+
+    def residual(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """R_i Q^T (f_i - log q_i), (N, C - 1)."""
+        return self.metric(targets.to(outputs.dtype)).reduce(outputs - targets.log())
+
+    def distance(self, outputs: Tensor, targets: Tensor) -> float:
+        """||Q^T (f - log q)|| = ||centred(f - log q)|| (zero on Gamma)."""
+        return float(self._centred(outputs, targets).norm())
+
+    def metric(self, targets: Tensor) -> OutputMetric:
+        Q = centred_basis(targets.shape[-1], targets.dtype, targets.device)
+        return OutputMetric(basis=Q, roots=metric_roots(targets, Q))
+
+    def minimum_loss(self, targets: Tensor) -> float:
+        """The mean entropy of q."""
+        return float(-(targets * targets.log()).sum(1).mean())
+
+
+NOISE_MODELS: dict[str, Callable[[float], LabelNoise]] = {"gaussian": GaussianLabelNoise, "flip": FlippedLabels}
+
+
+def parse_noise(text: str) -> LabelNoise:
+    """"gaussian:SIGMA" or "flip:P" -> the noise model; ValueError naming the known forms otherwise."""
+    name, _, value = str(text).partition(":")
+    forms = "gaussian:SIGMA or flip:P (e.g. gaussian:0.1, flip:0.1)"
+    if name not in NOISE_MODELS or not value:
+        raise ValueError(f"unknown label noise {text!r}: expected {forms}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"label noise {text!r}: {value!r} is not a number ({forms})") from None
+    return NOISE_MODELS[name](number)

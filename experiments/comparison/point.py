@@ -1,0 +1,183 @@
+"""A point zeta of Gamma for a user's network, data and label noise, with what every comparison there reuses.
+
+`build_point(model, images, labels, noise=...)`: `check_model` (bad input before any work), the objective of
+the expected loss over (images, expected targets), full-batch Adam toward Gamma (`fit`), the projection onto
+Gamma (`experiments.comparison.projection.project`), then `point_at` builds once per point the geometry
+(`sde.label_noise.gauss_newton_geometry` with the noise model's metric), the tangent sharpness gradients, the
+Gram preconditioner and the Phi correction, which every rule, eta and seed share. With method "cg" (thousands
+of images) nothing of size (N m, D) is formed: the point holds a `GramPreconditionerMF` and no dense geometry.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from dynamics.objective import Objective
+from experiments.comparison.noise import parse_noise
+from experiments.comparison.phi import PhiCorrection
+from experiments.comparison.projection import (GramPreconditioner, GramPreconditionerMF, outputs_and_targets,
+                                               project)
+from sde.label_noise import gauss_newton_geometry, sharpness_gradients
+
+__all__ = ["Point", "check_model", "check_on_gamma", "objective", "fit", "point_at", "build_point"]
+
+Progress = Callable[[str], None] | None
+
+
+@dataclass(frozen=True)
+class Point:
+    """zeta (D,) on Gamma and its tools. targets (N, C) the expected targets (the objective's), residual the
+    noise model's distance to Gamma at zeta; geometry, gradients, correction None for a matrix-free point."""
+    noise: object
+    objective: Objective
+    targets: Tensor
+    zeta: Tensor
+    residual: float
+    geometry: object
+    gradients: object
+    preconditioner: object
+    correction: PhiCorrection | None
+    seconds: float
+    classes: int
+    labels: Tensor | None = None
+
+    @property
+    def trace(self) -> float:
+        return float(self.geometry.trace) if self.geometry is not None else math.nan
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.geometry.lambda_max) if self.geometry is not None else math.nan
+
+    @property
+    def reference(self) -> Tensor:
+        """(N m, k <= 16) top Gram eigenvectors at zeta, the seed of `sharpness_at`'s Rayleigh-Ritz."""
+        return self.preconditioner.vectors[:, :16]
+
+
+def check_model(model: nn.Module, images: Tensor, labels: Tensor, noise) -> tuple[int, Tensor]:
+    """(C, expected targets (N, C) float64), or ValueError before any work when the network cannot have the Gamma
+    the theory assumes: BatchNorm (each output depends on the batch, or in eval mode on statistics SGD does not
+    move), Dropout (a random loss), outputs that are not one per class of the targets, more equations than D."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(f"the network has BatchNorm ({name or 'the model'}: {type(module).__name__}): with "
+                             "batch statistics each output depends on the whole batch, so Gamma is not the set "
+                             "of per-sample minimizers the theory assumes; use GroupNorm / LayerNorm or none")
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            raise ValueError(f"the network has Dropout ({name}): the loss is random, Gamma is not defined; remove it")
+    probe = images[:2]
+    try:
+        with torch.no_grad():
+            out = model(probe)
+    except Exception as exc:  # noqa: BLE001 - the user's network on the user's images
+        raise ValueError(f"the network fails on images of shape {tuple(probe.shape[1:])}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if out.dim() != 2 or out.shape[0] != len(probe) or out.shape[1] < 2:
+        raise ValueError(f"the network gives outputs of shape {tuple(out.shape)} for {len(probe)} images; "
+                         f"{noise} needs ({len(probe)}, C), one output per class, C >= 2")
+    classes = out.shape[1]
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} targets")
+    try:
+        targets = noise.targets(labels, classes)
+    except ValueError as exc:
+        raise ValueError(f"the network gives outputs of shape {tuple(out.shape)} for {len(probe)} images; "
+                         f"{noise}: {exc}") from None
+    dim = sum(p.numel() for p in model.parameters())
+    if noise.equations(len(images), classes) > dim:
+        raise ValueError(f"{len(images)} images give {noise.equations(len(images), classes)} equations on Gamma "
+                         f"({noise}) but the network has D = {dim} parameters: Gamma is a manifold only when "
+                         "equations <= D; use fewer images or a larger network")
+    return classes, targets
+
+
+def check_on_gamma(obj: Objective, noise, theta: Tensor, tol: float | None = None) -> float:
+    """The noise model's distance to Gamma at theta; ValueError if above tol (default noise.on_gamma)."""
+    tol = noise.on_gamma if tol is None else tol
+    distance = noise.distance(*outputs_and_targets(obj, theta.detach()))
+    if not distance <= tol:
+        raise ValueError(f"zeta is not on Gamma ({noise}: distance {distance:.3e} > {tol:.1e}): project it first")
+    return distance
+
+
+def objective(model: nn.Module, images: Tensor, targets: Tensor, noise) -> Objective:
+    """The expected loss (1/N) sum_i noise.loss(f_i, targets_i) over one batch of (images, targets (N, C))."""
+    return Objective(model, noise.loss, [(images, targets.to(images.dtype))])
+
+
+def fit(obj: Objective, noise, *, steps: int = 3000, lr: float = 3e-3, gap: float | None = None) -> Tensor:
+    """Full-batch Adam from the model's parameters until L - noise.minimum_loss <= gap (default noise.fit_gap)
+    or `steps`; the flat parameters reached (the model is not modified). Deterministic."""
+    gap = noise.fit_gap if gap is None else gap
+    floor = noise.minimum_loss(torch.cat([y for _, y in obj.data]))
+    theta = obj.params.clone().requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)
+    for _ in range(steps):
+        loss, g = obj.loss_and_grad(theta.detach())
+        if loss.item() - floor <= gap:
+            break
+        theta.grad = g
+        opt.step()
+    return theta.detach()
+
+
+def point_at(obj: Objective, noise, zeta: Tensor, *, method: str = "dense", labels: Tensor | None = None,
+             preconditioner=None, tol: float | None = None, seconds: float = 0.0, **mf) -> Point:
+    """The `Point` at zeta (ValueError if its distance to Gamma exceeds tol, default noise.on_gamma): dense,
+    geometry, gradients, `GramPreconditioner` and `PhiCorrection`; "cg", a `GramPreconditionerMF` (kwargs `mf`)."""
+    start = time.perf_counter()
+    zeta = zeta.detach()
+    residual = check_on_gamma(obj, noise, zeta, tol)
+    targets = torch.cat([y for _, y in obj.data])
+    geometry = gradients = correction = None
+    if method == "dense":
+        geometry = gauss_newton_geometry(obj, zeta, metric=noise.metric(targets), residual=residual)
+        gradients = sharpness_gradients(obj, geometry)
+        correction = PhiCorrection.at(obj, geometry, gradients)
+        preconditioner = preconditioner or GramPreconditioner.at(obj, noise, zeta)
+    elif method == "cg":
+        preconditioner = preconditioner or GramPreconditionerMF.at(obj, noise, zeta, **mf)
+    else:
+        raise ValueError(f"method must be 'dense' or 'cg', got {method!r}")
+    return Point(noise=noise, objective=obj, targets=targets, zeta=zeta, residual=residual, geometry=geometry,
+                 gradients=gradients, preconditioner=preconditioner, correction=correction,
+                 seconds=seconds + time.perf_counter() - start, classes=targets.shape[1], labels=labels)
+
+
+def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: int = 3000, lr: float = 3e-3,
+                tol: float = 1e-10, seed: int = 0, method: str = "dense", progress: Progress = None,
+                **projection) -> Point:
+    """Train `model` (a module, or a factory called with image_size, torch seeded by `seed`) toward Gamma by
+    full-batch Adam (`train_steps`, 0 for none), project onto Gamma (distance <= tol; `projection` kwargs go to
+    `project`, e.g. cg_rtol) and build the point there (`point_at`). Images (N, 3, s, s) and the model in
+    float64; labels integer (N,) or float (N, C) (`LabelNoise.targets`). noise: a model or "gaussian:0.1"."""
+    noise = parse_noise(noise) if isinstance(noise, str) else noise
+    start = time.perf_counter()
+    images = images.to(torch.float64)
+    if isinstance(model, nn.Module):
+        net = model
+    elif callable(model):
+        from experiments.probe import build_from_factory
+        net = build_from_factory(model, image_size=images.shape[-1], seed=seed)
+    else:
+        raise ValueError(f"model must be an nn.Module or a function returning one, got {type(model).__name__}")
+    net = net.to(torch.float64)
+    classes, targets = check_model(net, images, labels, noise)
+    obj = objective(net, images, targets, noise)
+    say = progress or (lambda line: None)
+    say(f"point: Adam on {noise} for up to {train_steps} steps (N = {len(images)}, D = {obj.dim})")
+    theta = fit(obj, noise, steps=train_steps, lr=lr) if train_steps else obj.params
+    zeta, report = project(obj, noise, theta, tol=tol, method=method, raise_on_failure=False, **projection)
+    if not report.converged:
+        raise ValueError(f"the point is not on Gamma: distance {report.distance:.3e} > {tol:.0e} after "
+                         f"{report.gauss_newton_steps} Gauss-Newton steps ({noise}); train longer or use fewer images")
+    say(f"point: on Gamma (distance {report.distance:.2e}); geometry, Phi correction and preconditioner")
+    point = point_at(obj, noise, zeta, method=method, labels=labels, tol=tol, seconds=time.perf_counter() - start)
+    say(f"point: tr H = {point.trace:.6g}, lambda_max = {point.lambda_max:.6g} ({point.seconds:.0f} s)")
+    return point

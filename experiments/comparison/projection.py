@@ -1,0 +1,287 @@
+"""ONE projection onto Gamma and ONE sharpness reading at a point of Gamma, for any label-noise model.
+
+The objective's data holds the expected targets (N, C) (`experiments.comparison.point.objective`); the noise
+model gives the reduced residual r (N, m) and the metric, so Jt = metric.reduce(J) (N m, D) and on Gamma
+Hessian(L) = Jt^T Jt / N (`experiments.comparison.noise`).
+
+`project`: optional gradient descent (a discretized gradient flow), then Gauss-Newton minimum-norm steps
+delta = -Jt^T (Jt Jt^T)^-1 r, halved when the full step raises the noise model's distance, until the distance
+is <= tol; the Jacobian is fresh at every step. The Gram systems are solved densely ("dense": solve, or
+conjugate gradients under a `GramPreconditioner` built at a nearby point) or matrix-free ("cg": `gram_solve_cg`
+under a `GramPreconditionerMF`, no (N m, D) array; identity metric only for now, issue 13).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from dynamics.jacobian import gram_times_block, jacobian_times, jacobian_transpose_times, output_jacobian, \
+    per_sample_gram_blocks
+from dynamics.objective import Objective
+
+__all__ = ["GramPreconditioner", "GramPreconditionerMF", "GramSolveNotConverged", "ProjectionReport",
+           "gram_solve", "gram_solve_cg", "outputs_and_targets", "reduced_jacobian", "project", "sharpness_at"]
+
+
+def outputs_and_targets(obj: Objective, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """(network outputs (N, C) at theta, the objective's targets (N, C))."""
+    return (torch.cat([obj.forward(theta, x) for x, _ in obj.data]),
+            torch.cat([y for _, y in obj.data]))
+
+
+def reduced_jacobian(obj: Objective, noise, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """(outputs (N, C), Jt (N m, D)) with Jt_i = R_i Q^T J_i: Hessian(L) = Jt^T Jt / N on Gamma."""
+    outputs, jac = output_jacobian(obj, theta.detach())
+    metric = noise.metric(torch.cat([y for _, y in obj.data]).to(jac.dtype))
+    return outputs, metric.reduce(jac).reshape(-1, jac.shape[-1])
+
+
+@dataclass(frozen=True)
+class GramPreconditioner:
+    """Eigendecomposition of Jt0 Jt0^T (N m, N m) at a reference point of Gamma: preconditions the Gauss-Newton
+    systems near it (conjugate gradients in a few iterations), and its top eigenvectors seed `sharpness_at`."""
+    values: Tensor   # (r,) descending, unnormalized (= N x Hessian eigenvalues)
+    vectors: Tensor  # (N m, r)
+
+    @classmethod
+    def at(cls, obj: Objective, noise, theta: Tensor) -> "GramPreconditioner":
+        _, jt = reduced_jacobian(obj, noise, theta)
+        values, vectors = torch.linalg.eigh(jt @ jt.T)
+        return cls(values=values.flip(0).clamp_min(values[-1].abs() * 1e-13 + 1e-300), vectors=vectors.flip(1))
+
+    def solve(self, r: Tensor) -> Tensor:
+        return self.vectors @ ((self.vectors.T @ r) / self.values)
+
+
+def gram_solve(jac: Tensor, r: Tensor, pre: GramPreconditioner | None, *, rtol: float = 1e-11,
+               max_iter: int = 200) -> Tensor:
+    """a (N m,) with (Jt Jt^T) a = r for jac = Jt (N m, D): dense solve, or preconditioned CG if `pre` is given."""
+    if pre is None:
+        gram = jac @ jac.T
+        return torch.linalg.solve(gram + 1e-14 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype), r)
+    a, res = torch.zeros_like(r), r.clone()
+    z = pre.solve(res)
+    p, rz = z, res @ z
+    for _ in range(max_iter):
+        ap = jac @ (jac.T @ p)
+        step = rz / (p @ ap)
+        a, res = a + step * p, res - step * ap
+        if res.norm() <= rtol * r.norm():
+            break
+        z = pre.solve(res)
+        rz_new = res @ z
+        p, rz = z + (rz_new / rz) * p, rz_new
+    return a
+
+
+def _identity_metric(obj: Objective, noise) -> None:
+    if noise.metric(torch.cat([y for _, y in obj.data])[:1]).basis is not None:
+        raise ValueError(f"the matrix-free Gram route supports the identity metric (squared loss) only, not {noise} "
+                         "(issue 13); use method='dense'")
+
+
+@dataclass(frozen=True)
+class GramPreconditionerMF:
+    """Matrix-free preconditioner M^-1 = S Q S of G = J J^T (N C, N C), identity metric.
+
+    S: symmetric inverse square roots of the per-sample blocks J_i J_i^T (block-Jacobi, (N, C, C)). Q: randomized
+    Nystrom deflation of A = S G S (Frangella, Tropp & Udell, SIMAX 2023, mu = 0): with A's top-l approximate
+    eigenpairs (U, lambda), Q = lambda_l U diag(1/lambda) U^T + (I - U U^T). rank 0: block-Jacobi alone.
+    """
+    block_inv_sqrt: Tensor   # (N, C, C)
+    vectors: Tensor          # (N C, l) orthonormal
+    values: Tensor           # (l,) descending, positive
+
+    @classmethod
+    def at(cls, obj: Objective, noise, theta: Tensor, *, rank: int = 200, chunk_size: int = 64, block: int = 16,
+           generator: torch.Generator | None = None) -> "GramPreconditionerMF":
+        """Build at theta: one per-sample-Jacobian pass and `rank` Gram products (`block` at a time)."""
+        _identity_metric(obj, noise)
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        theta = theta.detach()
+        blocks = per_sample_gram_blocks(obj, theta, chunk_size=chunk_size)
+        values, vectors = torch.linalg.eigh(blocks)
+        floor = values.amax(-1, keepdim=True) * 1e-12
+        inv_sqrt = torch.where(values > floor, values.clamp_min(1e-300).rsqrt(), torch.zeros_like(values))
+        s = (vectors * inv_sqrt.unsqueeze(-2)) @ vectors.transpose(-1, -2)
+        n, c = blocks.shape[:2]
+        if rank == 0:
+            empty = torch.zeros(n * c, 0, dtype=theta.dtype, device=theta.device)
+            return cls(block_inv_sqrt=s, vectors=empty, values=empty[0])
+        if rank >= n * c:
+            raise ValueError(f"rank must be below N C = {n * c}, got {rank}")
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        omega, _ = torch.linalg.qr(torch.randn(n * c, rank, generator=gen, dtype=theta.dtype).to(theta.device))
+        scale = lambda m: (s @ m.reshape(-1, n, c).unsqueeze(-1)).squeeze(-1)   # noqa: E731 (m, N, C) -> same
+        y = torch.cat([scale(gram_times_block(obj, theta, scale(omega[:, j:j + block].T.reshape(-1, n, c))))
+                       .reshape(-1, n * c).T for j in range(0, rank, block)], dim=1)      # A omega, (N C, l)
+        shift = torch.finfo(y.dtype).eps * y.norm()
+        y = y + shift * omega
+        chol = torch.linalg.cholesky(omega.T @ y, upper=True)
+        u, sing, _ = torch.linalg.svd(torch.linalg.solve_triangular(chol, y, upper=True, left=False),
+                                      full_matrices=False)
+        lam = (sing ** 2 - shift).clamp_min(0)
+        keep = lam > lam[0] * 1e-12
+        return cls(block_inv_sqrt=s, vectors=u[:, keep], values=lam[keep])
+
+    def apply(self, r: Tensor) -> Tensor:
+        """M^-1 r for r (N, C)."""
+        scale = lambda x: (self.block_inv_sqrt @ x.unsqueeze(-1)).squeeze(-1)   # noqa: E731
+        z = scale(r).reshape(-1)
+        if len(self.values):
+            coef = self.vectors.T @ z
+            z = z - self.vectors @ coef + self.vectors @ (coef * (self.values[-1] / self.values))
+        return scale(z.reshape(r.shape))
+
+
+class GramSolveNotConverged(RuntimeError):
+    """Conjugate gradients on (J J^T) a = r did not reach the requested relative residual."""
+
+
+def gram_solve_cg(obj: Objective, theta: Tensor, r: Tensor, preconditioner, *, rtol: float, max_iter: int,
+                  x0: Tensor | None = None, shift: float = 0.0,
+                  callback: Callable[[int, float, Tensor], None] | None = None) -> tuple[Tensor, int]:
+    """(a (N, C) with (J J^T + shift I) a = r, iterations): preconditioned CG on J v / J^T a products.
+
+    preconditioner: any object with .apply(r (N, C)) -> (N, C) (`GramPreconditionerMF`). Stops when
+    ||(J J^T + shift I) a - r|| <= rtol ||r||; GramSolveNotConverged (naming iterations and residual) after
+    max_iter. x0: warm start (N, C). callback(iteration, relative residual, J^T a) after every iteration and at
+    0: for r = J v, v - J^T a is the approximate tangent projection of v and CG minimizes ||P~v - P v|| (Craig's
+    method), so ||v - J^T a||^2 falls monotonically to ||P v||^2 (docs/studies/big_point_findings.md).
+    shift >= 0: Tikhonov shift in Gram units (N x Hessian units); directions of Gram eigenvalue << shift count
+    as tangent, which bounds the condition number by lambda_max / shift (Jacobians of deficient rank).
+    """
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0, got {shift}")
+    track = callback is not None
+    if x0 is None:
+        a, res = torch.zeros_like(r), r.clone()
+        jta = torch.zeros_like(theta) if track else None
+    else:
+        if x0.shape != r.shape:
+            raise ValueError(f"x0 must have the shape of r {tuple(r.shape)}, got {tuple(x0.shape)}")
+        a = x0.clone()
+        jta = jacobian_transpose_times(obj, theta, a)
+        res = r - jacobian_times(obj, theta, jta) - shift * a
+    target = rtol * r.norm()
+    if track:
+        callback(0, float(res.norm() / r.norm()), jta)
+    if res.norm() <= target:
+        return a, 0
+    z = preconditioner.apply(res)
+    p, rz = z, (res * z).sum()
+    for it in range(1, max_iter + 1):
+        jtp = jacobian_transpose_times(obj, theta, p)
+        gp = jacobian_times(obj, theta, jtp) + shift * p
+        step = rz / (p * gp).sum()
+        a, res = a + step * p, res - step * gp
+        if track:
+            jta = jta + step * jtp
+            callback(it, float(res.norm() / r.norm()), jta)
+        if res.norm() <= target:
+            return a, it
+        z = preconditioner.apply(res)
+        rz_new = (res * z).sum()
+        p, rz = z + (rz_new / rz) * p, rz_new
+    raise GramSolveNotConverged(f"conjugate gradients on J J^T did not converge: relative residual "
+                                f"{float(res.norm() / r.norm()):.2e} > rtol {rtol:.1e} after {max_iter} iterations")
+
+
+@dataclass(frozen=True)
+class ProjectionReport:
+    """How `project` ended: the noise model's distance to Gamma before / after, steps, |theta_end - theta_0|
+    (`moved`), success, and the CG iterations of each Gauss-Newton step (method "cg"; empty for "dense")."""
+    distance: float
+    initial_distance: float
+    gd_steps: int
+    gauss_newton_steps: int
+    moved: float
+    converged: bool
+    cg_iterations: tuple[int, ...] = ()
+
+
+def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 1e-10, method: str = "dense",
+            gd_steps: int = 0, gd_lr: float | None = None, max_gauss_newton: int = 30, preconditioner=None,
+            cg_rtol: float = 1e-4, cg_max_iter: int = 5000, preconditioner_rank: int = 200,
+            refresh_after: int | None = 500, generator: torch.Generator | None = None,
+            raise_on_failure: bool = True) -> tuple[Tensor, ProjectionReport]:
+    """Project theta (default the model's parameters) onto Gamma: (point, `ProjectionReport`) (module docstring).
+
+    method "dense": the (N m, D) Jacobian every step; Gram systems solved densely, or by CG under
+    `preconditioner` (a `GramPreconditioner` at a nearby point of Gamma, for repeated projections).
+    method "cg": inexact Newton, each Gram system solved by `gram_solve_cg` to relative residual `cg_rtol` under
+    `preconditioner` (a `GramPreconditionerMF`; built at the first Gauss-Newton point with rank
+    min(preconditioner_rank, N C - 1) from `generator` when None, and rebuilt after a step that needed more than
+    `refresh_after` CG iterations). ValueError if the equations exceed D or on a bad option; RuntimeError
+    naming steps and distance (or the report with converged False) if the distance is > tol at the end.
+    """
+    theta0 = (obj.params if theta is None else theta).detach().clone()
+    if tol <= 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    if gd_steps and (gd_lr is None or gd_lr <= 0):
+        raise ValueError("gd_steps > 0 needs a positive gd_lr")
+    if method not in ("dense", "cg"):
+        raise ValueError(f"method must be 'dense' or 'cg', got {method!r}")
+    if method == "cg":
+        _identity_metric(obj, noise)
+        if not 0 < cg_rtol < 1:
+            raise ValueError(f"cg_rtol must be in (0, 1), got {cg_rtol}")
+    outputs, targets = outputs_and_targets(obj, theta0)
+    equations = noise.equations(*outputs.shape)
+    if equations > obj.dim:
+        raise ValueError(f"{equations} equations on Gamma ({noise}) exceed D = {obj.dim} parameters: "
+                         "Gamma is not a manifold of interpolating solutions here")
+    distance = lambda t: noise.distance(outputs_and_targets(obj, t)[0], targets)   # noqa: E731
+    theta, initial = theta0.clone(), noise.distance(outputs, targets)
+    for _ in range(gd_steps):
+        theta = theta - gd_lr * obj.grad(theta)
+    steps, dist, iterations = 0, distance(theta), []
+    while dist > tol and steps < max_gauss_newton:
+        if method == "dense":
+            out, jt = reduced_jacobian(obj, noise, theta)
+            step = jt.T @ gram_solve(jt, noise.residual(out, targets).reshape(-1), preconditioner)
+        else:
+            if preconditioner is None:
+                preconditioner = GramPreconditionerMF.at(obj, noise, theta, rank=min(preconditioner_rank,
+                                                                                     equations - 1),
+                                                         generator=generator)
+            r = noise.residual(outputs_and_targets(obj, theta)[0].detach(), targets)
+            a, its = gram_solve_cg(obj, theta, r, preconditioner, rtol=cg_rtol, max_iter=cg_max_iter)
+            iterations.append(its)
+            if refresh_after is not None and its > refresh_after:
+                preconditioner = None
+            step = jacobian_transpose_times(obj, theta, a)
+        candidate = theta - step
+        new = distance(candidate)
+        if new > dist:                  # damped step when the full step overshoots (far from Gamma)
+            candidate = theta - 0.5 * step
+            new = distance(candidate)
+        theta, dist, steps = candidate, new, steps + 1
+    report = ProjectionReport(distance=dist, initial_distance=initial, gd_steps=gd_steps, gauss_newton_steps=steps,
+                              moved=float((theta - theta0).norm()), converged=dist <= tol,
+                              cg_iterations=tuple(iterations))
+    if raise_on_failure and not report.converged:
+        raise RuntimeError(f"projection onto Gamma failed: distance {dist:.3e} > tol {tol:.1e} ({noise}) after "
+                           f"{steps} Gauss-Newton steps (start {initial:.3e}; CG iterations {iterations})")
+    return theta, report
+
+
+def sharpness_at(obj: Objective, noise, theta: Tensor, *, reference: Tensor | None = None) -> tuple[float, float]:
+    """(tr H, lambda_max) at a point of Gamma from H = Jt^T Jt / N (exact there).
+
+    tr H = ||Jt||_F^2 / N. lambda_max: dense eigvalsh of Jt Jt^T / N, or, given `reference` (N m, k) top Gram
+    eigenvectors at a nearby point, Rayleigh-Ritz on span(V, G V, G^2 V) (~1e-10 relative near it).
+    """
+    _, jt = reduced_jacobian(obj, noise, theta)
+    n = obj.num_samples
+    trace = float(jt.pow(2).sum() / n)
+    if reference is None:
+        return trace, float(torch.linalg.eigvalsh(jt @ jt.T / n)[-1])
+    g1 = jt @ (jt.T @ reference)
+    g2 = jt @ (jt.T @ g1)
+    q, _ = torch.linalg.qr(torch.cat([reference, g1, g2], dim=1))
+    return trace, float(torch.linalg.eigvalsh(q.T @ (jt @ (jt.T @ q) / n))[-1])
