@@ -34,6 +34,7 @@ class LabelNoise(Protocol):
     noise_scale: float          # c with Sigma = c H on Gamma
     on_gamma: float             # default tolerance of `distance` for "on Gamma"
     fit_gap: float              # Adam toward Gamma stops at loss - minimum_loss <= fit_gap
+    chord_contraction: float | None   # Jacobian reuse of `projection.project` (None: fresh every step)
 
     def __str__(self) -> str: ...                                           # "gaussian:0.1" / "flip:0.1"
     def equations(self, n: int, classes: int) -> int: ...                   # N m
@@ -73,6 +74,7 @@ class GaussianLabelNoise:
     sigma: float
     on_gamma: float = 1e-8
     fit_gap: float = 1e-5       # `point.fit` stops Adam at L <= fit_gap
+    chord_contraction: float | None = None   # `projection.project`: a fresh Jacobian every Gauss-Newton step
 
     def __post_init__(self):
         if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
@@ -123,6 +125,7 @@ class FlippedLabels:
     p: float
     on_gamma: float = 1e-8
     fit_gap: float = 1e-7       # `point.fit` stops Adam within fit_gap of the minimum (mean entropy of q)
+    chord_contraction: float | None = 0.1    # `projection.project`: chord steps while the distance falls 10x
     noise_scale: float = 1.0
 
     def __post_init__(self):

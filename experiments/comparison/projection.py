@@ -6,7 +6,9 @@ Hessian(L) = Jt^T Jt / N (`experiments.comparison.noise`).
 
 `project`: optional gradient descent (a discretized gradient flow), then Gauss-Newton minimum-norm steps
 delta = -Jt^T (Jt Jt^T)^-1 r, halved when the full step raises the noise model's distance, until the distance
-is <= tol; the Jacobian is fresh at every step. The Gram systems are solved densely ("dense": solve, or
+is <= tol. The Jacobian is fresh at every step, or, when the noise model sets `chord_contraction` f, kept
+(chord steps) while each step shrinks the distance below f times the last (the end point then differs from full
+Gauss-Newton at O(|offset|^3), and runs read at Phi differ at that order: kept so today's rows reproduce). The Gram systems are solved densely ("dense": solve, or
 conjugate gradients under a `GramPreconditioner` built at a nearby point) or matrix-free ("cg": `gram_solve_cg`
 under a `GramPreconditionerMF`, no (N m, D) array; identity metric only for now, issue 13).
 """
@@ -239,10 +241,13 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
     theta, initial = theta0.clone(), noise.distance(outputs, targets)
     for _ in range(gd_steps):
         theta = theta - gd_lr * obj.grad(theta)
-    steps, dist, iterations = 0, distance(theta), []
+    steps, dist, iterations, jt, chord = 0, distance(theta), [], None, noise.chord_contraction
     while dist > tol and steps < max_gauss_newton:
         if method == "dense":
-            out, jt = reduced_jacobian(obj, noise, theta)
+            if jt is None:
+                out, jt = reduced_jacobian(obj, noise, theta)
+            else:                       # a chord step: the Jacobian of an earlier step, the residual here
+                out = outputs_and_targets(obj, theta)[0]
             step = jt.T @ gram_solve(jt, noise.residual(out, targets).reshape(-1), preconditioner)
         else:
             if preconditioner is None:
@@ -260,6 +265,8 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
         if new > dist:                  # damped step when the full step overshoots (far from Gamma)
             candidate = theta - 0.5 * step
             new = distance(candidate)
+        if chord is None or new > chord * dist:
+            jt = None                   # fresh Jacobian next step (always, or when the contraction is slow)
         theta, dist, steps = candidate, new, steps + 1
     report = ProjectionReport(distance=dist, initial_distance=initial, gd_steps=gd_steps, gauss_newton_steps=steps,
                               moved=float((theta - theta0).norm()), converged=dist <= tol,
