@@ -2,10 +2,13 @@
 
 J is the (N, C, D) Jacobian of the N x C network outputs with respect to the flat parameters theta
 (D,). The products below never form it except where the name says so (`output_jacobian`,
-`output_jacobian_derivative`, per-sample chunks). All assume outputs per sample (no normalization
+`output_jacobian_derivative`, per-sample chunks). `gram_solve_cg` solves (J J^T + shift I) a = r
+by preconditioned conjugate gradients on these products (the one CG of the project's projections). All assume outputs per sample (no normalization
 layer mixing samples; DESIGN.md "Known traps"). Device and dtype follow theta.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -15,7 +18,8 @@ from dynamics.objective import Objective
 
 __all__ = ["output_jacobian", "output_jacobian_derivative", "jacobian_pairing_grad", "jacobian_times",
            "jacobian_transpose_times", "jacobian_derivative_times", "jacobian_derivative_transpose_times",
-           "per_sample_gram_blocks", "gram_times_block", "jacobian_frobenius_pass"]
+           "per_sample_gram_blocks", "gram_times_block", "jacobian_frobenius_pass", "BlockJacobi",
+           "GramSolveNotConverged", "gram_solve_cg"]
 
 
 def _inputs(obj: Objective) -> list[Tensor]:
@@ -151,3 +155,71 @@ def jacobian_frobenius_pass(obj: Objective, theta: Tensor, chunk_size: int) -> t
         blocks.append(block)
         total += float(value)
     return grads, torch.cat(blocks), total
+
+
+class GramSolveNotConverged(RuntimeError):
+    """Conjugate gradients on (J J^T + shift I) a = r did not reach the requested relative residual."""
+
+
+class BlockJacobi:
+    """The block-Jacobi preconditioner of J J^T: `apply(r)` = (J_i J_i^T)^+ r_i for r (N, C).
+
+    blocks: (N, C, C) per-sample Gram blocks (`per_sample_gram_blocks`); pseudo-inverses at rtol 1e-12.
+    """
+
+    def __init__(self, blocks: Tensor):
+        self.inverses = torch.linalg.pinv(blocks, hermitian=True, rtol=1e-12)
+
+    def apply(self, r: Tensor) -> Tensor:
+        return (self.inverses @ r.unsqueeze(-1)).squeeze(-1)
+
+
+def gram_solve_cg(obj: Objective, theta: Tensor, r: Tensor, preconditioner, *, rtol: float, max_iter: int,
+                  x0: Tensor | None = None, shift: float = 0.0,
+                  callback: Callable[[int, float, Tensor], None] | None = None) -> tuple[Tensor, int]:
+    """(a (N, C) with (J J^T + shift I) a = r, CG iterations): preconditioned conjugate gradients on
+    Jacobian-vector / vector-Jacobian products, J never formed.
+
+    preconditioner: any object with .apply(r (N, C)) -> (N, C) (e.g. `BlockJacobi`). Stops when
+    ||(J J^T + shift I) a - r|| <= rtol ||r||, else GramSolveNotConverged after max_iter iterations
+    (naming the residual reached). x0: warm start (N, C), one extra Gram product. callback(iteration,
+    relative residual, J^T a (D,)) at iteration 0 and after each one (J^T a kept by the recurrence): for
+    r = J v, v - J^T a is the approximate tangent projection of v, and CG minimizes ||J^T (a - a*)||
+    (Craig's method), so ||v - J^T a||^2 falls monotonically to ||P v||^2 even where the residual does not.
+    shift >= 0: Tikhonov shift in Gram units (N x Hessian units); Gram directions of eigenvalue << shift
+    then count as tangent, which bounds the condition number by lambda_max / shift.
+    """
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0, got {shift}")
+    if not 0 < rtol < 1 or max_iter < 1:
+        raise ValueError(f"need 0 < rtol < 1 and max_iter >= 1, got rtol = {rtol}, max_iter = {max_iter}")
+    a, jta = torch.zeros_like(r), torch.zeros_like(theta)
+    res = r.clone()
+    if x0 is not None:
+        if x0.shape != r.shape:
+            raise ValueError(f"x0 must have the shape of r {tuple(r.shape)}, got {tuple(x0.shape)}")
+        a = x0.clone()
+        jta = jacobian_transpose_times(obj, theta, a)
+        res = r - jacobian_times(obj, theta, jta) - shift * a
+    scale = r.norm()
+    if callback is not None:
+        callback(0, float(res.norm() / scale), jta)
+    if res.norm() <= rtol * scale:
+        return a, 0
+    z = preconditioner.apply(res)
+    p, rz = z, (res * z).sum()
+    for it in range(1, max_iter + 1):
+        jtp = jacobian_transpose_times(obj, theta, p)
+        gp = jacobian_times(obj, theta, jtp) + shift * p
+        step = rz / (p * gp).sum()
+        a, res, jta = a + step * p, res - step * gp, jta + step * jtp
+        if callback is not None:
+            callback(it, float(res.norm() / scale), jta)
+        if res.norm() <= rtol * scale:
+            return a, it
+        z = preconditioner.apply(res)
+        rz, rz_old = (res * z).sum(), rz
+        p = z + (rz / rz_old) * p
+    raise GramSolveNotConverged(f"conjugate gradients on J J^T did not converge: relative residual "
+                                f"{float(res.norm() / scale):.2e} > rtol {rtol:.1e} after max_iter = {max_iter} "
+                                "iterations")

@@ -1,69 +1,76 @@
-"""The matrix-free label-noise rates agree with the exact Jacobian path (tiny MLP on Gamma).
+"""The matrix-free label-noise rates (sde.label_noise_mf) agree with the exact route of sde.label_noise
+(tiny tanh MLP, targets y = f(theta0) so that theta0 lies exactly on Gamma).
 
-Exact-projection path (conjugate gradients on
-J J^T with Jacobian-vector products, no eigenvectors beyond the top one): CG rtol 1e-13 bounds the
-projection error by 1e-13 sqrt(lambda_max / lambda_min) ~ 1e-11 relative here, so rtol 1e-8.
-Local SGD path (`predict_label_noise_rates_lanczos`, stochastic Lanczos for tr(psi(2 beta G) DG[u])):
-with all 12 Gram eigenpairs deflated nothing is stochastic and it must equal the exact path to
-1e-8 (CG and eigenpair tolerances 1e-13 / 1e-12, Lanczos function tolerance 1e-12); with 3
-deflated and 40 probes it must lie within 4 reported standard errors (chance failure < 1e-4 per
-comparison for a roughly normal estimate), and those standard errors are below 3% of the rate
-(measured 0.1-1.6% here). DG[u] is checked against central differences of G (h = 1e-5: O(h^2)
-truncation ~1e-10, rtol 1e-7).
+SGD / QSR (eta -> 0): CG rtol 1e-13 bounds the projection error by 1e-13 sqrt(lambda_max / lambda_min)
+~ 1e-11 relative; the CG error J^T (a - a*) is normal, so ||P~v||^2 (the trace rate) errs only at second
+order: rtol 1e-12 on the trace rate, 1e-8 on lambda_max's (the top eigenvector's tolerance enters).
+Rules with a psi term (stochastic Lanczos for tr(psi(2 beta G) DG[u])): with all 12 Gram eigenpairs
+deflated nothing is stochastic and the rates must equal the exact route to 1e-8 (CG and eigenpair
+tolerances 1e-13 / 1e-12, Lanczos function tolerance 1e-12); with 3 deflated and 40 probes they must lie
+within 4 reported standard errors (chance failure < 1e-4 per comparison for a roughly normal estimate),
+and those standard errors are below 3% of the rate (measured 0.1-1.6% here). DG[u] is checked against
+central differences of G (h = 1e-5: O(h^2) truncation ~1e-10, rtol 1e-7).
 Runtime: a few seconds on one thread.
 """
 import pytest
 import torch
 
+from dynamics.jacobian import GramSolveNotConverged, jacobian_frobenius_pass, jacobian_times, jacobian_transpose_times
 from dynamics.objective import Objective
-from experiments.manifold import half_squared_error, project_to_manifold
-from sde.label_noise import gauss_newton_geometry, predict_label_noise_rates, sharpness_gradients
-from sde.label_noise_mf import (GramDerivativeOperator, GramOperator, ProjectionNotConverged, TangentProjector,
-                                jacobian_frobenius_pass, jacobian_times, jacobian_transpose_times,
-                                predict_label_noise_rates_cg, predict_label_noise_rates_lanczos)
+from sde.label_noise import (OutputMetric, centred_basis, gauss_newton_geometry, predict_rates,
+                             sharpness_gradients)
+from sde.label_noise_mf import GramDerivativeOperator, GramOperator, TangentProjector, predict_rates_matrix_free
 from sde.rules import QSR, SGD, LocalSGD
 from tests.reference import classification_batches, tiny_mlp
 
 
-def _exact_rates(obj, zeta, rules, sigma=0.4):
-    """The exact (Jacobian / Gram) path's geometry at zeta and its rates for each rule."""
+C_NOISE = 0.16           # sigma = 0.4
+
+
+def _exact_rates(obj, zeta, rules, eta=None):
+    """The exact (Jacobian / Gram) route's geometry at zeta and its rates for each rule."""
     geo = gauss_newton_geometry(obj, zeta)
     grads = sharpness_gradients(obj, geo)
-    return geo, [predict_label_noise_rates(obj, geo, rule, sigma=sigma, gradients=grads) for rule in rules]
+    return geo, [predict_rates(obj, geo, rule, noise_scale=C_NOISE, eta=eta, gradients=grads) for rule in rules]
 
 
 @pytest.fixture(scope="module")
 def on_gamma():
-    obj = Objective(tiny_mlp(seed=4, d_in=5, width=7, d_out=3), half_squared_error,
-                    classification_batches(4, image=False, seed=5, classes=3))
-    zeta, _ = project_to_manifold(obj, tol=1e-22, max_gauss_newton=60)
-    return obj, zeta
+    model = tiny_mlp(seed=4, d_in=5, width=7, d_out=3)
+    x = classification_batches(4, image=False, seed=5, classes=3)[0][0]
+    obj = Objective(model, lambda out, y: 0.5 * (out - y).pow(2).sum(-1).mean(), [(x, model(x).detach())])
+    return obj, obj.params
 
 
 def test_bad_input_is_refused_before_any_work(on_gamma):
     obj, zeta = on_gamma
     with pytest.raises(ValueError, match="not on Gamma"):
-        predict_label_noise_rates_cg(obj, zeta + 0.1, [SGD(4)], sigma=0.4)
-    with pytest.raises(ValueError, match="Local SGD"):
-        predict_label_noise_rates_cg(obj, zeta, [LocalSGD(2, 2, 0.8)], sigma=0.4)
+        predict_rates_matrix_free(obj, zeta + 0.1, [SGD(4)], noise_scale=C_NOISE)
+    Q = centred_basis(3, torch.float64, "cpu")
+    with pytest.raises(ValueError, match="issue 13"):
+        predict_rates_matrix_free(obj, zeta, [SGD(4)], noise_scale=C_NOISE, metric=OutputMetric(Q, None))
+    with pytest.raises(ValueError, match="noise_scale"):
+        predict_rates_matrix_free(obj, zeta, [SGD(4)], noise_scale=0.0)
 
 
 def test_cg_projection_rates_equal_exact_path(on_gamma):
     obj, zeta = on_gamma
     rules = [SGD(4), QSR(2, 2), QSR(3, 1)]
-    got = predict_label_noise_rates_cg(obj, zeta, rules, sigma=0.4, rtol=1e-13,
-                                       generator=torch.Generator().manual_seed(0))
+    got = predict_rates_matrix_free(obj, zeta, rules, noise_scale=C_NOISE, rtol=1e-13, eigen_tol=1e-12,
+                                    generator=torch.Generator().manual_seed(0))
     geo, exacts = _exact_rates(obj, zeta, rules)
-    for mf, exact in zip(got.rates, exacts):
-        assert mf.trace_rate == pytest.approx(exact.trace_rate, rel=1e-8)
+    for mf, exact in zip(got, exacts):
+        assert mf.trace_rate == pytest.approx(exact.trace_rate, rel=1e-12)
         assert mf.lambda_max_rate == pytest.approx(exact.lambda_max_rate, rel=1e-8)
         torch.testing.assert_close(mf.drift, exact.drift, rtol=0, atol=1e-8 * exact.drift.norm().item())
         assert mf.trace == pytest.approx(geo.trace, rel=1e-12)
         assert mf.lambda_max == pytest.approx(geo.lambda_max, rel=1e-9)
     # QSR (eta -> 0) is K times SGD with the same total batch: K = 2, B = 4
-    assert got.rates[1].trace_rate == pytest.approx(2 * got.rates[0].trace_rate, rel=1e-12)
+        assert mf.trace_rate_stderr == 0 == mf.lambda_max_rate_stderr and mf.noise_scale == C_NOISE
+    assert got[1].trace_rate == pytest.approx(2 * got[0].trace_rate, rel=1e-12)
     # both projections actually iterated; CG in exact arithmetic needs at most N C = 12 steps
-    assert all(1 <= it <= 40 for it in got.cg_iterations)
+    assert all(1 <= it <= 40 for it in got.cost["cg_iterations"])
+    assert got.cost["lanczos_matvecs"] == 0 == got.cost["derivative_matvecs"] and got.cost["eigen_matvecs"] > 0
 
 
 def test_cg_tangent_projection_equals_dense_projector(on_gamma):
@@ -73,7 +80,8 @@ def test_cg_tangent_projection_equals_dense_projector(on_gamma):
     assert frob / obj.num_samples == pytest.approx(geo.trace, rel=1e-12)
     # the preconditioner blocks are the diagonal C x C blocks of the dense Gram matrix J J^T
     torch.testing.assert_close(blocks, torch.einsum("ncd,nkd->nck", geo.jacobian, geo.jacobian))
-    projector = TangentProjector.from_blocks(obj, zeta, blocks, rtol=1e-13)
+    lines = []
+    projector = TangentProjector.from_blocks(obj, zeta, blocks, rtol=1e-13, log=lines.append, log_every=1)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         v = torch.randn(obj.dim, generator=gen, dtype=torch.float64)
@@ -82,18 +90,44 @@ def test_cg_tangent_projection_equals_dense_projector(on_gamma):
         torch.testing.assert_close(pv, dense, rtol=0, atol=1e-10 * v.norm().item())
         assert jacobian_times(obj, zeta, pv).norm() <= 1e-10 * v.norm() * geo.lambda_max ** 0.5
         assert 1 <= iters <= 40
+        # an exact repeat costs no CG; a near repeat starts from the stored coefficients
+        again, repeat_iters = projector.project(v.clone())
+        assert repeat_iters == 0 and torch.equal(again, pv)
+        near, near_iters = projector.project(v + 1e-6 * v.norm() * torch.randn(obj.dim, generator=gen,
+                                                                                dtype=torch.float64) / obj.dim ** 0.5)
+        start = [line for line in lines if line["solve"] == len(projector.solved) - 1][0]
+        assert start["iteration"] == 0 and start["rel_residual"] < 1e-5 and near_iters <= iters
+        torch.testing.assert_close(near, pv, rtol=0, atol=1e-5 * v.norm().item())
+
+
+def test_projector_preconditioner_and_log(on_gamma):
+    obj, zeta = on_gamma
+    geo = gauss_newton_geometry(obj, zeta)
+
+    class Identity:                     # any object with .apply(r (N, C)) -> (N, C)
+        def apply(self, r):
+            return r
+
+    lines = []
+    projector = TangentProjector(obj, zeta, Identity(), rtol=1e-13, log=lines.append, log_every=1)
+    v = torch.randn(obj.dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    pv, iters = projector.project(v)
+    torch.testing.assert_close(pv, geo.tangent_project(v), rtol=0, atol=1e-10 * v.norm().item())
+    assert [line["iteration"] for line in lines] == list(range(iters + 1)) and lines[-1]["rel_residual"] <= 1e-13
+    # Craig's method: ||v - J^T a||^2 falls monotonically to ||P v||^2
+    sq = [line["sq_norm"] for line in lines]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(sq, sq[1:]))
+    assert sq[-1] == pytest.approx(float(pv @ pv), rel=1e-10)
 
 
 def test_cg_non_convergence_and_bad_input(on_gamma):
     obj, zeta = on_gamma
-    with pytest.raises(ProjectionNotConverged, match="did not converge.*max_iter = 2"):
-        predict_label_noise_rates_cg(obj, zeta, [SGD(4)], sigma=0.4, rtol=1e-13, max_iter=2)
-    with pytest.raises(ValueError, match="SGD and QSR only.*predict_label_noise_rates_lanczos"):
-        predict_label_noise_rates_cg(obj, zeta, [LocalSGD(2, 2, 0.8)], sigma=0.4)
+    with pytest.raises(GramSolveNotConverged, match="did not converge.*max_iter = 2"):
+        predict_rates_matrix_free(obj, zeta, [SGD(4)], noise_scale=C_NOISE, rtol=1e-13, max_iter=2)
     with pytest.raises(ValueError, match="not on Gamma"):
-        predict_label_noise_rates_cg(obj, zeta + 0.1, [SGD(4)], sigma=0.4)
+        predict_rates_matrix_free(obj, zeta + 0.1, [SGD(4)], noise_scale=C_NOISE)
     with pytest.raises(ValueError, match="rtol"):
-        predict_label_noise_rates_cg(obj, zeta, [SGD(4)], sigma=0.4, rtol=0.0)
+        predict_rates_matrix_free(obj, zeta, [SGD(4)], noise_scale=C_NOISE, rtol=0.0)
 
 
 def test_gram_operators_match_dense_and_finite_differences(on_gamma):
@@ -129,44 +163,45 @@ LOCAL_RULES = [LocalSGD(K, 1, beta) for K in (2, 4) for beta in (0.01, 0.8, 100.
 def test_lanczos_rates_equal_exact_path_at_full_deflation(on_gamma):
     obj, zeta = on_gamma
     rules = [SGD(4), QSR(2, 2), LocalSGD(2, 2, 0.9)] + LOCAL_RULES
-    options = dict(sigma=0.4, num_probes=3, deflate=12, rtol=1e-13, eigen_tol=1e-12, function_tol=1e-12)
-    got = predict_label_noise_rates_lanczos(obj, zeta, rules, generator=torch.Generator().manual_seed(0), **options)
+    options = dict(noise_scale=C_NOISE, num_probes=3, deflate=12, rtol=1e-13, eigen_tol=1e-12, function_tol=1e-12)
+    got = predict_rates_matrix_free(obj, zeta, rules, generator=torch.Generator().manual_seed(0), **options)
     geo, exacts = _exact_rates(obj, zeta, rules)
-    for mf, exact in zip(got.rates, exacts):
+    for mf, exact in zip(got, exacts):
         assert mf.trace_rate == pytest.approx(exact.trace_rate, rel=1e-8)
         assert mf.lambda_max_rate == pytest.approx(exact.lambda_max_rate, rel=1e-8)
         assert mf.trace_rate_stderr <= 1e-9 * abs(exact.trace_rate)
         assert mf.lambda_max == pytest.approx(geo.lambda_max, rel=1e-10)
-    torch.testing.assert_close(got.rates[1].drift, 2 * got.rates[0].drift)   # QSR (eta -> 0) = K x SGD
-    assert got.rates[2].drift is None and got.rates[2].beta == 0.9
-    # QSR at finite eta is Local SGD at beta = alpha^2 / eta = 0.09 / 0.1
-    qsr = predict_label_noise_rates_lanczos(obj, zeta, [QSR(2, 2, alpha=0.3)], eta=0.1,
-                                            generator=torch.Generator().manual_seed(0), **options).rates[0]
-    assert qsr.beta == pytest.approx(0.9)
-    assert qsr.trace_rate == pytest.approx(got.rates[2].trace_rate, rel=1e-8)
+    torch.testing.assert_close(got[1].drift, 2 * got[0].drift)   # QSR (eta -> 0) = K x SGD
+    assert got[2].drift is None and got.cost["converged"]
+    # QSR at finite eta is Local SGD at beta = alpha^2 / eta = 0.09 / 0.1, as on the exact route
+    qsr = predict_rates_matrix_free(obj, zeta, [QSR(2, 2, alpha=0.3)], eta=0.1,
+                                    generator=torch.Generator().manual_seed(0), **options)[0]
+    assert qsr.trace_rate == pytest.approx(got[2].trace_rate, rel=1e-8)
+    assert qsr.trace_rate == pytest.approx(_exact_rates(obj, zeta, [QSR(2, 2, alpha=0.3)], eta=0.1)[1][0].trace_rate,
+                                           rel=1e-8)
 
 
 def test_lanczos_rates_within_stderr_of_exact_path_and_limits(on_gamma):
     obj, zeta = on_gamma
     rules = [SGD(2), SGD(4)] + LOCAL_RULES + [LocalSGD(2, 1, 1e-4), LocalSGD(4, 1, 1e4)]
-    got = predict_label_noise_rates_lanczos(obj, zeta, rules, sigma=0.4, num_probes=40, deflate=3,
-                                            generator=torch.Generator().manual_seed(1))
-    assert got.converged and got.derivative_matvecs == 3 + 40
+    got = predict_rates_matrix_free(obj, zeta, rules, noise_scale=C_NOISE, num_probes=40, deflate=3,
+                                    generator=torch.Generator().manual_seed(1))
+    assert got.cost["converged"] and got.cost["derivative_matvecs"] == 3 + 40
     geo, exacts = _exact_rates(obj, zeta, rules[2:8])
-    for mf, exact in zip(got.rates[2:8], exacts):
+    for mf, exact in zip(got[2:8], exacts):
         for value, se, ref in ((mf.trace_rate, mf.trace_rate_stderr, exact.trace_rate),
                                (mf.lambda_max_rate, mf.lambda_max_rate_stderr, exact.lambda_max_rate)):
             assert 0 < se < 0.03 * abs(ref)
             assert abs(value - ref) <= 4 * se
-    sgd2, sgd4 = got.rates[0].trace_rate, got.rates[1].trace_rate
-    small, large = got.rates[-2], got.rates[-1]
+    sgd2, sgd4 = got[0].trace_rate, got[1].trace_rate
+    small, large = got[-2], got[-1]
     # beta -> 0: SGD with the same total batch B = 2 (psi(2 beta lambda) <= beta lambda_max ~ 5e-4)
     assert small.trace_rate == pytest.approx(sgd2, rel=1e-3)
     # beta -> inf: K x SGD with B = 4 (1 - psi(2 beta lambda) <= 1 / (2 beta lambda_min) ~ 0.05 on the
     # smallest eigenvalue only; the control variate makes this nearly deterministic)
     assert large.trace_rate == pytest.approx(4 * sgd4, rel=5e-3)
     # Local SGD lies between SGD and K x SGD (same total batch) for every beta
-    for rule, mf in zip(rules[2:8], got.rates[2:8]):
+    for rule, mf in zip(rules[2:8], got[2:8]):
         sgd = sgd2 if rule.total_batch == 2 else sgd4
         assert rule.workers * sgd - 4 * mf.trace_rate_stderr <= mf.trace_rate <= sgd + 4 * mf.trace_rate_stderr
 
@@ -174,12 +209,10 @@ def test_lanczos_rates_within_stderr_of_exact_path_and_limits(on_gamma):
 def test_lanczos_rates_bad_input(on_gamma):
     obj, zeta = on_gamma
     with pytest.raises(ValueError, match="deflate"):
-        predict_label_noise_rates_lanczos(obj, zeta, [SGD(4)], sigma=0.4, deflate=0)
+        predict_rates_matrix_free(obj, zeta, [SGD(4)], noise_scale=C_NOISE, deflate=0)
     with pytest.raises(ValueError, match="num_probes"):
-        predict_label_noise_rates_lanczos(obj, zeta, [SGD(4)], sigma=0.4, num_probes=2)
+        predict_rates_matrix_free(obj, zeta, [SGD(4)], noise_scale=C_NOISE, num_probes=2)
     with pytest.raises(ValueError, match="alpha"):
-        predict_label_noise_rates_lanczos(obj, zeta, [QSR(2, 2)], sigma=0.4, eta=0.1)
-    with pytest.raises(ValueError, match="not on Gamma"):
-        predict_label_noise_rates_lanczos(obj, zeta + 0.1, [SGD(4)], sigma=0.4)
-    with pytest.raises(ValueError, match="sigma"):
-        predict_label_noise_rates_lanczos(obj, zeta, [SGD(4)], sigma=0.0)
+        predict_rates_matrix_free(obj, zeta, [QSR(2, 2)], noise_scale=C_NOISE, eta=0.1)
+    with pytest.raises(ValueError, match="eta"):
+        predict_rates_matrix_free(obj, zeta, [SGD(4)], noise_scale=C_NOISE, eta=-0.1)
