@@ -1,0 +1,246 @@
+"""experiments.comparison.projection: the one projection onto Gamma (dense or CG) and the one sharpness reading.
+
+Settings: real CIFAR-10 images avg-pooled to 4x4 with a float64 GELU MLP 48 -> 24 -> 10 (D = 1,426; 10 images:
+N C = 100, 20 images: 200) under Gaussian label noise, and a tiny float64 network 4 -> 8 -> 3 on 4 random
+inputs under flipped labels (C = 3, p = 0.2). Dense references: the output Jacobian, torch.linalg solves and
+eigenvalues, the dense Hessian of the expected loss (torch.func.hessian).
+"""
+import pytest
+import torch
+from torch import nn
+from torch.func import hessian
+
+from dynamics.jacobian import output_jacobian
+from experiments.comparison.noise import FlippedLabels, GaussianLabelNoise
+from experiments.comparison.point import objective
+from experiments.comparison.projection import (GramPreconditioner, GramPreconditionerMF, GramSolveNotConverged,
+                                               gram_solve_cg, outputs_and_targets, project, reduced_jacobian,
+                                               sharpness_at)
+from experiments.data import cifar_subset
+
+GAUSS, FLIP = GaussianLabelNoise(0.1), FlippedLabels(0.2)
+
+
+def tiny_mlp(seed=0, width=24):
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, width), nn.GELU(), nn.Linear(width, 10)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * (0.3 if p.dim() > 1 else 0.1))
+    return model
+
+
+def gaussian_objective(root, n):
+    x, y = cifar_subset(root, n, image_size=4)
+    return objective(tiny_mlp(), x, GAUSS.targets(y, 10), GAUSS)
+
+
+def flip_problem():
+    """(objective, zeta on Gamma to 1e-12, labels): 4 random inputs, network 4 -> 8 -> 3, C = 3, p = 0.2."""
+    gen = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=gen, dtype=torch.float64) * 0.7)
+    x = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    obj = objective(model, x, FLIP.targets(y, 3), FLIP)
+    theta = obj.params
+    for _ in range(300):                                     # near Gamma, then project
+        theta = theta - 0.5 * obj.grad(theta)
+    return obj, project(obj, FLIP, theta, tol=1e-12)[0], y
+
+
+def expected_loss(obj, noise):
+    x, targets = obj.data[0]
+    return lambda t: noise.loss(obj.forward(t, x), targets)
+
+
+@pytest.fixture(scope="module")
+def small(cifar10_dir):
+    return gaussian_objective(cifar10_dir, 20)
+
+
+@pytest.fixture(scope="module")
+def on_gamma(cifar10_dir):
+    obj = gaussian_objective(cifar10_dir, 10)
+    zeta, report = project(obj, GAUSS, tol=1e-24, max_gauss_newton=60)
+    return obj, zeta, report
+
+
+@pytest.fixture(scope="module")
+def flip():
+    return flip_problem()
+
+
+def _dense_gram(obj, theta):
+    _, jac = output_jacobian(obj, theta)
+    flat = jac.reshape(-1, obj.dim)
+    return flat, flat @ flat.T
+
+
+def test_dense_projection_reaches_gamma_and_preconditioned_path_agrees(on_gamma):
+    obj, zeta, report = on_gamma
+    assert report.converged and report.distance <= 1e-10 and obj.loss(zeta).item() <= 1e-10
+    assert report.initial_distance > 1.0 and report.cg_iterations == ()       # it started far from Gamma
+    kick = 1e-3 * torch.randn(obj.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dense, rep_dense = project(obj, GAUSS, zeta + kick, gd_steps=5, gd_lr=0.02)
+    pcg, rep_pcg = project(obj, GAUSS, zeta + kick, gd_steps=5, gd_lr=0.02,
+                           preconditioner=GramPreconditioner.at(obj, GAUSS, zeta))
+    assert rep_dense.distance <= 1e-10 and rep_pcg.distance <= 1e-10
+    torch.testing.assert_close(pcg, dense, rtol=0, atol=1e-9)
+    assert rep_dense.moved == pytest.approx(float((dense - zeta - kick).norm()), rel=1e-12)
+
+
+def test_projection_guards(on_gamma, cifar10_dir, flip):
+    obj, zeta, _ = on_gamma
+    with pytest.raises(RuntimeError, match="projection onto Gamma failed"):
+        project(obj, GAUSS, zeta + 0.5, max_gauss_newton=1)
+    _, rep = project(obj, GAUSS, zeta + 0.5, max_gauss_newton=1, raise_on_failure=False)
+    assert not rep.converged and rep.gauss_newton_steps == 1
+    with pytest.raises(ValueError, match="gd_lr"):
+        project(obj, GAUSS, zeta, gd_steps=3)
+    with pytest.raises(ValueError, match="method"):
+        project(obj, GAUSS, zeta, method="lu")
+    with pytest.raises(ValueError, match="cg_rtol"):
+        project(obj, GAUSS, method="cg", cg_rtol=1.5)
+    x, y = cifar_subset(cifar10_dir, 40, image_size=4)                   # N C = 400 equations, D = 70
+    few = objective(nn.Sequential(nn.Flatten(), nn.Linear(48, 1), nn.GELU(), nn.Linear(1, 10)).double(), x,
+                    GAUSS.targets(y, 10), GAUSS)
+    for method in ("dense", "cg"):
+        with pytest.raises(ValueError, match="exceed D"):
+            project(few, GAUSS, method=method, max_gauss_newton=2)
+    fobj, fz, _ = flip
+    with pytest.raises(ValueError, match="issue 13"):
+        project(fobj, FLIP, fz, method="cg")
+
+
+def test_flip_projection_from_a_perturbed_point(flip):
+    obj, zeta, y = flip
+    theta = zeta + 0.05 * torch.randn(zeta.shape, generator=torch.Generator().manual_seed(5), dtype=zeta.dtype)
+    proj, report = project(obj, FLIP, theta, tol=1e-10, gd_steps=3, gd_lr=0.2)
+    assert report.initial_distance > 1e-3 and report.converged and report.distance <= 1e-10
+    x, q = obj.data[0]
+    assert torch.allclose(torch.softmax(obj.forward(proj, x), -1), q, atol=1e-10, rtol=0)
+    # the distance is ||centred(f - log q)||, the residual its metric-weighted form: both zero on Gamma
+    out = outputs_and_targets(obj, proj)[0]
+    centred = (out - q.log()) - (out - q.log()).mean(-1, keepdim=True)
+    assert FLIP.distance(out, q) == pytest.approx(float(centred.norm()), rel=1e-9)
+    with pytest.raises(RuntimeError, match="projection onto Gamma failed"):
+        project(obj, FLIP, theta, tol=1e-10, max_gauss_newton=1)
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "flip"])
+def test_sharpness_at_matches_the_dense_hessian(on_gamma, flip, noise):
+    if noise == "gaussian":
+        (obj, zeta, _), model = on_gamma, GAUSS
+    else:
+        (obj, zeta, _), model = flip, FLIP
+    values = torch.linalg.eigvalsh(hessian(expected_loss(obj, model))(zeta))
+    trace, lmax = sharpness_at(obj, model, zeta)
+    assert trace == pytest.approx(float(values.clamp_min(0).sum()), rel=1e-8)
+    assert lmax == pytest.approx(float(values[-1]), rel=1e-8)
+    reference = GramPreconditioner.at(obj, model, zeta).vectors[:, :2]
+    assert sharpness_at(obj, model, zeta, reference=reference)[1] == pytest.approx(float(values[-1]), rel=1e-9)
+    _, jt = reduced_jacobian(obj, model, zeta)
+    assert jt.shape[0] == model.equations(obj.num_samples, obj.data[0][1].shape[1])
+
+
+def test_per_sample_preconditioner_matches_dense_gram(small):
+    obj = small
+    theta = obj.params
+    _, gram = _dense_gram(obj, theta)
+    # M^-1 is symmetric positive definite, and with rank N C - 1 the Nystrom part captures the scaled Gram's
+    # top: all but two preconditioned eigenvalues collapse onto lambda_l
+    for rank in (0, 199):
+        pre = GramPreconditionerMF.at(obj, GAUSS, theta, rank=rank, block=64,
+                                      generator=torch.Generator().manual_seed(0))
+        m_inv = torch.stack([pre.apply(e.reshape(20, 10)).reshape(-1) for e in torch.eye(200, dtype=torch.float64)], 1)
+        torch.testing.assert_close(m_inv, m_inv.T, rtol=0, atol=1e-10 * m_inv.abs().max().item())
+        vals = torch.linalg.eigvals(m_inv @ gram).real.sort().values
+        assert vals[0] > 0
+        kappa = (vals[-1] / vals[0]).item()
+        if rank == 0:
+            plain = kappa
+        else:
+            assert (vals[-2] / vals[1]).item() < 1.01 and kappa < plain / 10
+    with pytest.raises(ValueError, match="rank"):
+        GramPreconditionerMF.at(obj, GAUSS, theta, rank=200)
+
+
+def test_cg_gram_solve_equals_dense_solve(small):
+    obj = small
+    theta = obj.params
+    _, gram = _dense_gram(obj, theta)
+    r = torch.randn(20, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    pre = GramPreconditionerMF.at(obj, GAUSS, theta, rank=50)
+    a, iters = gram_solve_cg(obj, theta, r, pre, rtol=1e-12, max_iter=2000)
+    exact = torch.linalg.solve(gram, r.reshape(-1))
+    # relative residual 1e-12 bounds the error by 1e-12 x cond(G) (cond ~ 1e5 here)
+    torch.testing.assert_close(a.reshape(-1), exact, rtol=0, atol=1e-6 * exact.abs().max().item())
+    assert (gram @ a.reshape(-1) - r.reshape(-1)).norm() <= 1e-11 * r.norm()
+    assert 1 <= iters < 200                                           # exact arithmetic: at most N C steps
+    with pytest.raises(GramSolveNotConverged, match="after 1 iterations"):
+        gram_solve_cg(obj, theta, r, pre, rtol=1e-12, max_iter=1)
+
+
+def test_cg_projection_lands_on_gamma_and_equals_dense_projection(small):
+    obj = small
+    start = obj.params
+    dense, rep_dense = project(obj, GAUSS, start, tol=1e-20, max_gauss_newton=60)
+    cg, rep_cg = project(obj, GAUSS, start, tol=1e-20, max_gauss_newton=60, method="cg", cg_rtol=1e-13,
+                         preconditioner_rank=40)
+    assert rep_cg.converged and obj.loss(cg).item() <= 1e-20 and rep_cg.initial_distance > 1.0
+    assert len(rep_cg.cg_iterations) == rep_cg.gauss_newton_steps == rep_dense.gauss_newton_steps
+    torch.testing.assert_close(cg, dense, rtol=0, atol=1e-9)          # the same minimum-norm iteration
+    # near Gamma, a loose inexact-Newton tolerance and a preconditioner built elsewhere: the projection of a
+    # kicked point agrees with the dense one to the tolerance of L (1e-10 -> residual ~1e-5 per output)
+    kick = 1e-3 * torch.randn(obj.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref, _ = project(obj, GAUSS, dense + kick, tol=1e-22, max_gauss_newton=60)
+    pre = GramPreconditionerMF.at(obj, GAUSS, dense, rank=20)
+    got, rep = project(obj, GAUSS, dense + kick, tol=1e-22, max_gauss_newton=60, method="cg", cg_rtol=1e-3,
+                       preconditioner=pre)
+    assert rep.converged and rep.gauss_newton_steps >= 2
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-7)
+    with pytest.raises(RuntimeError, match="CG iterations"):
+        project(obj, GAUSS, method="cg", max_gauss_newton=1, cg_rtol=1e-3, preconditioner_rank=20)
+
+
+def test_cg_warm_start_and_callback_track_the_tangent_projection(small):
+    """r = J v: the callback's J^T a_k is the CG iterate's J^T a, ||v - J^T a_k||^2 decreases monotonically to
+    ||P v||^2 (Craig's method), a warm start from a nearby right-hand side saves iterations, and the Tikhonov
+    shift solves (J J^T + mu I) a = r."""
+    obj = small
+    theta = obj.params
+    flat, gram = _dense_gram(obj, theta)
+    v = torch.randn(obj.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    pv = v - flat.T @ torch.linalg.solve(gram, flat @ v)                    # dense tangent projection
+    pre = GramPreconditionerMF.at(obj, GAUSS, theta, rank=20)
+    seen = []
+    a, iters = gram_solve_cg(obj, theta, (flat @ v).reshape(20, 10), pre, rtol=1e-12, max_iter=2000,
+                             callback=lambda it, rel, jta: seen.append((it, rel, float((v - jta) @ (v - jta)),
+                                                                        jta.clone())))
+    assert [s[0] for s in seen] == list(range(iters + 1)) and seen[0][1] == 1.0
+    torch.testing.assert_close(seen[-1][3], flat.T @ a.reshape(-1), rtol=0, atol=1e-10 * v.norm().item())
+    sq = torch.tensor([s[2] for s in seen], dtype=torch.float64)
+    assert sq[0] == pytest.approx(float(v @ v), rel=1e-14)
+    assert (sq[1:] <= sq[:-1] + 1e-12 * sq[0]).all()                   # monotone up to rounding
+    assert sq[-1].item() == pytest.approx(float(pv @ pv), rel=1e-9)
+    a0, zero = gram_solve_cg(obj, theta, (flat @ v).reshape(20, 10), pre, rtol=1e-8, max_iter=2000, x0=a)
+    assert zero == 0 and torch.equal(a0, a)
+    w = v + 1e-4 * torch.randn(obj.dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    rw = (flat @ w).reshape(20, 10)
+    cold, n_cold = gram_solve_cg(obj, theta, rw, pre, rtol=1e-11, max_iter=2000)
+    warm, n_warm = gram_solve_cg(obj, theta, rw, pre, rtol=1e-11, max_iter=2000, x0=a)
+    assert n_warm < n_cold
+    torch.testing.assert_close(warm, cold, rtol=0, atol=1e-6 * cold.abs().max().item())
+    with pytest.raises(ValueError, match="x0"):
+        gram_solve_cg(obj, theta, rw, pre, rtol=1e-8, max_iter=10, x0=a.reshape(-1))
+    mu = 1e-3 * torch.linalg.eigvalsh(gram)[0].item()     # moves the solution by ~1e-3: the shift is applied
+    shifted, _ = gram_solve_cg(obj, theta, rw, pre, rtol=1e-12, max_iter=2000, shift=mu)
+    exact = torch.linalg.solve(gram + mu * torch.eye(200, dtype=torch.float64), rw.reshape(-1))
+    torch.testing.assert_close(shifted.reshape(-1), exact, rtol=0, atol=1e-6 * exact.abs().max().item())
+    assert (shifted - cold).abs().max() > 1e-5 * exact.abs().max()
+    assert gram_solve_cg(obj, theta, rw, pre, rtol=1e-10, max_iter=10, x0=shifted, shift=mu)[1] == 0
+    with pytest.raises(ValueError, match="shift"):
+        gram_solve_cg(obj, theta, rw, pre, rtol=1e-8, max_iter=10, shift=-1.0)
