@@ -7,11 +7,11 @@ QSR (H = floor((alpha / eta)^2)) at three learning rates (`sde.discrete`); the s
 log p_1 (p = u v, conserved by gradient flow, so read at the iterate) is extrapolated to
 eta -> 0 (`sde.analysis.extrapolate_to_zero`) and compared with the slow-SDE rate
 -4 sigma^2 m_1 w(lambda_1) / B (THEORY.md, label-noise closed form).
-(b) Real CIFAR-10: a point zeta of Gamma of a small GELU MLP on a class-balanced subset
-(`experiments.drift_check.prepare_point`), the predicted d tr H/dt and d lambda_max/dt for SGD,
-Local SGD and QSR (`sde.label_noise`, exact path), and continuation runs with Gaussian label
-noise read at Phi, the gradient-flow projection onto Gamma, to second order (`experiments.continuation`,
-`experiments.phi_reading`), mean +/- std over seeds.
+(b) Real CIFAR-10: `experiments.compare.compare` on a small GELU MLP and a class-balanced subset: a
+point zeta of Gamma (`experiments.comparison.point.build_point`), the predicted d tr H/dt and
+d lambda_max/dt for SGD, Local SGD and QSR (`sde.label_noise`, exact path), and continuation runs with
+Gaussian label noise read at Phi, the gradient-flow projection onto Gamma, to second order
+(`experiments.comparison`), mean +/- std over seeds.
 
 Slow time t = eta^2 x steps per worker. One torch thread (set here, deliberately: the machine's
 2 cores are shared and small tensor work does not gain from a second thread). Without data the
@@ -34,17 +34,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.continuation import ContinuationConfig, fit_slope, run_continuation
-from experiments.phi_reading import PhiCorrection
-from experiments.data import download_cifar10, load_cifar10, resolve_cifar10_dir
-from experiments.drift_check import PointSetup, extrapolate_to_zero_eta, prepare_point
-from experiments.manifold import GramPreconditioner
+from experiments.comparison.compare import compare
+from experiments.comparison.continuation import extrapolate_to_zero_eta
+from experiments.comparison.noise import GaussianLabelNoise
+from experiments.comparison.path import fit_slope
+from experiments.comparison.point import Point, build_point
+from experiments.data import cifar_subset, download_cifar10, load_cifar10, resolve_cifar10_dir
 from experiments.metrics import atomic_write_bytes, finite_or_none, git_revision
+from experiments.models import build_small_mlp
 from experiments.notebooks import record_provenance
 from experiments.plotstyle import SLOW_TIME_LABEL, apply_style, save_figure
 from sde.analysis import extrapolate_to_zero
 from sde.discrete import run_local_sgd
-from sde.label_noise import gauss_newton_geometry, predict_label_noise_rates, sharpness_gradients
 from sde.rules import QSR, SGD, LocalSGD
 from sde.toys import DiagonalNet
 
@@ -72,8 +73,14 @@ class ToySettings:
 
 @dataclass(frozen=True)
 class CifarSettings:
-    """The CIFAR-10 point and its continuation runs (rules with total batch 8 as in drift_check)."""
-    point: PointSetup = field(default_factory=lambda: PointSetup(n=100, image_size=8, model="mlp"))
+    """The CIFAR-10 point (n class-balanced images at image_size, `experiments.models.build_small_mlp` seeded
+    by model_seed, adam_steps of full-batch Adam) and its continuation runs: `steps` steps per worker at every
+    eta (slow time steps x eta^2), rules with total batch workers x local_batch."""
+    n: int = 100
+    image_size: int = 8
+    model_seed: int = 0
+    adam_steps: int = 3000
+    adam_lr: float = 3e-3
     etas: tuple[float, ...] = (0.004, 0.008)
     sigma: float = 0.1
     steps: int = 2000
@@ -87,8 +94,8 @@ class CifarSettings:
 
 
 QUICK_TOY = ToySettings(seeds=64, slow_time=0.1, alpha=0.2 / math.sqrt(2))
-QUICK_CIFAR = CifarSettings(point=PointSetup(n=10, image_size=4, model="mlp", adam_steps=3000),
-                            etas=(0.004,), steps=400, checkpoints=2, seeds=2, beta=0.2, qsr_alpha=0.04)
+QUICK_CIFAR = CifarSettings(n=10, image_size=4, etas=(0.004,), steps=400, checkpoints=2, seeds=2, beta=0.2,
+                            qsr_alpha=0.04)
 
 
 # ----------------------------------------------------------------------------------------- toy
@@ -148,70 +155,34 @@ def cifar_rules(s: CifarSettings) -> dict[str, object]:
             "QSR": QSR(s.workers, s.local_batch, alpha=s.qsr_alpha)}
 
 
-def continuation_config(rule, eta: float, s: CifarSettings) -> ContinuationConfig:
-    """`s.steps` steps per worker (rounded to whole rounds), `s.checkpoints` projected readings."""
-    if not rule.averages:
-        return ContinuationConfig(rule=rule, eta=eta, sigma=s.sigma, rounds=s.checkpoints, seeds=s.seeds,
-                                  steps_per_round_sgd=max(1, s.steps // s.checkpoints), vectorize=True)
-    H = rule.local_steps(eta)
-    rounds = max(s.checkpoints, s.steps // H)
-    every = max(1, rounds // s.checkpoints)
-    return ContinuationConfig(rule=rule, eta=eta, sigma=s.sigma, rounds=every * s.checkpoints,
-                              checkpoint_every=every, seeds=s.seeds, vectorize=True)
+def cifar_point(root: Path, s: CifarSettings) -> Point:
+    """The point of Gamma of the settings' MLP on its real subset, squared loss, Gaussian label noise sigma."""
+    x, y = cifar_subset(root, s.n, image_size=s.image_size)
+    model = build_small_mlp(image_size=s.image_size, generator=torch.Generator().manual_seed(s.model_seed))
+    return build_point(model, x, y, noise=GaussianLabelNoise(s.sigma), train_steps=s.adam_steps, lr=s.adam_lr)
 
 
 def run_cifar(root: Path, s: CifarSettings, progress=print) -> dict:
-    """Point of Gamma, predictions (exact path) and continuation measurements for every rule and eta."""
+    """The point, and `compare`'s rows (predicted at eta and eta -> 0, measured at Phi) for every rule and eta."""
     start = time.perf_counter()
-    obj, zeta, report = prepare_point(root, s.point)
-    geometry = gauss_newton_geometry(obj, zeta)
-    gradients = sharpness_gradients(obj, geometry)
-    correction = PhiCorrection.at(obj, geometry, gradients)      # readings at Phi (experiments.phi_reading)
-    preconditioner = GramPreconditioner.at(obj, zeta)            # built once, shared by every rule and eta
-    progress(f"  point: N={s.point.n} images {s.point.image_size}x{s.point.image_size}, D={obj.dim}, "
-             f"L(zeta)={geometry.loss:.2e}, tr H={geometry.trace:.3f}, lambda_max={geometry.lambda_max:.3f} "
+    point = cifar_point(root, s)
+    geometry = point.geometry
+    progress(f"  point: N={s.n} images {s.image_size}x{s.image_size}, D={point.objective.dim}, "
+             f"L(zeta)={point.residual:.2e}, tr H={point.trace:.3f}, lambda_max={point.lambda_max:.3f} "
              f"({time.perf_counter() - start:.0f} s)")
-    out = {"point": {"n": s.point.n, "dim": obj.dim, "loss": geometry.loss, "trace": geometry.trace,
-                     "lambda_max": geometry.lambda_max, "rank": int(geometry.eigenvalues.numel()),
-                     "projection": asdict(report) if report is not None else None},
+    out = {"point": {"n": s.n, "dim": point.objective.dim, "loss": point.residual, "trace": point.trace,
+                     "lambda_max": point.lambda_max, "rank": int(geometry.eigenvalues.numel())},
            "eigenvalues": geometry.eigenvalues.tolist(), "runs": []}
     rules = cifar_rules(s)
-    for eta in s.etas:
-        if eta * geometry.lambda_max > 0.5:
-            raise ValueError(f"eta={eta} gives eta x lambda_max = {eta * geometry.lambda_max:.2f} > 0.5")
-        for name, rule in rules.items():
-            config = continuation_config(rule, eta, s)
-            limit = predict_label_noise_rates(obj, geometry, rule, sigma=s.sigma, gradients=gradients)
-            # QSR as run: Local SGD weights at beta = eta H; the eta -> 0 limit is K x SGD
-            run_rule = rule.at_eta(eta)
-            pred = limit if run_rule == rule else predict_label_noise_rates(obj, geometry, run_rule, sigma=s.sigma,
-                                                                             gradients=gradients)
-            t0 = time.perf_counter()
-            res = run_continuation(obj, zeta, config, generator=torch.Generator().manual_seed(s.seed),
-                                   preconditioner=preconditioner,
-                                   correction=correction)
-            tr, lm = fit_slope(res.times, res.trace), fit_slope(res.times, res.lambda_max)
-            out["runs"].append({
-                "rule": name, "repr": repr(rule), "eta": eta, "sigma": s.sigma,
-                "local_steps": rule.local_steps(eta),
-                "steps_per_worker": config.rounds * config.local_steps,
-                "rounds": config.rounds, "seeds": s.seeds, "eta_lambda_max": eta * geometry.lambda_max,
-                "predicted_trace_rate": pred.trace_rate, "predicted_trace_rate_limit": limit.trace_rate,
-                "predicted_lambda_max_rate": pred.lambda_max_rate,
-                "predicted_lambda_max_rate_limit": limit.lambda_max_rate,
-                "measured_trace_rate": tr.mean, "measured_trace_rate_std": tr.std,
-                "measured_trace_rate_per_seed": tr.per_seed.tolist(),
-                "measured_lambda_max_rate": lm.mean, "measured_lambda_max_rate_std": lm.std,
-                "measured_lambda_max_rate_per_seed": lm.per_seed.tolist(),
-                "raw_trace_rate": fit_slope(res.times, res.raw_trace).mean,   # read at Gauss-Newton, not Phi
-                "times": res.times.tolist(), "trace": res.trace.T.tolist(), "lambda_max": res.lambda_max.T.tolist(),
-                "max_projection_loss": float(res.projection_loss.max()),
-                "max_projection_distance": float(res.projection_distance.max()),
-                "max_relative_trace_change": float(((res.trace - res.trace[0]).abs() / res.trace[0]).max()),
-                "seconds": time.perf_counter() - t0})
-            progress(f"  cifar {name:5s} eta={eta:<6g} H={out['runs'][-1]['local_steps']:<4d} d trH/dt: predicted "
-                     f"{pred.trace_rate:+.4g}, measured {tr.mean:+.4g} +- {tr.std:.2g} "
-                     f"({time.perf_counter() - t0:.0f} s)")
+    for eta in s.etas:                      # the same steps per worker at every eta
+        rows = compare(None, point=point, noise=point.noise, rules=list(rules.values()), etas=[eta], seeds=s.seeds,
+                       seed=s.seed, slow_time=s.steps * eta ** 2, checkpoints=s.checkpoints)
+        for name, row in zip(rules, rows):
+            out["runs"].append({"name": name, "sigma": s.sigma, "eta_lambda_max": eta * point.lambda_max,
+                                **asdict(row)})
+            progress(f"  cifar {name:5s} eta={eta:<6g} H={row.local_steps:<4d} d trH/dt: predicted "
+                     f"{row.predicted:+.4g}, measured {row.measured:+.4g} +- {row.stderr:.2g} (s.e.) "
+                     f"({row.seconds:.0f} s)")
     out["ratios"] = local_sgd_ratios(out["runs"], s.etas)
     return out
 
@@ -221,36 +192,34 @@ def local_sgd_ratios(runs: list[dict], etas) -> list[dict]:
     seeds (seed s of one rule paired with seed s of SGD; the runs are independent)."""
     rows = []
     for eta in etas:
-        by = {r["rule"]: r for r in runs if r["eta"] == eta}
-        sgd = np.array(by["SGD"]["measured_trace_rate_per_seed"])
+        by = {r["name"]: r for r in runs if r["eta"] == eta}
+        sgd = np.array(by["SGD"]["per_seed"])
         for name in ("Local", "QSR"):
-            per_seed = np.array(by[name]["measured_trace_rate_per_seed"]) / sgd
+            per_seed = np.array(by[name]["per_seed"]) / sgd
             rows.append({"eta": eta, "rule": name, "quantity": f"{name}/SGD",
-                         "predicted": by[name]["predicted_trace_rate"] / by["SGD"]["predicted_trace_rate"],
-                         "predicted_limit": by[name]["predicted_trace_rate_limit"] / by["SGD"]["predicted_trace_rate_limit"],
+                         "predicted": by[name]["predicted"] / by["SGD"]["predicted"],
+                         "predicted_limit": by[name]["predicted_limit"] / by["SGD"]["predicted_limit"],
                          "measured": float(per_seed.mean()),
                          "measured_std": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else float("nan")})
     if len(etas) >= 2:
         for name in ("SGD", "Local", "QSR"):
-            ratios = [next(r for r in runs if r["rule"] == name and r["eta"] == e) for e in etas]
+            ratios = [next(r for r in runs if r["name"] == name and r["eta"] == e) for e in etas]
             rows.append({"eta": 0.0, "rule": name, "quantity": "measured/predicted, eta -> 0",
                          "predicted": 1.0, "predicted_limit": 1.0,
-                         "measured": extrapolate_to_zero_eta(etas, [r["measured_trace_rate"] / r["predicted_trace_rate"]
-                                                                    for r in ratios]),
+                         "measured": extrapolate_to_zero_eta(etas, [r["measured"] / r["predicted"] for r in ratios]),
                          "measured_std": float("nan")})
     return rows
 
 
 def cifar_table(cifar: dict) -> str:
-    head = (f"{'rule':6s} {'eta':>6s} {'H':>4s} {'pred dtrH/dt':>12s} {'measured':>18s} {'ratio':>6s} "
-            f"{'pred dlmax/dt':>13s} {'measured':>16s}")
-    lines = [head, "-" * len(head)]
+    head = (f"{'rule':6s} {'eta':>6s} {'H':>4s} {'pred dtrH/dt':>12s} {'measured (s.e.)':>18s} {'ratio':>6s} "
+            f"{'pred dlmax/dt':>13s} {'measured (s.e.)':>16s}")
+    lines = ["Each row: one rule at one eta, d/dt in slow time predicted at zeta (the rule as run at eta) and "
+             "measured at Phi (mean over seeds +- standard error); ratio = measured / predicted", head, "-" * len(head)]
     for r in cifar["runs"]:
-        lines.append(f"{r['rule']:6s} {r['eta']:6g} {r['local_steps']:4d} {r['predicted_trace_rate']:12.4g} "
-                     f"{r['measured_trace_rate']:10.4g}+-{r['measured_trace_rate_std']:6.2g} "
-                     f"{r['measured_trace_rate'] / r['predicted_trace_rate']:6.3f} "
-                     f"{r['predicted_lambda_max_rate']:13.4g} "
-                     f"{r['measured_lambda_max_rate']:8.4g}+-{r['measured_lambda_max_rate_std']:6.2g}")
+        lines.append(f"{r['name']:6s} {r['eta']:6g} {r['local_steps']:4d} {r['predicted']:12.4g} "
+                     f"{r['measured']:10.4g}+-{r['stderr']:6.2g} {r['measured'] / r['predicted']:6.3f} "
+                     f"{r['predicted_lambda_max']:13.4g} {r['measured_lambda_max']:8.4g}+-{r['lambda_max_stderr']:6.2g}")
     paired = [r for r in cifar["ratios"] if r["eta"]]
     lines += ["", "Rule / SGD ratio of d trH/dt at each eta (seed s of the rule over seed s of SGD; mean +- std)",
               f"{'ratio':10s} {'eta':>6s} {'predicted at eta':>16s} {'eta->0 limit':>12s} {'measured':>16s}"]
@@ -290,19 +259,16 @@ def toy_figure(toy: dict, folder: Path) -> list[Path]:
 def cifar_figures(cifar: dict, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    from experiments.plotstyle import band
-
     paths = []
     etas = sorted({r["eta"] for r in cifar["runs"]})
     fig, axes = plt.subplots(1, len(etas), figsize=(5.5 * len(etas), 3.6), squeeze=False)
     for ax, eta in zip(axes[0], etas):
         for r in (r for r in cifar["runs"] if r["eta"] == eta):
-            t = np.array(r["times"])
-            trace = np.array(r["trace"])                      # (seeds, n)
-            line = band(ax, t, trace - trace[:, :1], label=f"{r['rule']} measured")
-            ax.plot(t, r["predicted_trace_rate"] * t, ls="--", color=line.get_color(), label=f"{r['rule']} predicted")
+            t, trace = np.array(r["times"]), np.array(r["trace_path"])     # mean over seeds per checkpoint
+            (line,) = ax.plot(t, trace - trace[0], marker="o", label=f"{r['name']} measured (mean of seeds)")
+            ax.plot(t, r["predicted"] * t, ls="--", color=line.get_color(), label=f"{r['name']} predicted")
         ax.set_xlabel(SLOW_TIME_LABEL)
-        ax.set_ylabel(r"tr $H(t)$ - tr $H(0)$ at the projection")
+        ax.set_ylabel(r"tr $H(t)$ - tr $H(0)$ at $\Phi$")
         ax.set_title(f"CIFAR-10 MLP point, $\\eta$ = {eta:g}, $\\sigma$ = {cifar['runs'][0]['sigma']:g}")
         ax.legend(fontsize=7)
     paths += save_figure(fig, "demo_cifar_trace", folder)
@@ -312,13 +278,13 @@ def cifar_figures(cifar: dict, folder: Path) -> list[Path]:
     markers = {"SGD": "o", "Local": "s", "QSR": "^"}
     lo = hi = 0.0
     for r in cifar["runs"]:
-        p, m, e = r["predicted_trace_rate"], r["measured_trace_rate"], r["measured_trace_rate_std"]
-        ax.errorbar([p], [m], yerr=[0 if math.isnan(e) else e], marker=markers[r["rule"]], capsize=2,
-                    ls="none", label=f"{r['rule']} $\\eta$={r['eta']:g}")
+        p, m, e = r["predicted"], r["measured"], r["stderr"]
+        ax.errorbar([p], [m], yerr=[0 if math.isnan(e) else e], marker=markers[r["name"]], capsize=2,
+                    ls="none", label=f"{r['name']} $\\eta$={r['eta']:g}")
         lo, hi = min(lo, p, m), max(hi, p, m)
     ax.plot([lo * 1.1, 0], [lo * 1.1, 0], color="k", lw=0.8, ls="--", label="identity")
     ax.set_xlabel(r"predicted $d\,$tr$H/dt$ (per unit slow time)")
-    ax.set_ylabel(r"measured $d\,$tr$H/dt$ (mean $\pm$ std over seeds)")
+    ax.set_ylabel(r"measured $d\,$tr$H/dt$ (mean $\pm$ s.e. over seeds)")
     ax.legend(fontsize=7)
     paths += save_figure(fig, "demo_cifar_rates", folder)
     plt.close(fig)
