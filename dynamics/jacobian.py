@@ -140,20 +140,24 @@ def gram_times_block(obj: Objective, theta: Tensor, block: Tensor) -> Tensor:
                       for x in _inputs(obj)], dim=1)
 
 
-def jacobian_frobenius_pass(obj: Objective, theta: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, float]:
-    """(grad_theta ||J(theta)||_F^2 (D,), per-sample Gram blocks J_i J_i^T (N, C, C), ||J||_F^2).
+def jacobian_frobenius_pass(obj: Objective, theta: Tensor, chunk_size: int, *,
+                            reduce: Callable[[Tensor, int], Tensor] | None = None) -> tuple[Tensor, Tensor, float]:
+    """(grad_theta ||M(theta)||_F^2 (D,), per-sample Gram blocks M_i M_i^T (N, m, m), ||M||_F^2) for M = J,
+    or M_i = reduce(J_chunk (n, C, D), start index of the chunk) -> (n, m, D) held fixed (an output metric).
 
     Per-sample Jacobians exist only `chunk_size` samples at a time (memory chunk x C x D)."""
-    def chunk(t: Tensor, xs: Tensor):
+    def chunk(t: Tensor, xs: Tensor, start: int):
         jac = _per_sample_jacobians(obj, t, xs)
+        jac = jac if reduce is None else reduce(jac, start)
         return jac.pow(2).sum(), jac.detach() @ jac.detach().transpose(1, 2)
 
-    grads, blocks, total = torch.zeros_like(theta), [], 0.0
+    grads, blocks, total, start = torch.zeros_like(theta), [], 0.0, 0
     for xs in _chunks(obj, chunk_size):
-        g, (value, block) = grad_and_value(chunk, has_aux=True)(theta, xs)
+        g, (value, block) = grad_and_value(chunk, has_aux=True)(theta, xs, start)
         grads += g
         blocks.append(block)
         total += float(value)
+        start += len(xs)
     return grads, torch.cat(blocks), total
 
 
@@ -176,9 +180,11 @@ class BlockJacobi:
 
 def gram_solve_cg(obj: Objective, theta: Tensor, r: Tensor, preconditioner, *, rtol: float, max_iter: int,
                   x0: Tensor | None = None, shift: float = 0.0,
-                  callback: Callable[[int, float, Tensor], None] | None = None) -> tuple[Tensor, int]:
+                  callback: Callable[[int, float, Tensor], None] | None = None, metric=None) -> tuple[Tensor, int]:
     """(a (N, C) with (J J^T + shift I) a = r, CG iterations): preconditioned conjugate gradients on
-    Jacobian-vector / vector-Jacobian products, J never formed.
+    Jacobian-vector / vector-Jacobian products, J never formed. metric: None, or an object with
+    reduce (N, C) -> (N, m) and its adjoint lift (`sde.label_noise.OutputMetric`): J is then the reduced
+    Jacobian reduce(J) and a, r are (N, m).
 
     preconditioner: any object with .apply(r (N, C)) -> (N, C) (e.g. `BlockJacobi`). Stops when
     ||(J J^T + shift I) a - r|| <= rtol ||r||, else GramSolveNotConverged after max_iter iterations
@@ -193,14 +199,21 @@ def gram_solve_cg(obj: Objective, theta: Tensor, r: Tensor, preconditioner, *, r
         raise ValueError(f"shift must be >= 0, got {shift}")
     if not 0 < rtol < 1 or max_iter < 1:
         raise ValueError(f"need 0 < rtol < 1 and max_iter >= 1, got rtol = {rtol}, max_iter = {max_iter}")
+    def times(v: Tensor) -> Tensor:
+        out = jacobian_times(obj, theta, v)
+        return out if metric is None else metric.reduce(out)
+
+    def transpose_times(a: Tensor) -> Tensor:
+        return jacobian_transpose_times(obj, theta, a if metric is None else metric.lift(a))
+
     a, jta = torch.zeros_like(r), torch.zeros_like(theta)
     res = r.clone()
     if x0 is not None:
         if x0.shape != r.shape:
             raise ValueError(f"x0 must have the shape of r {tuple(r.shape)}, got {tuple(x0.shape)}")
         a = x0.clone()
-        jta = jacobian_transpose_times(obj, theta, a)
-        res = r - jacobian_times(obj, theta, jta) - shift * a
+        jta = transpose_times(a)
+        res = r - times(jta) - shift * a
     scale = r.norm()
     if callback is not None:
         callback(0, float(res.norm() / scale), jta)
@@ -209,8 +222,8 @@ def gram_solve_cg(obj: Objective, theta: Tensor, r: Tensor, preconditioner, *, r
     z = preconditioner.apply(res)
     p, rz = z, (res * z).sum()
     for it in range(1, max_iter + 1):
-        jtp = jacobian_transpose_times(obj, theta, p)
-        gp = jacobian_times(obj, theta, jtp) + shift * p
+        jtp = transpose_times(p)
+        gp = times(jtp) + shift * p
         step = rz / (p * gp).sum()
         a, res, jta = a + step * p, res - step * gp, jta + step * jtp
         if callback is not None:

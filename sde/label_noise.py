@@ -54,17 +54,23 @@ class OutputMetric:
         """x (N, C, *rest) -> (N, m, *rest): R_i Q^T x_i."""
         if self.basis is not None:
             x = torch.einsum("cm,nc...->nm...", self.basis.to(x.dtype), x)
-        if self.roots is not None:
-            x = torch.einsum("nab,nb...->na...", self.roots.to(x.dtype), x)
-        return x
+        return self._times_roots(x)
 
     def lift(self, y: Tensor) -> Tensor:
         """y (N, m, *rest) -> (N, C, *rest): Q R_i y_i, the adjoint of `reduce`."""
-        if self.roots is not None:
-            y = torch.einsum("nab,nb...->na...", self.roots.to(y.dtype), y)
-        if self.basis is not None:
-            y = torch.einsum("cm,nm...->nc...", self.basis.to(y.dtype), y)
-        return y
+        y = self._times_roots(y)
+        return y if self.basis is None else torch.einsum("cm,nm...->nc...", self.basis.to(y.dtype), y)
+
+    def _times_roots(self, x: Tensor) -> Tensor:
+        return x if self.roots is None else torch.einsum("nab,nb...->na...", self.roots.to(x.dtype), x)
+
+    def part(self, start: int, stop: int) -> "OutputMetric":
+        """The metric of samples start:stop."""
+        return OutputMetric(self.basis, None if self.roots is None else self.roots[start:stop])
+
+    def size(self, classes: int) -> int:
+        """m, the reduced output dimension, for C = classes outputs."""
+        return classes if self.basis is None else self.basis.shape[1]
 
 
 def centred_basis(C: int, dtype, device) -> Tensor:

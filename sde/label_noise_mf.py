@@ -1,10 +1,11 @@
 """Matrix-free label-noise sharpness rates: neither the (N C, D) Jacobian nor the Hessian is formed.
 
-Setting and units as in `sde.label_noise` (identity output metric: squared loss at zero residual,
-Sigma = c H with c = noise_scale = sigma^2; slow time t = eta^2 x steps per worker; H = J^T J / N on
-Gamma, G = J J^T / N its Gram twin in output space). One entry point, `predict_rates_matrix_free`,
-for every rule. For a scalar s in {tr H, lambda_max} with exact tangent gradient u_s = P grad s
-(`TangentProjector`: P v = v - J^T a, (J J^T) a = J v by preconditioned CG), the drift
+Setting and units as in `sde.label_noise` (any output metric, Sigma = c H on Gamma with c =
+noise_scale; slow time t = eta^2 x steps per worker; H = J^T J / N on Gamma, G = J J^T / N its Gram
+twin in output space, J here the REDUCED Jacobian metric.reduce(J) (N m, D), held fixed with the
+metric). One entry point, `predict_rates_matrix_free`, for every rule. For a scalar s in {tr H,
+lambda_max} with exact tangent gradient u_s = P grad s (`TangentProjector`: P v = v - J^T a,
+(J J^T) a = J v by preconditioned CG), the drift
 -(c/4B) P d3L[c_I P_perp + c_II psi(2 beta H)] (rule.drift_coefficients) gives
 
     d s/dt = -(c / 4B) [ c_I u_s . grad tr H + c_II tr(psi(2 beta G) DG[u_s]) ]
@@ -44,10 +45,11 @@ __all__ = ["TangentProjector", "GramOperator", "GramDerivativeOperator", "lambda
 
 
 class TangentProjector:
-    """P v = v - J^T a with (J J^T + shift I) a = J v by `dynamics.jacobian.gram_solve_cg`, J at theta.
+    """P v = v - J^T a with (J J^T + shift I) a = J v by `dynamics.jacobian.gram_solve_cg`, J the reduced
+    Jacobian metric.reduce(J) (N m, D) at theta (metric None: the identity).
 
-    On Gamma (identity metric) the normal space is J's row space, so this is the exact tangent projector
-    of `GaussNewtonGeometry.tangent_project`. preconditioner: any object with .apply(r (N, C)) -> (N, C)
+    On Gamma the normal space is J's row space, so this is the exact tangent projector of
+    `GaussNewtonGeometry.tangent_project`. preconditioner: any object with .apply(r (N, m)) -> (N, m)
     (default `BlockJacobi` of the per-sample blocks J_i J_i^T). Stopping rule ||J J^T a - J v|| <= rtol
     ||J v||, so ||P v - P_exact v|| <= rtol sqrt(lambda_max / lambda_min) ||v||. Every solve is kept: a v
     equal to a solved one costs no CG, one within `warm_start_within` (relative distance) starts from its
@@ -56,14 +58,16 @@ class TangentProjector:
     shift: Tikhonov shift in Gram units (Jacobians of numerically deficient rank, `gram_solve_cg`).
     """
 
-    def __init__(self, obj: Objective, theta: Tensor, preconditioner=None, *, rtol: float = 1e-10,
-                 max_iter: int = 5000, shift: float = 0.0, warm_start_within: float = 1e-3,
+    def __init__(self, obj: Objective, theta: Tensor, preconditioner=None, *, metric: OutputMetric | None = None,
+                 rtol: float = 1e-10, max_iter: int = 5000, shift: float = 0.0, warm_start_within: float = 1e-3,
                  log: Callable[[dict], None] | None = None, log_every: int = 50, chunk_size: int = 64):
         if not 0 < rtol < 1 or max_iter < 1:
             raise ValueError(f"need 0 < rtol < 1 and max_iter >= 1, got rtol = {rtol}, max_iter = {max_iter}")
-        self.obj, self.theta = obj, theta.detach()
-        self.preconditioner = preconditioner or BlockJacobi(per_sample_gram_blocks(obj, self.theta,
-                                                                                   chunk_size=chunk_size))
+        self.obj, self.theta, self.metric = obj, theta.detach(), metric or OutputMetric()
+        if preconditioner is None:
+            blocks = self.metric.reduce(per_sample_gram_blocks(obj, self.theta, chunk_size=chunk_size))
+            preconditioner = BlockJacobi(self.metric.reduce(blocks.transpose(1, 2)))
+        self.preconditioner = preconditioner
         self.rtol, self.max_iter, self.shift = rtol, max_iter, shift
         self.warm_start_within, self.log, self.log_every = warm_start_within, log, log_every
         self.solved: list[tuple[Tensor, Tensor, Tensor]] = []          # (v, a, P v)
@@ -88,57 +92,63 @@ class TangentProjector:
                 if it % self.log_every == 0:
                     self.log({"solve": solve, "iteration": it, "rel_residual": rel,
                               "sq_norm": float((v - jta).pow(2).sum())})
-        a, iters = gram_solve_cg(self.obj, self.theta, jacobian_times(self.obj, self.theta, v), self.preconditioner,
-                                 rtol=self.rtol, max_iter=self.max_iter, x0=x0, shift=self.shift, callback=callback)
-        pv = v - jacobian_transpose_times(self.obj, self.theta, a)
+        rhs = self.metric.reduce(jacobian_times(self.obj, self.theta, v))
+        a, iters = gram_solve_cg(self.obj, self.theta, rhs, self.preconditioner, rtol=self.rtol, max_iter=self.max_iter,
+                                 x0=x0, shift=self.shift, callback=callback, metric=self.metric)
+        pv = v - jacobian_transpose_times(self.obj, self.theta, self.metric.lift(a))
         self.solved.append((v.detach().clone(), a, pv))
         return pv.clone(), iters
 
 
-def lambda_max_pairing_grad(obj: Objective, theta: Tensor, u: Tensor) -> Tensor:
-    """(2/N) grad_theta <J(theta) u, J0 u> (J0 = J at theta, held fixed), (D,); its tangent projection is
-    P grad lambda_max = P d3L[u u^T] on Gamma for the unit top eigenvector u."""
-    ju0 = jacobian_times(obj, theta, u)
+def lambda_max_pairing_grad(obj: Objective, theta: Tensor, u: Tensor, metric: OutputMetric | None = None) -> Tensor:
+    """(2/N) grad_theta <J(theta) u, lift(reduce(J0 u))> (J0 = J at theta, held fixed), (D,); its tangent
+    projection is P grad lambda_max = P d3L[u u^T] on Gamma for the unit top eigenvector u."""
+    metric = metric or OutputMetric()
+    ju0 = metric.lift(metric.reduce(jacobian_times(obj, theta, u)))
     return 2 / obj.num_samples * grad(lambda t: (jacobian_times(obj, t, u) * ju0).sum())(theta)
 
 
 class GramOperator:
-    """G = J J^T / N on flat output-space vectors (N C,), J the output Jacobian at theta.
+    """G = J J^T / N on flat output-space vectors (N m,), J = metric.reduce(output Jacobian) at theta.
 
     Its nonzero eigenvalues are those of Hessian(L) on Gamma; one product costs a vector-Jacobian and a
     Jacobian-vector product. `.calls` counts products. Operator interface of `dynamics.lanczos`.
     """
 
-    def __init__(self, obj: Objective, theta: Tensor):
-        self.obj, self.theta = obj, theta.detach()
+    def __init__(self, obj: Objective, theta: Tensor, metric: OutputMetric | None = None):
+        self.obj, self.theta, self.metric = obj, theta.detach(), metric or OutputMetric()
         self.num_samples = obj.num_samples
-        self.outputs = obj.forward(self.theta, obj.data[0][0][:1]).shape[-1]
+        self.outputs = self.metric.size(obj.forward(self.theta, obj.data[0][0][:1]).shape[-1])
         self.dim = self.num_samples * self.outputs
         self.dtype, self.device = self.theta.dtype, self.theta.device
         self.calls = 0
 
     def shaped(self, a: Tensor) -> Tensor:
-        """A flat (N C,) vector as (N, C)."""
+        """A flat (N m,) vector as (N, m)."""
         if a.shape != (self.dim,):
-            raise ValueError(f"output-space vectors must have shape ({self.dim},) = N C, got {tuple(a.shape)}")
+            raise ValueError(f"output-space vectors must have shape ({self.dim},) = N m, got {tuple(a.shape)}")
         return a.reshape(self.num_samples, self.outputs)
 
     def transpose_times(self, a: Tensor) -> Tensor:
-        """J^T a, (D,), for a flat (N C,) vector a."""
-        return jacobian_transpose_times(self.obj, self.theta, self.shaped(a))
+        """J^T a, (D,), for a flat (N m,) vector a."""
+        return jacobian_transpose_times(self.obj, self.theta, self.metric.lift(self.shaped(a)))
+
+    def times(self, v: Tensor) -> Tensor:
+        """J v, flat (N m,), for v (D,)."""
+        return self.metric.reduce(jacobian_times(self.obj, self.theta, v)).reshape(-1)
 
     def hvp(self, a: Tensor) -> Tensor:
         self.calls += 1
-        return jacobian_times(self.obj, self.theta, self.transpose_times(a)).reshape(-1) / self.num_samples
+        return self.times(self.transpose_times(a)) / self.num_samples
 
     def parameter_vectors(self, gram_vectors: Tensor, values: Tensor) -> Tensor:
-        """Unit Hessian eigenvectors J^T g_i / sqrt(N lambda_i), (D, k), from Gram eigenpairs ((N C, k), (k,))."""
+        """Unit Hessian eigenvectors J^T g_i / sqrt(N lambda_i), (D, k), from Gram eigenpairs ((N m, k), (k,))."""
         cols = [self.transpose_times(gram_vectors[:, i]) for i in range(gram_vectors.shape[1])]
         return torch.stack(cols, 1) / (self.num_samples * values.to(self.dtype)).sqrt()
 
 
 class GramDerivativeOperator:
-    """DG[u] = d/de G(theta + e u) = (DJ[u] J^T + J DJ[u]^T) / N on flat (N C,) vectors, symmetric.
+    """DG[u] = d/de G(theta + e u) = (DJ[u] J^T + J DJ[u]^T) / N on flat (N m,) vectors, symmetric.
 
     For a tangent u (J u = 0) on Gamma, DH[u] = (DJ[u]^T J + J^T DJ[u]) / N, so tr(f(G) DG[u]) =
     tr(f(H) DH[u]) for any f; in particular tr DG[u] = u . grad tr H. `.calls` counts products.
@@ -154,10 +164,10 @@ class GramDerivativeOperator:
     def hvp(self, a: Tensor) -> Tensor:
         self.calls += 1
         g = self.gram
-        first = jacobian_derivative_times(g.obj, g.theta, self.u, g.transpose_times(a))
-        second = jacobian_times(g.obj, g.theta, jacobian_derivative_transpose_times(g.obj, g.theta, self.u,
-                                                                                  g.shaped(a)))
-        return (first + second).reshape(-1) / g.num_samples
+        first = g.metric.reduce(jacobian_derivative_times(g.obj, g.theta, self.u, g.transpose_times(a)))
+        lifted = g.metric.lift(g.shaped(a))
+        second = g.times(jacobian_derivative_transpose_times(g.obj, g.theta, self.u, lifted))
+        return (first.reshape(-1) + second) / g.num_samples
 
 
 class MatrixFreeRates(list):
@@ -175,10 +185,7 @@ def _check(rules, noise_scale, metric, eta, deflate, num_probes) -> list:
     for rule in rules:
         check_rule(rule)
     if not noise_scale > 0:
-        raise ValueError(f"noise_scale must be positive (sigma^2), got {noise_scale}")
-    if metric is not None and (metric.basis is not None or metric.roots is not None):
-        raise ValueError("the matrix-free route supports the identity output metric (squared loss) only; "
-                         "another metric (flipped labels) is issue 13: use sde.label_noise.predict_rates")
+        raise ValueError(f"noise_scale must be positive (sigma^2, or 1 for flipped labels), got {noise_scale}")
     if eta is not None and not eta > 0:
         raise ValueError(f"eta must be positive, got {eta}")
     if not isinstance(deflate, int) or deflate < 1:
@@ -193,14 +200,15 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
                               projector=None, num_probes: int = 30, deflate: int = 50,
                               generator: torch.Generator | None = None, function_tol: float = 1e-8,
                               max_lanczos_steps: int = 400, rtol: float = 1e-10, max_iter: int = 5000,
-                              eigen_tol: float = 1e-10, chunk_size: int = 64,
+                              eigen_tol: float = 1e-10, chunk_size: int = 64, loss_on_gamma: float = 0.0,
                               max_loss: float = 1e-8) -> MatrixFreeRates:
     """Label-noise rates of every rule at zeta on Gamma, matrix-free (module docstring).
 
     Args:
-        obj, zeta: squared-loss `Objective` without normalization layers; zeta with L <= max_loss.
+        obj, zeta: `Objective` without normalization layers; zeta with L - loss_on_gamma <= max_loss
+            (loss_on_gamma: 0 for Gaussian label noise, the mean entropy of the soft targets for flips).
         rules: SGD / LocalSGD / QSR (any mix); eta: only for finite-eta QSR (Local SGD at alpha^2/eta).
-        noise_scale: c = sigma^2 > 0. metric: None or the identity `OutputMetric` (others: issue 13).
+        noise_scale: c > 0 (sigma^2, or 1). metric: the `OutputMetric` at zeta (None: identity).
         projector: a `TangentProjector` (or any `.project(v) -> (P v, iterations)`) to use and fill;
             default block-Jacobi at rtol / max_iter.
         num_probes (>= 3), deflate (k >= 1 exact top Gram eigenpairs; k = 1 when no rule has a psi
@@ -212,23 +220,26 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
     """
     rules = _check(rules, noise_scale, metric, eta, deflate, num_probes)
     zeta = zeta.detach()
-    loss = obj.loss(zeta).item()
-    if loss > max_loss:
-        raise ValueError(f"zeta is not on Gamma: L = {loss:.3e} > max_loss = {max_loss:.1e}")
+    excess = obj.loss(zeta).item() - loss_on_gamma
+    if not excess <= max_loss:
+        raise ValueError(f"zeta is not on Gamma: L - loss_on_gamma = {excess:.3e} > max_loss = {max_loss:.1e}")
+    metric = metric or OutputMetric()
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     coefficients = [rule.drift_coefficients(eta) for rule in rules]
     betas = sorted({beta for _, c_two, beta in coefficients if c_two})
     n, seconds = obj.num_samples, {}
 
     clock = time.perf_counter()
-    frob_grad, blocks, frob = jacobian_frobenius_pass(obj, zeta, chunk_size)
-    projector = projector or TangentProjector.from_blocks(obj, zeta, blocks, rtol=rtol, max_iter=max_iter)
+    frob_grad, blocks, frob = jacobian_frobenius_pass(obj, zeta, chunk_size,
+                                                      reduce=lambda jac, s: metric.part(s, s + len(jac)).reduce(jac))
+    projector = projector or TangentProjector.from_blocks(obj, zeta, blocks, metric=metric, rtol=rtol,
+                                                          max_iter=max_iter)
     grad_trace = frob_grad / n
     g_trace, it_trace = projector.project(grad_trace)
     seconds["projections"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    gram = GramOperator(obj, zeta)
+    gram = GramOperator(obj, zeta, metric)
     k = min(deflate if betas else 1, gram.dim)
     eig = top_eigenpairs(gram, k, tol=eigen_tol, max_matvecs=50 * k + 500, max_basis=min(gram.dim, 2 * k + 40),
                          generator=gen)
@@ -238,7 +249,7 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
     seconds["eigenpairs"] = time.perf_counter() - clock
     clock = time.perf_counter()
     u1 = gram.parameter_vectors(gram_vecs[:, :1], lam[:1])[:, 0]
-    g_lmax, it_lmax = projector.project(lambda_max_pairing_grad(obj, zeta, u1))
+    g_lmax, it_lmax = projector.project(lambda_max_pairing_grad(obj, zeta, u1, metric))
     seconds["projections"] += time.perf_counter() - clock
     first = torch.tensor([float(g_trace @ grad_trace), float(g_lmax @ grad_trace)], dtype=torch.float64)
 

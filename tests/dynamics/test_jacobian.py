@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.func import jacfwd, jacrev
 
-from dynamics.jacobian import (gram_times_block, jacobian_derivative_times, jacobian_derivative_transpose_times,
+from dynamics.jacobian import (BlockJacobi, GramSolveNotConverged, gram_solve_cg, gram_times_block, jacobian_derivative_times, jacobian_derivative_transpose_times,
                                jacobian_frobenius_pass, jacobian_pairing_grad, jacobian_times,
                                jacobian_transpose_times, output_jacobian, output_jacobian_derivative,
                                per_sample_gram_blocks)
@@ -60,6 +60,50 @@ def test_jacobian_derivatives(dense):
     torch.testing.assert_close(frob_grad, 2 * torch.einsum("ncd,ncde->e", J, DJ), **TOL)
     torch.testing.assert_close(blocks, J @ J.transpose(1, 2), **TOL)
     assert frob == pytest.approx(float(J.pow(2).sum()), rel=1e-13)
+    # with a per-sample transform held fixed (an output metric): M_i = w_i J_i
+    w = rand(N).abs() + 0.5
+    frob_grad, blocks, frob = jacobian_frobenius_pass(obj, theta, chunk_size=2,
+                                                      reduce=lambda jac, s: w[s:s + len(jac), None, None] * jac)
+    torch.testing.assert_close(frob_grad, 2 * torch.einsum("n,ncd,ncde->e", w ** 2, J, DJ), **TOL)
+    torch.testing.assert_close(blocks, w[:, None, None] ** 2 * J @ J.transpose(1, 2), **TOL)
+
+
+class Scaled:
+    """A duck-typed output metric: reduce = multiplication by a fixed (N, C) array, its own adjoint."""
+
+    def __init__(self, s):
+        self.s = s
+
+    def reduce(self, x):
+        return self.s * x
+
+    lift = reduce
+
+
+def test_gram_solve_cg_against_dense_solve(dense):
+    obj, theta, _, J, _, rand = dense
+    N, C, D = J.shape                                         # N C = 15 < D = 34: J J^T is invertible
+    flat = J.reshape(N * C, D)
+    r = rand(N, C)
+    blocks = J @ J.transpose(1, 2)
+    for shift, metric in ((0.0, None), (0.3, None), (0.0, Scaled(rand(N, C).abs() + 0.5))):
+        jm = flat if metric is None else metric.s.reshape(-1, 1) * flat
+        gram = jm @ jm.T + shift * torch.eye(N * C, dtype=J.dtype)
+        lines = []
+        a, iters = gram_solve_cg(obj, theta, r, BlockJacobi(blocks), rtol=1e-13, max_iter=200, shift=shift,
+                                 metric=metric, callback=lambda it, rel, jta: lines.append((it, rel, jta)))
+        torch.testing.assert_close(a.reshape(-1), torch.linalg.solve(gram, r.reshape(-1)), rtol=1e-9, atol=0)
+        assert [it for it, _, _ in lines] == list(range(iters + 1)) and lines[-1][1] <= 1e-13
+        torch.testing.assert_close(lines[-1][2], jm.T @ a.reshape(-1), rtol=1e-10, atol=1e-12)
+        # a warm start at the solution costs no iteration
+        assert gram_solve_cg(obj, theta, r, BlockJacobi(blocks), rtol=1e-10, max_iter=5, x0=a, shift=shift,
+                             metric=metric)[1] == 0
+    with pytest.raises(GramSolveNotConverged, match="did not converge.*max_iter = 2"):
+        gram_solve_cg(obj, theta, r, BlockJacobi(blocks), rtol=1e-13, max_iter=2)
+    with pytest.raises(ValueError, match="shift"):
+        gram_solve_cg(obj, theta, r, BlockJacobi(blocks), rtol=1e-8, max_iter=2, shift=-1.0)
+    with pytest.raises(ValueError, match="x0"):
+        gram_solve_cg(obj, theta, r, BlockJacobi(blocks), rtol=1e-8, max_iter=2, x0=r[:2])
 
 
 def test_bad_input(dense):

@@ -1,5 +1,6 @@
 """The matrix-free label-noise rates (sde.label_noise_mf) agree with the exact route of sde.label_noise
-(tiny tanh MLP, targets y = f(theta0) so that theta0 lies exactly on Gamma).
+(tiny tanh MLP, targets y = f(theta0) so that theta0 lies exactly on Gamma; the rate comparisons also run
+with the flip metric, cross-entropy against soft targets q = softmax(f(theta0))).
 
 SGD / QSR (eta -> 0): CG rtol 1e-13 bounds the projection error by 1e-13 sqrt(lambda_max / lambda_min)
 ~ 1e-11 relative; the CG error J^T (a - a*) is normal, so ||P~v||^2 (the trace rate) errs only at second
@@ -17,7 +18,7 @@ import torch
 
 from dynamics.jacobian import GramSolveNotConverged, jacobian_frobenius_pass, jacobian_times, jacobian_transpose_times
 from dynamics.objective import Objective
-from sde.label_noise import (OutputMetric, centred_basis, gauss_newton_geometry, predict_rates,
+from sde.label_noise import (OutputMetric, centred_basis, gauss_newton_geometry, metric_roots, predict_rates,
                              sharpness_gradients)
 from sde.label_noise_mf import GramDerivativeOperator, GramOperator, TangentProjector, predict_rates_matrix_free
 from sde.rules import QSR, SGD, LocalSGD
@@ -27,46 +28,69 @@ from tests.reference import classification_batches, tiny_mlp
 C_NOISE = 0.16           # sigma = 0.4
 
 
-def _exact_rates(obj, zeta, rules, eta=None):
+def _exact_rates(obj, zeta, rules, eta=None, metric=None, scale=C_NOISE):
     """The exact (Jacobian / Gram) route's geometry at zeta and its rates for each rule."""
-    geo = gauss_newton_geometry(obj, zeta)
+    geo = gauss_newton_geometry(obj, zeta, metric=metric)
     grads = sharpness_gradients(obj, geo)
-    return geo, [predict_rates(obj, geo, rule, noise_scale=C_NOISE, eta=eta, gradients=grads) for rule in rules]
+    return geo, [predict_rates(obj, geo, rule, noise_scale=scale, eta=eta, gradients=grads) for rule in rules]
 
 
 @pytest.fixture(scope="module")
 def on_gamma():
+    return _on_gamma()
+
+
+def _on_gamma():
     model = tiny_mlp(seed=4, d_in=5, width=7, d_out=3)
     x = classification_batches(4, image=False, seed=5, classes=3)[0][0]
     obj = Objective(model, lambda out, y: 0.5 * (out - y).pow(2).sum(-1).mean(), [(x, model(x).detach())])
     return obj, obj.params
 
 
+def _flip_point():
+    """Cross-entropy against soft targets q = softmax(f(theta0)): theta0 on Gamma; the flip metric, c = 1."""
+    obj, zeta = _on_gamma()
+    x = obj.data[0][0]
+    q = torch.softmax(obj.forward(zeta, x), -1)
+    flip = Objective(obj.model, lambda out, t: -(t * torch.log_softmax(out, -1)).sum(-1).mean(), [(x, q)])
+    Q = centred_basis(3, q.dtype, q.device)
+    return flip, zeta, dict(metric=OutputMetric(Q, metric_roots(q, Q)), noise_scale=1.0,
+                            loss_on_gamma=float(-(q * q.log()).sum(-1).mean()))
+
+
+@pytest.fixture(scope="module", params=["gaussian", "flip"])
+def point(request):
+    """(obj, zeta, options of predict_rates_matrix_free) for each output metric."""
+    if request.param == "gaussian":
+        return (*_on_gamma(), dict(metric=None, noise_scale=C_NOISE, loss_on_gamma=0.0))
+    return _flip_point()
+
+
 def test_bad_input_is_refused_before_any_work(on_gamma):
     obj, zeta = on_gamma
     with pytest.raises(ValueError, match="not on Gamma"):
         predict_rates_matrix_free(obj, zeta + 0.1, [SGD(4)], noise_scale=C_NOISE)
-    Q = centred_basis(3, torch.float64, "cpu")
-    with pytest.raises(ValueError, match="issue 13"):
-        predict_rates_matrix_free(obj, zeta, [SGD(4)], noise_scale=C_NOISE, metric=OutputMetric(Q, None))
+    flip, zeta, options = _flip_point()             # L = entropy of q on Gamma: loss_on_gamma is needed
+    with pytest.raises(ValueError, match="not on Gamma"):
+        predict_rates_matrix_free(flip, zeta, [SGD(4)], **{**options, "loss_on_gamma": 0.0})
     with pytest.raises(ValueError, match="noise_scale"):
         predict_rates_matrix_free(obj, zeta, [SGD(4)], noise_scale=0.0)
 
 
-def test_cg_projection_rates_equal_exact_path(on_gamma):
-    obj, zeta = on_gamma
+def test_cg_projection_rates_equal_exact_path(point):
+    obj, zeta, options = point
     rules = [SGD(4), QSR(2, 2), QSR(3, 1)]
-    got = predict_rates_matrix_free(obj, zeta, rules, noise_scale=C_NOISE, rtol=1e-13, eigen_tol=1e-12,
-                                    generator=torch.Generator().manual_seed(0))
-    geo, exacts = _exact_rates(obj, zeta, rules)
+    got = predict_rates_matrix_free(obj, zeta, rules, rtol=1e-13, eigen_tol=1e-12,
+                                    generator=torch.Generator().manual_seed(0), **options)
+    geo, exacts = _exact_rates(obj, zeta, rules, metric=options["metric"], scale=options["noise_scale"])
     for mf, exact in zip(got, exacts):
         assert mf.trace_rate == pytest.approx(exact.trace_rate, rel=1e-12)
         assert mf.lambda_max_rate == pytest.approx(exact.lambda_max_rate, rel=1e-8)
         torch.testing.assert_close(mf.drift, exact.drift, rtol=0, atol=1e-8 * exact.drift.norm().item())
         assert mf.trace == pytest.approx(geo.trace, rel=1e-12)
         assert mf.lambda_max == pytest.approx(geo.lambda_max, rel=1e-9)
+        assert mf.trace_rate_stderr == 0 == mf.lambda_max_rate_stderr and mf.noise_scale == options["noise_scale"]
     # QSR (eta -> 0) is K times SGD with the same total batch: K = 2, B = 4
-        assert mf.trace_rate_stderr == 0 == mf.lambda_max_rate_stderr and mf.noise_scale == C_NOISE
     assert got[1].trace_rate == pytest.approx(2 * got[0].trace_rate, rel=1e-12)
     # both projections actually iterated; CG in exact arithmetic needs at most N C = 12 steps
     assert all(1 <= it <= 40 for it in got.cost["cg_iterations"])
@@ -120,6 +144,16 @@ def test_projector_preconditioner_and_log(on_gamma):
     assert sq[-1] == pytest.approx(float(pv @ pv), rel=1e-10)
 
 
+def test_projector_with_the_flip_metric_equals_dense_projector():
+    obj, zeta, options = _flip_point()
+    geo = gauss_newton_geometry(obj, zeta, metric=options["metric"])
+    projector = TangentProjector(obj, zeta, metric=options["metric"], rtol=1e-13)    # default block-Jacobi
+    v = torch.randn(obj.dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    pv, iters = projector.project(v)
+    torch.testing.assert_close(pv, geo.tangent_project(v), rtol=0, atol=1e-10 * v.norm().item())
+    assert 1 <= iters <= 40 and projector.preconditioner.inverses.shape == (4, 2, 2)
+
+
 def test_cg_non_convergence_and_bad_input(on_gamma):
     obj, zeta = on_gamma
     with pytest.raises(GramSolveNotConverged, match="did not converge.*max_iter = 2"):
@@ -160,12 +194,13 @@ def test_gram_operators_match_dense_and_finite_differences(on_gamma):
 LOCAL_RULES = [LocalSGD(K, 1, beta) for K in (2, 4) for beta in (0.01, 0.8, 100.0)]
 
 
-def test_lanczos_rates_equal_exact_path_at_full_deflation(on_gamma):
-    obj, zeta = on_gamma
+def test_lanczos_rates_equal_exact_path_at_full_deflation(point):
+    obj, zeta, options = point
+    exact_options = dict(metric=options["metric"], scale=options["noise_scale"])
     rules = [SGD(4), QSR(2, 2), LocalSGD(2, 2, 0.9)] + LOCAL_RULES
-    options = dict(noise_scale=C_NOISE, num_probes=3, deflate=12, rtol=1e-13, eigen_tol=1e-12, function_tol=1e-12)
+    options = dict(options, num_probes=3, deflate=12, rtol=1e-13, eigen_tol=1e-12, function_tol=1e-12)
     got = predict_rates_matrix_free(obj, zeta, rules, generator=torch.Generator().manual_seed(0), **options)
-    geo, exacts = _exact_rates(obj, zeta, rules)
+    geo, exacts = _exact_rates(obj, zeta, rules, **exact_options)
     for mf, exact in zip(got, exacts):
         assert mf.trace_rate == pytest.approx(exact.trace_rate, rel=1e-8)
         assert mf.lambda_max_rate == pytest.approx(exact.lambda_max_rate, rel=1e-8)
@@ -177,8 +212,8 @@ def test_lanczos_rates_equal_exact_path_at_full_deflation(on_gamma):
     qsr = predict_rates_matrix_free(obj, zeta, [QSR(2, 2, alpha=0.3)], eta=0.1,
                                     generator=torch.Generator().manual_seed(0), **options)[0]
     assert qsr.trace_rate == pytest.approx(got[2].trace_rate, rel=1e-8)
-    assert qsr.trace_rate == pytest.approx(_exact_rates(obj, zeta, [QSR(2, 2, alpha=0.3)], eta=0.1)[1][0].trace_rate,
-                                           rel=1e-8)
+    exact_qsr = _exact_rates(obj, zeta, [QSR(2, 2, alpha=0.3)], eta=0.1, **exact_options)[1][0]
+    assert qsr.trace_rate == pytest.approx(exact_qsr.trace_rate, rel=1e-8)
 
 
 def test_lanczos_rates_within_stderr_of_exact_path_and_limits(on_gamma):
