@@ -155,9 +155,11 @@ def _predictions(point: Point, rule, eta: float, *, method: str, options: dict) 
     run_rule = rule.at_eta(eta)
     rules = [rule] if run_rule == rule else [rule, run_rule]
     scale = point.noise.noise_scale
-    if method == "cg":
-        from sde.label_noise_mf import predict_rates_matrix_free
-        rates = predict_rates_matrix_free(point.objective, point.zeta, rules, noise_scale=scale, **options)
+    if method == "cg":              # the point's preconditioner serves the tangent projections (one projector)
+        from sde.label_noise_mf import TangentProjector, predict_rates_matrix_free
+        options.setdefault("projector", TangentProjector(point.objective, point.zeta, point.preconditioner))
+        rates = predict_rates_matrix_free(point.objective, point.zeta, rules, noise_scale=scale,
+                                          loss_on_gamma=point.noise.minimum_loss(point.targets), **options)
     else:
         from sde.label_noise import predict_rates
         rates = [predict_rates(point.objective, point.geometry, r, noise_scale=scale, gradients=point.gradients)
@@ -259,6 +261,9 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
                 f"+- {row.stderr:.2g} (ratio {row.ratio:.3f}, {row.seconds:.0f} s)"
                 + "".join(f"; {w}" for w in row.warnings))
         else:
+            if method == "cg" and "projector" not in mf_options:     # one projector: its solves are reused
+                from sde.label_noise_mf import TangentProjector
+                mf_options["projector"] = TangentProjector(point.objective, point.zeta, point.preconditioner)
             row = predict_row(point, rule, eta, method=method, **mf_options)
             say(f"{row.rule} eta = {eta:g}: predicted {row.predicted:.6g} (limit {row.predicted_limit:.6g})")
         rows.append(row)

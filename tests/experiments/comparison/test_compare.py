@@ -310,3 +310,28 @@ def test_any_number_of_classes_and_float_targets(data):
         assert row.predicted == pytest.approx(ref, rel=1e-10, abs=0)
         assert row.predicted < 0 and row.measured < 0
         assert row.trace == pytest.approx(geo.trace, rel=1e-12)
+
+
+def test_matrix_free_predictions_equal_the_exact_ones(cifar10_dir, tmp_path):
+    """(experiments.big_point's command line, now --matrix-free): the point by CG projections, the rates by
+    sde.label_noise_mf (exact CG terms for SGD and the QSR limit; stochastic Lanczos for the psi rules) equal the
+    dense route's at the dense point to the CG projection's accuracy (seen 4e-9) and the Lanczos error (seen 6e-4)."""
+    x, y = cifar_subset(cifar10_dir, 30, image_size=4)            # N C = 300 equations, D = 1,898
+    kw = dict(noise="gaussian:0.1", rules=["sgd", "local:K=2,beta=0.2", "qsr:K=2,alpha=0.1"], etas=[0.01],
+              train_steps=2000, lr=1e-2, measure=False)
+    dense = compare(tiny_net, x, y, **kw)
+    lines = []
+    free = compare(tiny_net, x, y, method="cg", progress=lines.append, **kw)
+    assert any("predicted" in line for line in lines) and len(free) == 3
+    for d, f in zip(dense, free):
+        assert f.trace == pytest.approx(d.trace, rel=1e-7)
+        assert f.predicted_limit == pytest.approx(d.predicted_limit, rel=1e-6 if f.rule.startswith(("SGD", "QSR"))
+                                                  else 1e-2)
+        assert f.predicted == pytest.approx(d.predicted, rel=1e-6 if f.rule.startswith("SGD") else 1e-2)
+        assert math.isnan(f.measured) and f.seeds == 0
+    # the command line: --matrix-free gives predictions only, the same numbers
+    argv = _cli(tmp_path / "mf", "--n", "30", "--matrix-free", "--rules", "sgd")
+    assert main(argv) == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "mf" / "rows.jsonl").read_text().splitlines()]
+    assert row["predicted"] == pytest.approx(dense[0].predicted, rel=1e-6) and row["measured"] is None
+    assert row["config"]["matrix_free"] is True
