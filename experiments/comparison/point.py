@@ -142,7 +142,8 @@ def point_at(obj: Objective, noise, zeta: Tensor, *, method: str = "dense", labe
         correction = PhiCorrection.at(obj, geometry, gradients)
         preconditioner = preconditioner or GramPreconditioner.at(obj, noise, zeta)
     elif method == "cg":
-        preconditioner = preconditioner or GramPreconditionerMF.at(obj, noise, zeta, **mf)
+        rank = min(mf.pop("rank", 200), noise.equations(*targets.shape) - 1)
+        preconditioner = preconditioner or GramPreconditionerMF.at(obj, noise, zeta, rank=rank, **mf)
     else:
         raise ValueError(f"method must be 'dense' or 'cg', got {method!r}")
     return Point(noise=noise, objective=obj, targets=targets, zeta=zeta, residual=residual, geometry=geometry,
@@ -178,6 +179,7 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: in
         raise ValueError(f"the point is not on Gamma: distance {report.distance:.3e} > {tol:.0e} after "
                          f"{report.gauss_newton_steps} Gauss-Newton steps ({noise}); train longer or use fewer images")
     say(f"point: on Gamma (distance {report.distance:.2e}); geometry, Phi correction and preconditioner")
-    point = point_at(obj, noise, zeta, method=method, labels=labels, tol=tol, seconds=time.perf_counter() - start)
+    point = point_at(obj, noise, zeta, method=method, labels=labels, tol=tol, seconds=time.perf_counter() - start,
+                     **({"rank": projection.get("preconditioner_rank", 200)} if method == "cg" else {}))
     say(f"point: tr H = {point.trace:.6g}, lambda_max = {point.lambda_max:.6g} ({point.seconds:.0f} s)")
     return point

@@ -1,0 +1,77 @@
+"""experiments.comparison.point: bad input refused before any work, and points of Gamma built for both noise models
+(dense and matrix-free). Settings of test_projection; references: the noise model's distance, `sharpness_at`,
+the dense projection."""
+import pytest
+import torch
+from torch import nn
+
+from experiments.comparison.noise import FlippedLabels, GaussianLabelNoise
+from experiments.comparison.point import build_point, check_model, fit, objective, point_at
+from experiments.comparison.projection import GramPreconditionerMF, project, sharpness_at
+from experiments.data import cifar_subset
+from tests.experiments.comparison.test_projection import GAUSS, tiny_mlp
+
+
+@pytest.fixture(scope="module")
+def data(cifar10_dir):
+    return cifar_subset(cifar10_dir, 10, image_size=4)
+
+
+def test_check_model_refuses_what_has_no_gamma(data):
+    x, y = data
+    conv = lambda *mid: nn.Sequential(nn.Conv2d(3, 4, 3), *mid, nn.Flatten(), nn.Linear(16, 10)).double()  # noqa: E731
+    with pytest.raises(ValueError, match="BatchNorm"):
+        check_model(conv(nn.BatchNorm2d(4)), x, y, GAUSS)
+    with pytest.raises(ValueError, match="Dropout"):
+        check_model(conv(nn.Dropout(0.1)), x, y, GAUSS)
+    with pytest.raises(ValueError, match="fails on images"):
+        check_model(nn.Sequential(nn.Flatten(), nn.Linear(7, 10)).double(), x, y, GAUSS)
+    with pytest.raises(ValueError, match="one output per class"):
+        check_model(nn.Sequential(nn.Flatten(), nn.Linear(48, 1)).double(), x, y, GAUSS)
+    with pytest.raises(ValueError, match="one output per class"):            # labels up to 9, 5 outputs
+        check_model(nn.Sequential(nn.Flatten(), nn.Linear(48, 5)).double(), x, y, GAUSS)
+    with pytest.raises(ValueError, match="10 images but 9 targets"):
+        check_model(tiny_mlp(), x, y[:9], GAUSS)
+    with pytest.raises(ValueError, match="equations <= D"):                 # 100 equations, D = 70
+        check_model(nn.Sequential(nn.Flatten(), nn.Linear(48, 1), nn.GELU(), nn.Linear(1, 10)).double(), x, y, GAUSS)
+    classes, targets = check_model(tiny_mlp(), x, y, FlippedLabels(0.1))
+    assert classes == 10 and torch.equal(targets, FlippedLabels(0.1).targets(y, 10))
+
+
+@pytest.mark.parametrize("noise", [GaussianLabelNoise(0.1), FlippedLabels(0.1)], ids=["gaussian", "flip"])
+def test_build_point_lands_on_gamma_with_its_tools(data, noise):
+    x, y = data
+    lines = []
+    point = build_point(tiny_mlp(), x, y, noise=str(noise), train_steps=300, progress=lines.append)
+    obj = point.objective
+    assert point.noise == noise and point.classes == 10 and torch.equal(point.labels, y)
+    assert point.residual <= 1e-10 and noise.distance(obj.forward(point.zeta, obj.data[0][0]), point.targets) <= 1e-10
+    trace, lmax = sharpness_at(obj, noise, point.zeta)
+    assert point.trace == pytest.approx(trace, rel=1e-10) and point.lambda_max == pytest.approx(lmax, rel=1e-10)
+    assert point.reference.shape == (noise.equations(10, 10), 16)
+    assert len(lines) == 3 and lines[-1].startswith("point: tr H = ")
+    with pytest.raises(ValueError, match="not on Gamma"):
+        point_at(obj, noise, point.zeta + 0.1)
+    # fit: full-batch Adam stops once the loss is within the gap of its minimum on Gamma
+    theta = fit(obj, noise, steps=5000, gap=1e-3)
+    gap = obj.loss(theta).item() - noise.minimum_loss(point.targets)
+    assert 0 <= gap <= 1e-3 and fit(obj, noise, steps=0).equal(obj.params)
+    with pytest.raises(ValueError, match="train longer"):
+        build_point(tiny_mlp(), x, y, noise=noise, train_steps=1, max_gauss_newton=1)
+
+
+def test_matrix_free_point_equals_the_dense_one(data):
+    """method "cg": the projection by conjugate gradients lands where the dense one does, the point holds a
+    `GramPreconditionerMF` and no (N C, D) geometry; flipped labels are refused there (issue 13)."""
+    x, y = data
+    dense = build_point(tiny_mlp(), x, y, noise=GAUSS, train_steps=0, tol=1e-20, max_gauss_newton=60)
+    mf = build_point(tiny_mlp(), x, y, noise=GAUSS, train_steps=0, tol=1e-20, method="cg", cg_rtol=1e-13,
+                     preconditioner_rank=40, max_gauss_newton=60)
+    torch.testing.assert_close(mf.zeta, dense.zeta, rtol=0, atol=1e-9)
+    assert isinstance(mf.preconditioner, GramPreconditionerMF) and mf.geometry is None and mf.correction is None
+    with pytest.raises(ValueError, match="issue 13"):
+        build_point(tiny_mlp(), x, y, noise=FlippedLabels(0.1), train_steps=0, method="cg")
+    with pytest.raises(ValueError, match="method"):
+        point_at(dense.objective, GAUSS, dense.zeta, method="lanczos")
+    assert objective(tiny_mlp(), x, dense.targets.float(), GAUSS).data[0][1].dtype == torch.float64
+    assert project(dense.objective, GAUSS, dense.zeta)[1].gauss_newton_steps == 0
