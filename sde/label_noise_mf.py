@@ -180,7 +180,7 @@ class MatrixFreeRates(list):
         self.cost = cost
 
 
-def _check(rules, noise_scale, metric, eta, deflate, num_probes) -> list:
+def _check(rules, noise_scale, eta, deflate, num_probes) -> list:
     rules = list(rules)
     for rule in rules:
         check_rule(rule)
@@ -201,7 +201,8 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
                               generator: torch.Generator | None = None, function_tol: float = 1e-8,
                               max_lanczos_steps: int = 400, rtol: float = 1e-10, max_iter: int = 5000,
                               eigen_tol: float = 1e-10, chunk_size: int = 64, loss_on_gamma: float = 0.0,
-                              max_loss: float = 1e-8) -> MatrixFreeRates:
+                              max_loss: float = 1e-8, progress: Callable[[str], None] | None = None
+                              ) -> MatrixFreeRates:
     """Label-noise rates of every rule at zeta on Gamma, matrix-free (module docstring).
 
     Args:
@@ -214,11 +215,12 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
         num_probes (>= 3), deflate (k >= 1 exact top Gram eigenpairs; k = 1 when no rule has a psi
             term), function_tol, max_lanczos_steps: the stochastic trace; eigen_tol: the top-k eigenpairs.
         generator: all random draws (Lanczos starts, probes); seed 0 if None.
+        progress: optional callable receiving one line at the end of each phase (quiet otherwise).
     Returns `MatrixFreeRates` (a list of `PredictedRates`, with `.cost`). Raises ValueError for bad input
     or zeta off Gamma (before any Jacobian pass), GramSolveNotConverged, RuntimeError if the top-k
     eigenpairs miss eigen_tol within 50 k + 500 Gram products.
     """
-    rules = _check(rules, noise_scale, metric, eta, deflate, num_probes)
+    rules = _check(rules, noise_scale, eta, deflate, num_probes)
     zeta = zeta.detach()
     excess = obj.loss(zeta).item() - loss_on_gamma
     if not excess <= max_loss:
@@ -228,6 +230,7 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
     coefficients = [rule.drift_coefficients(eta) for rule in rules]
     betas = sorted({beta for _, c_two, beta in coefficients if c_two})
     n, seconds = obj.num_samples, {}
+    say = progress or (lambda line: None)
 
     clock = time.perf_counter()
     frob_grad, blocks, frob = jacobian_frobenius_pass(obj, zeta, chunk_size,
@@ -237,6 +240,7 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
     grad_trace = frob_grad / n
     g_trace, it_trace = projector.project(grad_trace)
     seconds["projections"] = time.perf_counter() - clock
+    say(f"grad tr H projected: {it_trace} CG iterations, {seconds['projections']:.1f} s")
 
     clock = time.perf_counter()
     gram = GramOperator(obj, zeta, metric)
@@ -251,6 +255,7 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
     u1 = gram.parameter_vectors(gram_vecs[:, :1], lam[:1])[:, 0]
     g_lmax, it_lmax = projector.project(lambda_max_pairing_grad(obj, zeta, u1, metric))
     seconds["projections"] += time.perf_counter() - clock
+    say(f"top-{k} Gram eigenpairs ({eig.matvecs} products) and grad lambda_max projected ({it_lmax} CG iterations)")
     first = torch.tensor([float(g_trace @ grad_trace), float(g_lmax @ grad_trace)], dtype=torch.float64)
 
     clock = time.perf_counter()
@@ -266,6 +271,8 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
         psi_tr, psi_se = est.value, est.stderr
         cost.update(lanczos_matvecs=est.matvecs, derivative_matvecs=est.b_matvecs, converged=est.converged)
     seconds["traces"] = time.perf_counter() - clock
+    if betas:
+        say(f"psi traces for {len(betas)} beta(s): {cost['lanczos_matvecs']} Lanczos products, {seconds['traces']:.1f} s")
 
     out = []
     for rule, (c_one, c_two, beta) in zip(rules, coefficients):

@@ -219,9 +219,11 @@ def test_lanczos_rates_equal_exact_path_at_full_deflation(point):
 def test_lanczos_rates_within_stderr_of_exact_path_and_limits(on_gamma):
     obj, zeta = on_gamma
     rules = [SGD(2), SGD(4)] + LOCAL_RULES + [LocalSGD(2, 1, 1e-4), LocalSGD(4, 1, 1e4)]
+    lines = []
     got = predict_rates_matrix_free(obj, zeta, rules, noise_scale=C_NOISE, num_probes=40, deflate=3,
-                                    generator=torch.Generator().manual_seed(1))
+                                    generator=torch.Generator().manual_seed(1), progress=lines.append)
     assert got.cost["converged"] and got.cost["derivative_matvecs"] == 3 + 40
+    assert len(lines) == 3 and "psi traces for 5 beta(s)" in lines[-1]          # 0.01, 0.8, 100, 1e-4, 1e4
     geo, exacts = _exact_rates(obj, zeta, rules[2:8])
     for mf, exact in zip(got[2:8], exacts):
         for value, se, ref in ((mf.trace_rate, mf.trace_rate_stderr, exact.trace_rate),
