@@ -156,15 +156,23 @@ def _predictions(point: Point, rule, eta: float, *, method: str, options: dict) 
     rules = [rule] if run_rule == rule else [rule, run_rule]
     scale = point.noise.noise_scale
     if method == "cg":              # the point's preconditioner serves the tangent projections (one projector)
-        from sde.label_noise_mf import TangentProjector, predict_rates_matrix_free
-        options.setdefault("projector", TangentProjector(point.objective, point.zeta, point.preconditioner))
+        from sde.label_noise_mf import predict_rates_matrix_free
+        options.setdefault("projector", _projector(point))
         rates = predict_rates_matrix_free(point.objective, point.zeta, rules, noise_scale=scale,
+                                          metric=point.noise.metric(point.targets),
                                           loss_on_gamma=point.noise.minimum_loss(point.targets), **options)
     else:
         from sde.label_noise import predict_rates
         rates = [predict_rates(point.objective, point.geometry, r, noise_scale=scale, gradients=point.gradients)
                  for r in rules]
     return rates[-1], rates[0]
+
+
+def _projector(point: Point):
+    """The tangent projector at a matrix-free point: CG on the reduced Gram under the point's preconditioner."""
+    from sde.label_noise_mf import TangentProjector
+    return TangentProjector(point.objective, point.zeta, point.preconditioner,
+                            metric=point.noise.metric(point.targets))
 
 
 def predict_row(point: Point, rule, eta: float, *, method: str = "dense", **options) -> Row:
@@ -262,8 +270,7 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
                 + "".join(f"; {w}" for w in row.warnings))
         else:
             if method == "cg" and "projector" not in mf_options:     # one projector: its solves are reused
-                from sde.label_noise_mf import TangentProjector
-                mf_options["projector"] = TangentProjector(point.objective, point.zeta, point.preconditioner)
+                mf_options["projector"] = _projector(point)
             row = predict_row(point, rule, eta, method=method, **mf_options)
             say(f"{row.rule} eta = {eta:g}: predicted {row.predicted:.6g} (limit {row.predicted_limit:.6g})")
         rows.append(row)
