@@ -11,9 +11,9 @@ from experiments.comparison.path import (NodeRates, PredictedPath, SlopeFit, fit
                                          predicted_path)
 from experiments.comparison.phi import PhiCorrection, PhiReading, read_at_phi
 from experiments.comparison.point import Point, build_point, check_model, check_on_gamma, fit, objective, point_at
-from experiments.comparison.projection import (GramPreconditioner, GramPreconditionerMF, GramSolveNotConverged,
-                                               ProjectionReport, gram_solve, gram_solve_cg, outputs_and_targets,
-                                               project, reduced_jacobian, sharpness_at)
+from experiments.comparison.projection import (GramPreconditioner, GramPreconditionerMF, ProjectionReport,
+                                               gram_solve, outputs_and_targets, project, reduced_jacobian,
+                                               sharpness_at)
 
 __all__ = ["ContinuationConfig", "ContinuationResult", "Measurement", "RegimeWarning", "check_regime",
            "extrapolate_to_zero_eta", "measure", "progress_line", "run_continuation", "run_schedule",
@@ -21,5 +21,5 @@ __all__ = ["ContinuationConfig", "ContinuationResult", "Measurement", "RegimeWar
            "NodeRates", "PredictedPath", "SlopeFit", "fit_slope", "integrate_drift_path", "predicted_path",
            "PhiCorrection", "PhiReading", "read_at_phi",
            "Point", "build_point", "check_model", "check_on_gamma", "fit", "objective", "point_at",
-           "GramPreconditioner", "GramPreconditionerMF", "GramSolveNotConverged", "ProjectionReport", "gram_solve",
-           "gram_solve_cg", "outputs_and_targets", "project", "reduced_jacobian", "sharpness_at"]
+           "GramPreconditioner", "GramPreconditionerMF", "ProjectionReport", "gram_solve", "outputs_and_targets",
+           "project", "reduced_jacobian", "sharpness_at"]

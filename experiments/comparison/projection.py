@@ -1,31 +1,27 @@
 """ONE projection onto Gamma and ONE sharpness reading at a point of Gamma, for any label-noise model.
 
-The objective's data holds the expected targets (N, C) (`experiments.comparison.point.objective`); the noise
-model gives the reduced residual r (N, m) and the metric, so Jt = metric.reduce(J) (N m, D) and on Gamma
-Hessian(L) = Jt^T Jt / N (`experiments.comparison.noise`).
-
-`project`: optional gradient descent (a discretized gradient flow), then Gauss-Newton minimum-norm steps
-delta = -Jt^T (Jt Jt^T)^-1 r, halved when the full step raises the noise model's distance, until the distance
-is <= tol. The Jacobian is fresh at every step, or, when the noise model sets `chord_contraction` f, kept
-(chord steps) while each step shrinks the distance below f times the last (the end point then differs from full
-Gauss-Newton at O(|offset|^3), and runs read at Phi differ at that order: kept so today's rows reproduce). The Gram systems are solved densely ("dense": solve, or
-conjugate gradients under a `GramPreconditioner` built at a nearby point) or matrix-free ("cg": `gram_solve_cg`
-under a `GramPreconditionerMF`, no (N m, D) array; identity metric only for now, issue 13).
+The objective's data holds the expected targets (N, C); the noise model gives the reduced residual r (N, m) and
+the metric, so Jt = metric.reduce(J) (N m, D) and Hessian(L) = Jt^T Jt / N on Gamma. `project`: optional gradient
+descent, then Gauss-Newton minimum-norm steps delta = -Jt^T (Jt Jt^T)^-1 r, halved when the full step raises the
+noise model's distance, until it is <= tol. The Jacobian is fresh every step, or, if the noise model sets
+`chord_contraction` f, kept (chord steps) while each step shrinks the distance below f times the last: the end
+points differ at O(|offset|^3), and so would runs read at Phi (kept so today's rows reproduce). Gram systems:
+"dense" (solve, or CG under a `GramPreconditioner` at a nearby point) or "cg" (`dynamics.jacobian.gram_solve_cg`
+under a `GramPreconditionerMF`, no (N m, D) array).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from dynamics.jacobian import gram_times_block, jacobian_times, jacobian_transpose_times, output_jacobian, \
-    per_sample_gram_blocks
+from dynamics.jacobian import (gram_solve_cg, gram_times_block, jacobian_transpose_times, output_jacobian,
+                               per_sample_gram_blocks)
 from dynamics.objective import Objective
 
-__all__ = ["GramPreconditioner", "GramPreconditionerMF", "GramSolveNotConverged", "ProjectionReport",
-           "gram_solve", "gram_solve_cg", "outputs_and_targets", "reduced_jacobian", "project", "sharpness_at"]
+__all__ = ["GramPreconditioner", "GramPreconditionerMF", "ProjectionReport", "gram_solve", "outputs_and_targets",
+           "reduced_jacobian", "project", "sharpness_at"]
 
 
 def outputs_and_targets(obj: Objective, theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,17 +75,11 @@ def gram_solve(jac: Tensor, r: Tensor, pre: GramPreconditioner | None, *, rtol: 
     return a
 
 
-def _identity_metric(obj: Objective, noise) -> None:
-    if noise.metric(torch.cat([y for _, y in obj.data])[:1]).basis is not None:
-        raise ValueError(f"the matrix-free Gram route supports the identity metric (squared loss) only, not {noise} "
-                         "(issue 13); use method='dense'")
-
-
 @dataclass(frozen=True)
 class GramPreconditionerMF:
-    """Matrix-free preconditioner M^-1 = S Q S of G = J J^T (N C, N C), identity metric.
+    """Matrix-free preconditioner M^-1 = S Q S of G = Jt Jt^T (N m, N m), Jt = metric.reduce(J).
 
-    S: symmetric inverse square roots of the per-sample blocks J_i J_i^T (block-Jacobi, (N, C, C)). Q: randomized
+    S: symmetric inverse square roots of the per-sample blocks Jt_i Jt_i^T (block-Jacobi, (N, m, m)). Q: randomized
     Nystrom deflation of A = S G S (Frangella, Tropp & Udell, SIMAX 2023, mu = 0): with A's top-l approximate
     eigenpairs (U, lambda), Q = lambda_l U diag(1/lambda) U^T + (I - U U^T). rank 0: block-Jacobi alone.
     """
@@ -101,11 +91,12 @@ class GramPreconditionerMF:
     def at(cls, obj: Objective, noise, theta: Tensor, *, rank: int = 200, chunk_size: int = 64, block: int = 16,
            generator: torch.Generator | None = None) -> "GramPreconditionerMF":
         """Build at theta: one per-sample-Jacobian pass and `rank` Gram products (`block` at a time)."""
-        _identity_metric(obj, noise)
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
-        theta = theta.detach()
-        blocks = per_sample_gram_blocks(obj, theta, chunk_size=chunk_size)
+        theta, metric = theta.detach(), noise.metric(torch.cat([y for _, y in obj.data]).to(theta.dtype))
+        blocks = metric.reduce(metric.reduce(per_sample_gram_blocks(obj, theta, chunk_size=chunk_size)).mT)
+        gram = lambda w: metric.reduce(gram_times_block(obj, theta, metric.lift(w.permute(1, 2, 0))  # noqa: E731
+                                                        .permute(2, 0, 1)).permute(1, 2, 0)).permute(2, 0, 1)
         values, vectors = torch.linalg.eigh(blocks)
         floor = values.amax(-1, keepdim=True) * 1e-12
         inv_sqrt = torch.where(values > floor, values.clamp_min(1e-300).rsqrt(), torch.zeros_like(values))
@@ -118,8 +109,8 @@ class GramPreconditionerMF:
             raise ValueError(f"rank must be below N C = {n * c}, got {rank}")
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         omega, _ = torch.linalg.qr(torch.randn(n * c, rank, generator=gen, dtype=theta.dtype).to(theta.device))
-        scale = lambda m: (s @ m.reshape(-1, n, c).unsqueeze(-1)).squeeze(-1)   # noqa: E731 (m, N, C) -> same
-        y = torch.cat([scale(gram_times_block(obj, theta, scale(omega[:, j:j + block].T.reshape(-1, n, c))))
+        scale = lambda m: (s @ m.reshape(-1, n, c).unsqueeze(-1)).squeeze(-1)   # noqa: E731 (k, N, m) -> same
+        y = torch.cat([scale(gram(scale(omega[:, j:j + block].T.reshape(-1, n, c))))
                        .reshape(-1, n * c).T for j in range(0, rank, block)], dim=1)      # A omega, (N C, l)
         shift = torch.finfo(y.dtype).eps * y.norm()
         y = y + shift * omega
@@ -138,59 +129,6 @@ class GramPreconditionerMF:
             coef = self.vectors.T @ z
             z = z - self.vectors @ coef + self.vectors @ (coef * (self.values[-1] / self.values))
         return scale(z.reshape(r.shape))
-
-
-class GramSolveNotConverged(RuntimeError):
-    """Conjugate gradients on (J J^T) a = r did not reach the requested relative residual."""
-
-
-def gram_solve_cg(obj: Objective, theta: Tensor, r: Tensor, preconditioner, *, rtol: float, max_iter: int,
-                  x0: Tensor | None = None, shift: float = 0.0,
-                  callback: Callable[[int, float, Tensor], None] | None = None) -> tuple[Tensor, int]:
-    """(a (N, C) with (J J^T + shift I) a = r, iterations): preconditioned CG on J v / J^T a products.
-
-    preconditioner: any object with .apply(r (N, C)) -> (N, C) (`GramPreconditionerMF`). Stops when
-    ||(J J^T + shift I) a - r|| <= rtol ||r||; GramSolveNotConverged (naming iterations and residual) after
-    max_iter. x0: warm start (N, C). callback(iteration, relative residual, J^T a) after every iteration and at
-    0: for r = J v, v - J^T a is the approximate tangent projection of v and CG minimizes ||P~v - P v|| (Craig's
-    method), so ||v - J^T a||^2 falls monotonically to ||P v||^2 (docs/studies/big_point_findings.md).
-    shift >= 0: Tikhonov shift in Gram units (N x Hessian units); directions of Gram eigenvalue << shift count
-    as tangent, which bounds the condition number by lambda_max / shift (Jacobians of deficient rank).
-    """
-    if shift < 0:
-        raise ValueError(f"shift must be >= 0, got {shift}")
-    track = callback is not None
-    if x0 is None:
-        a, res = torch.zeros_like(r), r.clone()
-        jta = torch.zeros_like(theta) if track else None
-    else:
-        if x0.shape != r.shape:
-            raise ValueError(f"x0 must have the shape of r {tuple(r.shape)}, got {tuple(x0.shape)}")
-        a = x0.clone()
-        jta = jacobian_transpose_times(obj, theta, a)
-        res = r - jacobian_times(obj, theta, jta) - shift * a
-    target = rtol * r.norm()
-    if track:
-        callback(0, float(res.norm() / r.norm()), jta)
-    if res.norm() <= target:
-        return a, 0
-    z = preconditioner.apply(res)
-    p, rz = z, (res * z).sum()
-    for it in range(1, max_iter + 1):
-        jtp = jacobian_transpose_times(obj, theta, p)
-        gp = jacobian_times(obj, theta, jtp) + shift * p
-        step = rz / (p * gp).sum()
-        a, res = a + step * p, res - step * gp
-        if track:
-            jta = jta + step * jtp
-            callback(it, float(res.norm() / r.norm()), jta)
-        if res.norm() <= target:
-            return a, it
-        z = preconditioner.apply(res)
-        rz_new = (res * z).sum()
-        p, rz = z + (rz_new / rz) * p, rz_new
-    raise GramSolveNotConverged(f"conjugate gradients on J J^T did not converge: relative residual "
-                                f"{float(res.norm() / r.norm()):.2e} > rtol {rtol:.1e} after {max_iter} iterations")
 
 
 @dataclass(frozen=True)
@@ -228,11 +166,10 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
         raise ValueError("gd_steps > 0 needs a positive gd_lr")
     if method not in ("dense", "cg"):
         raise ValueError(f"method must be 'dense' or 'cg', got {method!r}")
-    if method == "cg":
-        _identity_metric(obj, noise)
-        if not 0 < cg_rtol < 1:
-            raise ValueError(f"cg_rtol must be in (0, 1), got {cg_rtol}")
+    if method == "cg" and not 0 < cg_rtol < 1:
+        raise ValueError(f"cg_rtol must be in (0, 1), got {cg_rtol}")
     outputs, targets = outputs_and_targets(obj, theta0)
+    metric = noise.metric(targets.to(theta0.dtype))
     equations = noise.equations(*outputs.shape)
     if equations > obj.dim:
         raise ValueError(f"{equations} equations on Gamma ({noise}) exceed D = {obj.dim} parameters: "
@@ -255,11 +192,11 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
                                                                                      equations - 1),
                                                          generator=generator)
             r = noise.residual(outputs_and_targets(obj, theta)[0].detach(), targets)
-            a, its = gram_solve_cg(obj, theta, r, preconditioner, rtol=cg_rtol, max_iter=cg_max_iter)
+            a, its = gram_solve_cg(obj, theta, r, preconditioner, rtol=cg_rtol, max_iter=cg_max_iter, metric=metric)
             iterations.append(its)
             if refresh_after is not None and its > refresh_after:
                 preconditioner = None
-            step = jacobian_transpose_times(obj, theta, a)
+            step = jacobian_transpose_times(obj, theta, metric.lift(a))
         candidate = theta - step
         new = distance(candidate)
         if new > dist:                  # damped step when the full step overshoots (far from Gamma)

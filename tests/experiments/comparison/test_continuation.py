@@ -13,21 +13,19 @@ import torch
 
 from experiments.comparison.continuation import (ContinuationConfig, RegimeWarning, extrapolate_to_zero_eta,
                                                  measure, run_continuation, run_schedule)
+from experiments.comparison.noise import GaussianLabelNoise
 from experiments.comparison.path import fit_slope, predicted_path
 from experiments.comparison.phi import read_at_phi
 from experiments.comparison.point import point_at
 from experiments.comparison.projection import GramPreconditioner, project, sharpness_at
 from sde.label_noise import predict_rates
 from sde.rules import QSR, SGD, LocalSGD
-from tests.experiments.comparison.test_projection import FLIP, GAUSS, flip_problem, gaussian_objective
+from tests.experiments.comparison.test_projection import tiny_points
 
 
 @pytest.fixture(scope="module")
 def points(cifar10_dir):
-    obj = gaussian_objective(cifar10_dir, 10)
-    fobj, fzeta, _ = flip_problem()
-    return {"gaussian": point_at(obj, GAUSS, project(obj, GAUSS, tol=1e-24, max_gauss_newton=60)[0]),
-            "flip": point_at(fobj, FLIP, fzeta)}
+    return tiny_points(cifar10_dir)
 
 
 def hand_written_run(point, rule, eta, rounds, seeds, generator):
@@ -43,7 +41,7 @@ def hand_written_run(point, rule, eta, rounds, seeds, generator):
         for _ in range(H):
             idx = torch.randint(0, len(x), (seeds * K, b), generator=generator)
             y = targets[idx]
-            if isinstance(noise, type(GAUSS)):
+            if isinstance(noise, GaussianLabelNoise):
                 y = y + noise.sigma * torch.randn(y.shape, generator=generator, dtype=y.dtype)
             else:
                 label = y.argmax(-1)

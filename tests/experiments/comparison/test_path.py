@@ -11,19 +11,15 @@ import torch
 
 from experiments.comparison.noise import GaussianLabelNoise
 from experiments.comparison.path import NodeRates, fit_slope, integrate_drift_path, predicted_path
-from experiments.comparison.point import point_at
-from experiments.comparison.projection import project, sharpness_at
+from experiments.comparison.projection import sharpness_at
 from sde.label_noise import predict_rates
 from sde.rules import QSR, SGD, LocalSGD
-from tests.experiments.comparison.test_projection import FLIP, GAUSS, flip_problem, gaussian_objective
+from tests.experiments.comparison.test_projection import tiny_points
 
 
 @pytest.fixture(scope="module")
 def points(cifar10_dir):
-    obj = gaussian_objective(cifar10_dir, 10)
-    fobj, fzeta, _ = flip_problem()
-    return {"gaussian": point_at(obj, GAUSS, project(obj, GAUSS, tol=1e-24, max_gauss_newton=60)[0]),
-            "flip": point_at(fobj, FLIP, fzeta)}
+    return tiny_points(cifar10_dir)
 
 
 def test_label_noise_is_normal_on_gamma_so_the_slow_sde_has_no_diffusion(points):

@@ -62,15 +62,16 @@ def test_build_point_lands_on_gamma_with_its_tools(data, noise):
 
 def test_matrix_free_point_equals_the_dense_one(data):
     """method "cg": the projection by conjugate gradients lands where the dense one does, the point holds a
-    `GramPreconditionerMF` and no (N C, D) geometry; flipped labels are refused there (issue 13)."""
+    `GramPreconditionerMF` and no (N m, D) geometry; flipped labels too (the metric's reduced blocks)."""
     x, y = data
     dense = build_point(tiny_mlp(), x, y, noise=GAUSS, train_steps=0, tol=1e-20, max_gauss_newton=60)
     mf = build_point(tiny_mlp(), x, y, noise=GAUSS, train_steps=0, tol=1e-20, method="cg", cg_rtol=1e-13,
                      preconditioner_rank=40, max_gauss_newton=60)
     torch.testing.assert_close(mf.zeta, dense.zeta, rtol=0, atol=1e-9)
     assert isinstance(mf.preconditioner, GramPreconditionerMF) and mf.geometry is None and mf.correction is None
-    with pytest.raises(ValueError, match="issue 13"):
-        build_point(tiny_mlp(), x, y, noise=FlippedLabels(0.1), train_steps=0, method="cg")
+    flip = build_point(tiny_mlp(), x, y, noise=FlippedLabels(0.1), train_steps=300, method="cg", cg_rtol=1e-6,
+                       preconditioner_rank=40)
+    assert flip.residual <= 1e-10 and flip.preconditioner.vectors.shape[0] == 90     # N (C - 1) rows
     with pytest.raises(ValueError, match="method"):
         point_at(dense.objective, GAUSS, dense.zeta, method="lanczos")
     assert objective(tiny_mlp(), x, dense.targets.float(), GAUSS).data[0][1].dtype == torch.float64
