@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments import compare as compare_cli
 from experiments import probe as probe_cli
 from experiments import train as train_cli
 from experiments.config import preset
@@ -20,7 +21,7 @@ from experiments.trainer import train
 ROOT = Path(__file__).resolve().parents[2]
 TABLE = ROOT / "docs" / "bad_inputs.md"
 BASE = ["--preset", "cpu-tiny", "--epochs", "2", "--no-progress", "--out", "{new}"]
-ROW = re.compile(r"^\|\s*(\d+)\s*\|\s*(train|probe)\s*\|\s*`([^`]*)`\s*\|\s*(\d+)\s*\|\s*(.*?)\s*\|\s*$")
+ROW = re.compile(r"^\|\s*(\d+)\s*\|\s*(train|probe|compare)\s*\|\s*`([^`]*)`\s*\|\s*(\d+)\s*\|\s*(.*?)\s*\|\s*$")
 
 
 def rows() -> list[tuple]:
@@ -85,7 +86,7 @@ def run_row(tool: str, args: str, files: dict[str, str], capsys) -> tuple[int, l
     if tool == "train":
         argv = [a.format(**files) for a in BASE] + argv
     capsys.readouterr()
-    code = (train_cli.main if tool == "train" else probe_cli.main)(argv)
+    code = {"train": train_cli.main, "probe": probe_cli.main, "compare": compare_cli.main}[tool](argv)
     return code, capsys.readouterr().err.strip().splitlines()
 
 
