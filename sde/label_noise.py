@@ -72,6 +72,14 @@ class OutputMetric:
         """m, the reduced output dimension, for C = classes outputs."""
         return classes if self.basis is None else self.basis.shape[1]
 
+    def check(self, num_samples: int, classes: int) -> None:
+        """ValueError unless basis is (C, m) and roots (N, m, m) for N = num_samples, C = classes."""
+        m = self.size(classes)
+        if self.basis is not None and (self.basis.dim() != 2 or self.basis.shape[0] != classes):
+            raise ValueError(f"metric basis must be (C = {classes}, m), got {tuple(self.basis.shape)}")
+        if self.roots is not None and tuple(self.roots.shape) != (num_samples, m, m):
+            raise ValueError(f"metric roots must be (N, m, m) = ({num_samples}, {m}, {m}), got {tuple(self.roots.shape)}")
+
 
 def centred_basis(C: int, dtype, device) -> Tensor:
     """Q (C, C-1) with orthonormal columns spanning {w : sum w = 0}."""
@@ -156,6 +164,7 @@ def gauss_newton_geometry(obj: Objective, theta: Tensor | None = None, *, metric
     """
     theta = (obj.params if theta is None else theta).detach()
     metric = metric or OutputMetric()
+    metric.check(obj.num_samples, obj.forward(theta, obj.data[0][0][:1]).shape[-1])
     _, jac = output_jacobian(obj, theta)
     reduced = metric.reduce(jac).reshape(-1, obj.dim)
     values, vectors = torch.linalg.eigh(reduced @ reduced.T / jac.shape[0])

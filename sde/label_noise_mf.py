@@ -226,6 +226,7 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
     if not excess <= max_loss:
         raise ValueError(f"zeta is not on Gamma: L - loss_on_gamma = {excess:.3e} > max_loss = {max_loss:.1e}")
     metric = metric or OutputMetric()
+    metric.check(obj.num_samples, obj.forward(zeta, obj.data[0][0][:1]).shape[-1])
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     coefficients = [rule.drift_coefficients(eta) for rule in rules]
     betas = sorted({beta for _, c_two, beta in coefficients if c_two})

@@ -170,6 +170,11 @@ def test_drift_weights_and_bad_input():
         label_noise_drift(obj, geo, SGD(2), noise_scale=0.0)
     with pytest.raises(ValueError, match="noise_scale"):
         predict_rates(obj, geo, SGD(2), noise_scale=-1.0)
+    Q = centred_basis(C, torch.float64, "cpu")
+    with pytest.raises(ValueError, match=r"metric roots must be \(N, m, m\) = \(4, 2, 2\)"):
+        gauss_newton_geometry(obj, zeta, metric=OutputMetric(Q, torch.eye(2, dtype=torch.float64).expand(3, 2, 2)))
+    with pytest.raises(ValueError, match=r"metric basis must be \(C = 3, m\)"):
+        gauss_newton_geometry(obj, zeta, metric=OutputMetric(centred_basis(4, torch.float64, "cpu")))
 
 
 def test_metric_helpers():

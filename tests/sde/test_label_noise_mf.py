@@ -75,6 +75,9 @@ def test_bad_input_is_refused_before_any_work(on_gamma):
         predict_rates_matrix_free(flip, zeta, [SGD(4)], **{**options, "loss_on_gamma": 0.0})
     with pytest.raises(ValueError, match="noise_scale"):
         predict_rates_matrix_free(obj, zeta, [SGD(4)], noise_scale=0.0)
+    with pytest.raises(ValueError, match="metric roots must be"):
+        predict_rates_matrix_free(flip, zeta, [SGD(4)], **{**options, "metric": OutputMetric(
+            options["metric"].basis, options["metric"].roots[:2])})
 
 
 def test_cg_projection_rates_equal_exact_path(point):
