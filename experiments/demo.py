@@ -219,7 +219,8 @@ def cifar_table(cifar: dict) -> str:
     for r in cifar["runs"]:
         lines.append(f"{r['name']:6s} {r['eta']:6g} {r['local_steps']:4d} {r['predicted']:12.4g} "
                      f"{r['measured']:10.4g}+-{r['stderr']:6.2g} {r['measured'] / r['predicted']:6.3f} "
-                     f"{r['predicted_lambda_max']:13.4g} {r['measured_lambda_max']:8.4g}+-{r['lambda_max_stderr']:6.2g}")
+                     f"{r['predicted_lambda_max']:13.4g} "
+                     f"{r['measured_lambda_max']:8.4g}+-{r['lambda_max_stderr']:6.2g}")
     paired = [r for r in cifar["ratios"] if r["eta"]]
     lines += ["", "Rule / SGD ratio of d trH/dt at each eta (seed s of the rule over seed s of SGD; mean +- std)",
               f"{'ratio':10s} {'eta':>6s} {'predicted at eta':>16s} {'eta->0 limit':>12s} {'measured':>16s}"]

@@ -168,11 +168,13 @@ def _predictions(point: Point, rule, eta: float, *, method: str, options: dict) 
     return rates[-1], rates[0]
 
 
-def _projector(point: Point):
-    """The tangent projector at a matrix-free point: CG on the reduced Gram under the point's preconditioner."""
+def _projector(point: Point, *, cg_rtol: float = 1e-10, curvature_floor: float = 0.0):
+    """The tangent projector at a matrix-free point: CG on the reduced Gram (rtol cg_rtol) under the point's
+    preconditioner, Tikhonov shift N x curvature_floor (Hessian units: flatter normal directions count as
+    tangent; needed where J is numerically rank-deficient, RESULTS.md section 2b)."""
     from sde.label_noise_mf import TangentProjector
-    return TangentProjector(point.objective, point.zeta, point.preconditioner,
-                            metric=point.noise.metric(point.targets))
+    return TangentProjector(point.objective, point.zeta, point.preconditioner, metric=point.noise.metric(point.targets),
+                            rtol=cg_rtol, shift=len(point.targets) * curvature_floor)
 
 
 def predict_row(point: Point, rule, eta: float, *, method: str = "dense", **options) -> Row:
@@ -203,7 +205,8 @@ def _measured_row(point: Point, config, *, seed: int, path_dt, progress) -> Row:
                predicted_path=m.path_trace_rate, predicted_lambda_max=pred.lambda_max_rate,
                measured_lambda_max=m.lambda_max_rate, lambda_max_stderr=m.lambda_max_rate_std / root,
                local_steps=m.local_steps, slow_time=m.slow_time, trace=point.trace, lambda_max=point.lambda_max,
-               seconds=time.perf_counter() - start, warnings=tuple(f"{w.category.__name__}: {w.message}" for w in regime),
+               seconds=time.perf_counter() - start,
+               warnings=tuple(f"{w.category.__name__}: {w.message}" for w in regime),
                predicted_lambda_max_path=m.path_lambda_max_rate, raw_measured=m.raw_trace_rate,
                max_projection_residual=m.max_projection_residual, per_seed=m.trace_rate_per_seed,
                lambda_max_per_seed=m.lambda_max_rate_per_seed, times=m.checkpoint_times,
@@ -216,13 +219,15 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
             checkpoints: int = 5, batch: int = 8, local_batch: int | None = None, path_dt: float | None = None,
             train_steps: int = 3000, lr: float = 3e-3, point: Point | None = None, method: str = "dense",
             max_eta_lambda: float = 0.5, max_relative_change: float = 0.2, measure: bool = True,
+            nystrom_rank: int = 200, cg_rtol: float = 1e-10, curvature_floor: float = 0.0,
             progress: Progress = None, on_row: Callable[[Row], None] | None = None, **mf_options) -> list[Row]:
     """Predicted vs measured d tr H / dt for every rule at every eta (see the module docstring).
 
     model: an `nn.Module` or a function returning one (ignored when `point`, a `build_point` result, is
     given). rules: `sde` rules or strings (`parse_rule`, with `batch` / `local_batch`). `seeds` runs stacked,
-    drawn from torch.Generator().manual_seed(seed). method="cg": the point by CG projections and the
-    predictions matrix-free (`mf_options` go to `predict_rates_matrix_free`); predictions only. Every input
+    drawn from torch.Generator().manual_seed(seed). method="cg": the point by CG projections (Nystrom rank
+    `nystrom_rank`) and the predictions matrix-free (one `_projector(point, cg_rtol=, curvature_floor=)`;
+    `mf_options`, e.g. num_probes, go to `predict_rates_matrix_free`); predictions only. Every input
     is checked before the point is built, every eta against the regime (eta lambda_max <= max_eta_lambda)
     before any run; a run whose tr H moves by more than `max_relative_change` gets a RegimeWarning named in
     its row. measure=False: predictions only. `on_row(row)`: called as each row is done (e.g. to write it)."""
@@ -250,7 +255,8 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
         if images is None or labels is None:
             raise ValueError("give images and labels, or a prebuilt point")
         point = build_point(model, images, labels, noise=noise, train_steps=train_steps, lr=lr, seed=seed,
-                            method=method, progress=progress)
+                            method=method, progress=progress,
+                            **({"preconditioner_rank": nystrom_rank} if method == "cg" else {}))
     elif str(point.noise) != str(noise):
         raise ValueError(f"the point was built for {point.noise}, not {noise}")
     too_large = [e for e in etas if method == "dense" and e * point.lambda_max > max_eta_lambda]
@@ -270,7 +276,7 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
                 + "".join(f"; {w}" for w in row.warnings))
         else:
             if method == "cg" and "projector" not in mf_options:     # one projector: its solves are reused
-                mf_options["projector"] = _projector(point)
+                mf_options["projector"] = _projector(point, cg_rtol=cg_rtol, curvature_floor=curvature_floor)
             row = predict_row(point, rule, eta, method=method, **mf_options)
             say(f"{row.rule} eta = {eta:g}: predicted {row.predicted:.6g} (limit {row.predicted_limit:.6g})")
         rows.append(row)
@@ -316,12 +322,17 @@ def _parser() -> ArgumentParser:
     add("--data-dir", default=None, help="CIFAR-10 folder (default: CIFAR10_DIR, else a search)")
     add("--slow-time", type=float, default=0.1, help="slow time eta^2 x steps of every run")
     add("--checkpoints", type=int, default=5, help="readings per run (after t = 0)")
-    add("--train-steps", type=int, default=3000, help="full-batch Adam steps toward Gamma")
+    add("--train-steps", type=int, default=3000, help="full-batch Adam steps toward Gamma (0: none)")
     add("--lr", type=float, default=3e-3, help="Adam's step")
     add("--path-dt", type=float, default=None, help="also fit the predicted path (Heun step in slow time)")
     add("--predict-only", action="store_true", help="the predictions at the point, no runs")
     add("--matrix-free", action="store_true", help="point by CG projections, predictions without a dense "
         "Jacobian (sde.label_noise_mf; thousands of images); implies --predict-only")
+    add("--nystrom-rank", type=int, default=200, help="--matrix-free: rank of the Gram preconditioner's deflation")
+    add("--cg-rtol", type=float, default=1e-10, help="--matrix-free: CG tolerance of the tangent projections")
+    add("--curvature-floor", type=float, default=0.0, help="--matrix-free: normal directions of Hessian "
+        "curvature far below this count as tangent (Tikhonov shift N x it; e.g. 1e-9 at 1,000+ images)")
+    add("--probes", type=int, default=30, help="--matrix-free: stochastic Lanczos probes (rules with a psi term)")
     add("--out", required=True, help="folder for rows.jsonl")
     add("--overwrite", action="store_true", help="move a non-empty --out aside first")
     add("--quiet", action="store_true", help="no progress lines")
@@ -354,9 +365,11 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     noise = parse_noise(args.noise)
     rules = [parse_rule(r, batch=args.batch, local_batch=args.local_batch) for r in args.rules]
-    for name in ("seeds", "n", "checkpoints", "train_steps"):
+    for name in ("seeds", "n", "checkpoints", "nystrom_rank", "probes"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.train_steps < 0:
+        raise ValueError(f"--train-steps must be >= 0 (0: project the initialization), got {args.train_steps}")
     if 32 % args.image_size:
         raise ValueError(f"--image-size must divide 32, got {args.image_size}")
     if args.path_dt is not None and not args.path_dt > 0:
@@ -387,7 +400,9 @@ def _main(argv: list[str] | None) -> int:
     rows = compare(model, x, y, noise=noise, rules=rules, etas=args.eta, seeds=args.seeds, seed=args.seed,
                    slow_time=args.slow_time, checkpoints=args.checkpoints, path_dt=args.path_dt,
                    train_steps=args.train_steps, lr=args.lr, method="cg" if args.matrix_free else "dense",
-                   measure=not (args.predict_only or args.matrix_free), progress=say, on_row=write)
+                   measure=not (args.predict_only or args.matrix_free), progress=say, on_row=write,
+                   **({"nystrom_rank": args.nystrom_rank, "cg_rtol": args.cg_rtol, "num_probes": args.probes,
+                       "curvature_floor": args.curvature_floor} if args.matrix_free else {}))
     print(f"{'rule':42s} {'eta':>8s} {'predicted':>11s} {'measured':>11s} {'stderr':>9s} {'meas/pred':>9s}")
     for r in rows:
         print(f"{r.rule:42s} {r.eta:8g} {r.predicted:11.4g} {r.measured:11.4g} {r.stderr:9.2g} {r.ratio:9.3f}"

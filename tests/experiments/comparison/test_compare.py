@@ -330,7 +330,8 @@ def test_matrix_free_predictions_equal_the_exact_ones(cifar10_dir, tmp_path):
         assert f.predicted == pytest.approx(d.predicted, rel=1e-6 if f.rule.startswith("SGD") else 1e-2)
         assert math.isnan(f.measured) and f.seeds == 0
     # the command line: --matrix-free gives predictions only, the same numbers
-    argv = _cli(tmp_path / "mf", "--n", "30", "--matrix-free", "--rules", "sgd")
+    argv = _cli(tmp_path / "mf", "--n", "30", "--matrix-free", "--rules", "sgd", "--nystrom-rank", "100",
+                "--cg-rtol", "1e-12")
     assert main(argv) == 0
     (row,) = [json.loads(line) for line in (tmp_path / "mf" / "rows.jsonl").read_text().splitlines()]
     assert row["predicted"] == pytest.approx(dense[0].predicted, rel=1e-6) and row["measured"] is None
