@@ -14,14 +14,11 @@ assumption the long way, with THEORY.md's general formula and an ESTIMATED or en
   linear in U^T Sigma U, d s/dt = <K, U^T Sigma U> with K from U^T (d_g Hessian) U
   (`hessian_derivative_in_basis`, `rate_kernel`), so the per-draw terms give a standard error
   (`noise_projections`, `monte_carlo_rate`).
-- `general_formula_predictions`: all routes for a list of rules at one point (`GeneralPrediction`) and
-  the noise diagnostics (notebook 04, section 4).
 The objectives here are expected-loss objectives over (x, targets (N, C)) batches, the soft targets
 q_i of flipped labels for the exact routes.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,10 +27,8 @@ from torch import Tensor
 from torch.func import jacrev
 
 from dynamics.jacobian import output_jacobian
-from dynamics.noise import noise_probe
 from dynamics.objective import Objective
-from sde.label_noise import GaussNewtonGeometry, SharpnessGradients, predict_rates, sharpness_gradients
-from sde.matrix_free import MatrixFreeProblem
+from sde.label_noise import SharpnessGradients
 from sde.problem import Problem
 from sde.rules import check_rule
 from sde.slow_sde import slow_sde
@@ -42,7 +37,7 @@ Draw = Callable[[Tensor, torch.Generator], Tensor]     # targets (M, C), generat
 
 __all__ = ["sampled_noise_objective", "labelled_gradients_in_basis", "exact_noise_in_basis", "GeneralRates",
            "general_rates", "hessian_derivative_in_basis", "rate_kernel", "noise_projections", "MonteCarloRate",
-           "monte_carlo_rate", "dense_flip_problem", "GeneralPrediction", "general_formula_predictions"]
+           "monte_carlo_rate", "dense_flip_problem"]
 
 
 def _stacked(obj: Objective) -> tuple[Tensor, Tensor]:
@@ -182,73 +177,3 @@ def dense_flip_problem(obj: Objective) -> Problem:
     return Problem(loss=lambda theta: obj.loss_fn(obj.forward(theta, x), q), noise_cov=noise_cov,
                    name="flipped-label cross-entropy (exact Sigma)")
 
-
-@dataclass(frozen=True)
-class GeneralPrediction:
-    """One rule: predicted d tr H/dt and d lambda_max/dt (slow time) by every route.
-
-    closed_*: Sigma = H on Gamma (`sde.label_noise.predict_rates`, noise_scale 1); general_*: the general
-    formula with the Monte Carlo Sigma through `sde.MatrixFreeProblem(noise_obj=...)` (NaN for rules left
-    out); mc_*: that Sigma_hat contracted with the kernel (`rate_kernel`), with standard errors over draws;
-    exact_*: the kernel on the exactly enumerated Sigma; ito_norm, diffusion_sq from `GeneralRates`.
-    """
-    rule: str
-    closed_trace: float
-    closed_lambda_max: float
-    general_trace: float
-    general_lambda_max: float
-    mc_trace: float
-    mc_trace_stderr: float
-    mc_lambda_max: float
-    mc_lambda_max_stderr: float
-    exact_trace: float
-    exact_lambda_max: float
-    ito_norm: float
-    diffusion_sq: float
-    seconds: float
-
-
-def general_formula_predictions(obj: Objective, zeta: Tensor, draw: Draw, rules, *, geometry: GaussNewtonGeometry,
-                                gradients: SharpnessGradients | None = None, num_draws: int = 20000, seed: int = 0,
-                                noise_samples: int = 4, max_matvecs: int = 4000,
-                                matrix_free_rules=None) -> tuple[list[GeneralPrediction], dict]:
-    """Every route of the flipped-label predictions at zeta, Sigma estimated from `num_draws` draws.
-
-    obj: the soft-target objective; draw: the noise model's one-draw function (`sampled_noise_objective`,
-    generator seeded with `seed`); geometry: its `gauss_newton_geometry` with the flip metric at zeta (U:
-    all its Hessian eigenvectors). `matrix_free_rules`: the rules (default all) also run through
-    `MatrixFreeProblem` (each repeats its Lanczos and noise pass: minutes at N (C-1) = 900).
-    Returns (one `GeneralPrediction` per rule, noise diagnostics: relative Frobenius errors of U^T Sigma_hat U
-    against the exact U^T Sigma U and of U^T Sigma U against diag(lambda) (the claim Sigma = H), the tangent
-    fraction tr(P Sigma_hat P) / tr Sigma_hat, traces of Sigma_hat and H).
-    """
-    gradients = gradients or sharpness_gradients(obj, geometry)
-    noise_obj = sampled_noise_objective(obj, num_draws, draw=draw, generator=torch.Generator().manual_seed(seed))
-    lam = geometry.eigenvalues
-    U = geometry.hessian_eigenvectors(len(lam))
-    proj, exact = noise_projections(noise_obj, zeta, U), exact_noise_in_basis(obj, zeta, U)
-    probe = noise_probe(noise_obj, U, theta=zeta, chunk_size=256)
-    noise = {"num_draws": num_draws, "rank": len(lam),
-             "rel_error_sigma_hat": float((probe.cov_in_basis - exact).norm() / exact.norm()),
-             "rel_error_exact_sigma_vs_hessian": float((exact - torch.diag(lam)).norm() / lam.norm()),
-             "tangent_fraction_sigma_hat": probe.trace_tangent / probe.trace_sigma,
-             "trace_sigma_hat": probe.trace_sigma, "trace_hessian": float(lam.sum())}
-    dH = [hessian_derivative_in_basis(obj, zeta, g, U) for g in (gradients.trace, gradients.lambda_max)]
-    problem = MatrixFreeProblem(obj, rank=len(lam), noise_obj=noise_obj, noise_samples=noise_samples,
-                                max_matvecs=max_matvecs, chunk_size=256, generator=torch.Generator().manual_seed(seed))
-    rows, nan = [], float("nan")
-    for rule in rules:
-        start = time.perf_counter()
-        closed = predict_rates(obj, geometry, rule, noise_scale=1.0, gradients=gradients)
-        general = (general_rates(problem, zeta, rule, gradients)
-                   if matrix_free_rules is None or rule in matrix_free_rules else None)
-        mc_tr, mc_lm = (monte_carlo_rate(rate_kernel(rule, lam, d), proj, exact) for d in dH)
-        rows.append(GeneralPrediction(
-            rule=repr(rule), closed_trace=closed.trace_rate, closed_lambda_max=closed.lambda_max_rate,
-            general_trace=general.trace_rate if general else nan,
-            general_lambda_max=general.lambda_max_rate if general else nan,
-            mc_trace=mc_tr.estimate, mc_trace_stderr=mc_tr.stderr, mc_lambda_max=mc_lm.estimate,
-            mc_lambda_max_stderr=mc_lm.stderr, exact_trace=mc_tr.exact, exact_lambda_max=mc_lm.exact,
-            ito_norm=general.ito_norm if general else nan, diffusion_sq=general.diffusion_sq if general else nan,
-            seconds=time.perf_counter() - start))
-    return rows, noise
