@@ -1,8 +1,5 @@
-"""The comparison layer: predicted vs measured sharpness drift under label noise, for any network and noise.
-
-noise (the label-noise protocol), projection (onto Gamma, sharpness there), phi (the reading at Phi), point
-(a point of Gamma and its tools), path (the predicted path), continuation (the measurement).
-"""
+"""Predicted vs measured sharpness drift under label noise, for any network and noise: noise (the protocol),
+projection (onto Gamma), phi (the reading at Phi), point, path (predicted), continuation (measured), compare."""
 from experiments.comparison.continuation import (ContinuationConfig, ContinuationResult, Measurement,
                                                  RegimeWarning, check_regime, extrapolate_to_zero_eta, measure,
                                                  progress_line, run_continuation, run_schedule)

@@ -1,14 +1,11 @@
-"""Noisy continuation runs from a point of Gamma, read at Phi of the iterates: the measurement, any noise model.
+"""Noisy continuation runs from a point of Gamma, read at Phi of the iterates: the one measurement engine.
 
-From zeta on Gamma (`experiments.comparison.point`), run SGD / Local SGD / QSR with the point's label noise
-(every drawn target noisy afresh, `LabelNoise.draw`; batches drawn with replacement), several seeds at once
-through `sde.discrete.run_local_sgd` (THE stacked seeds x workers loop). At checkpoints (ends of rounds, just
-after averaging) each seed's iterate is read at Phi to second order (`experiments.comparison.phi.read_at_phi`
-with `project` and `sharpness_at`), never at the iterate, whose off-manifold offset of order eta c / B swamps
-the drift (DESIGN.md, Known traps); phi=False reads at the projection after `gd_steps` of gradient descent.
-
-Slow time t = eta^2 x steps per worker; H per round is `rule.local_steps(eta)` (Local SGD round(beta / eta),
-QSR floor((alpha / eta)^2), `sde.rules`). `measure` turns one run into the slopes a comparison row reports.
+From zeta on Gamma run SGD / Local SGD / QSR with the point's label noise (fresh noisy targets every draw,
+`LabelNoise.draw`; batches with replacement), all seeds at once through `sde.discrete.run_local_sgd` (THE stacked
+seeds x workers loop). At checkpoints (ends of rounds, just averaged) each seed's iterate is read at Phi to second
+order (`read_at_phi` over `project` and `sharpness_at`), never at the iterate, whose off-manifold offset of order
+eta c / B swamps the drift (DESIGN.md, Known traps); phi=False reads the projection after `gd_steps` of gradient
+descent. Slow time t = eta^2 x steps per worker; H per round = `rule.local_steps(eta)` (`sde.rules`).
 """
 from __future__ import annotations
 
@@ -39,13 +36,10 @@ class RegimeWarning(UserWarning):
 
 @dataclass(frozen=True)
 class ContinuationConfig:
-    """`rule` run for `rounds` rounds at step `eta` (the noise model is the point's).
-
-    A round is H = rule.local_steps(eta) steps per worker, or for a rule that never averages (SGD)
-    `steps_per_round_sgd` steps; a reading every `checkpoint_every` rounds. gd_steps: the gradient-descent prefix
-    of the projection when phi=False. vectorize: one vmap over all seeds x workers per step (None: when the local
-    batch is < 4). Guards: eta lambda_max <= max_eta_lambda, relative change of tr H <= max_relative_change.
-    """
+    """`rule` at step `eta` for `rounds` rounds of H = rule.local_steps(eta) steps per worker (SGD:
+    `steps_per_round_sgd`), read every `checkpoint_every` rounds; gd_steps: the gradient-descent prefix of the
+    projection when phi=False; vectorize: one vmap over seeds x workers (None: when the local batch is < 4);
+    guards eta lambda_max <= max_eta_lambda, relative change of tr H <= max_relative_change."""
     rule: object
     eta: float
     rounds: int
@@ -68,12 +62,7 @@ class ContinuationConfig:
 
     @property
     def local_steps(self) -> int:
-        """Steps per worker between averagings (`rule.local_steps(eta)`), or SGD's steps_per_round_sgd."""
         return self.rule.local_steps(self.eta) if self.rule.averages else self.steps_per_round_sgd
-
-    @property
-    def local_batch(self) -> int:
-        return self.rule.local_batch
 
     @property
     def checkpoint_times(self) -> Tensor:
@@ -83,9 +72,9 @@ class ContinuationConfig:
 
 
 def run_schedule(rule, eta: float, *, slow_time: float, checkpoints: int, seeds: int) -> dict:
-    """Rounds of one run: about slow_time / eta^2 steps per worker with `checkpoints` readings. A rule that
-    averages runs max(checkpoints, steps // H) rounds, read every rounds // checkpoints; SGD runs `checkpoints`
-    rounds of steps // checkpoints steps. Keyword arguments of `ContinuationConfig`."""
+    """`ContinuationConfig` kwargs for about slow_time / eta^2 steps per worker and `checkpoints` readings: a rule
+    that averages runs max(checkpoints, steps // H) rounds, read every rounds // checkpoints; SGD `checkpoints`
+    rounds of steps // checkpoints steps."""
     steps = max(1, round(slow_time / eta ** 2))
     if not rule.averages:
         return {"rounds": checkpoints, "steps_per_round_sgd": max(1, steps // checkpoints), "seeds": seeds}
@@ -95,9 +84,8 @@ def run_schedule(rule, eta: float, *, slow_time: float, checkpoints: int, seeds:
 
 @dataclass(frozen=True)
 class ContinuationResult:
-    """Readings along a run: times (n,) slow time; trace, lambda_max (n, seeds) at Phi (or at the projection
-    when run with phi=False); raw_* at the Gauss-Newton projection; projection_residual (n, seeds) the
-    projections' distance to Gamma; projection_distance |Pi(theta) - zeta|."""
+    """times (n,) slow time; trace, lambda_max (n, seeds) at Phi (phi=False: at the projection); raw_* at the
+    Gauss-Newton projection; projection_residual its distance to Gamma; projection_distance |Pi(theta) - zeta|."""
     config: ContinuationConfig
     times: Tensor
     trace: Tensor
@@ -110,12 +98,10 @@ class ContinuationResult:
 
 def run_continuation(point: Point, config: ContinuationConfig, *, generator: torch.Generator, phi: bool = True,
                      progress: Callable[[str], None] | None = None) -> ContinuationResult:
-    """Run `config` from point.zeta and read tr H, lambda_max at every checkpoint (module docstring).
-
-    ValueError before any step if the point is not a dense point on Gamma, its preconditioner is not of this
-    point, or eta lambda_max > config.max_eta_lambda; RegimeWarning (`check_regime`) after the run; RuntimeError
-    if a projection fails. progress(line): called at every checkpoint (quiet when None).
-    """
+    """Run `config` from point.zeta, reading tr H and lambda_max at every checkpoint (module docstring).
+    ValueError before any step if the point is not a dense point on Gamma, its preconditioner is another point's,
+    or eta lambda_max > config.max_eta_lambda; RegimeWarning after the run; RuntimeError if a projection fails.
+    progress(line) at every checkpoint (quiet when None)."""
     cfg, obj, noise, zeta = config, point.objective, point.noise, point.zeta
     check_on_gamma(obj, noise, zeta)
     if point.geometry is None:
@@ -130,7 +116,7 @@ def run_continuation(point: Point, config: ContinuationConfig, *, generator: tor
         raise ValueError(f"eta x lambda_max = {cfg.eta * lmax0:.3f} exceeds {cfg.max_eta_lambda}: "
                          "outside the small-learning-rate regime of the slow SDE")
     loss = lambda t, xb, yb: noise.loss(obj.forward(t, xb), yb)                  # noqa: E731
-    vectorize = cfg.vectorize if cfg.vectorize is not None else cfg.local_batch < 4
+    vectorize = cfg.vectorize if cfg.vectorize is not None else cfg.rule.local_batch < 4
     batched, single = vmap(grad(loss)), grad(loss)
 
     def sampler(theta: Tensor, b: int, gen: torch.Generator) -> Tensor:         # theta (seeds, workers, D)
@@ -165,7 +151,7 @@ def run_continuation(point: Point, config: ContinuationConfig, *, generator: tor
         round_[0] += cfg.checkpoint_every
         return torch.tensor(rows, dtype=torch.float64)
 
-    run = run_local_sgd(sampler, zeta, eta=cfg.eta, workers=cfg.rule.workers, local_batch=cfg.local_batch,
+    run = run_local_sgd(sampler, zeta, eta=cfg.eta, workers=cfg.rule.workers, local_batch=cfg.rule.local_batch,
                         local_steps=cfg.local_steps, n_rounds=cfg.rounds, n_seeds=cfg.seeds, generator=generator,
                         observe=observe, observe_every=cfg.checkpoint_every)
     v = run.values.unbind(-1)
@@ -195,8 +181,7 @@ def check_regime(result: ContinuationResult, zeta: Tensor) -> None:
 
 
 def extrapolate_to_zero_eta(etas, values) -> float:
-    """Intercept at eta = 0 of the least-squares line through (eta, value): removes the O(eta) corrections
-    the eta -> 0 slow SDE omits. With two points it is Richardson extrapolation."""
+    """Intercept at eta = 0 of the least-squares line through (eta, value) (Richardson with two points)."""
     eta = torch.as_tensor(etas, dtype=torch.float64)
     val = torch.as_tensor(values, dtype=torch.float64)
     if eta.numel() < 2 or eta.shape != val.shape:
@@ -208,10 +193,9 @@ def extrapolate_to_zero_eta(etas, values) -> float:
 
 @dataclass(frozen=True)
 class Measurement:
-    """One run of one rule at one eta, fitted: slopes d/dt (slow time) of tr H and lambda_max at Phi (mean over
-    seeds, std over seeds, per seed) and of tr H at the Gauss-Newton projection (raw); the trajectory
-    (checkpoint times, mean tr H per checkpoint); the predicted path of rule.at_eta(eta) fitted at the same
-    checkpoints (NaN without path_dt); the worst projection distance to Gamma; wall seconds."""
+    """One run fitted (`fit_slope`, slow time): slopes of tr H and lambda_max at Phi (mean, std over seeds, per seed)
+    and of tr H at the Gauss-Newton projection (raw); checkpoint times and mean tr H per checkpoint; the predicted
+    path of rule.at_eta(eta) fitted at the same times (NaN without path_dt); worst projection distance; seconds."""
     rule: str
     eta: float
     local_steps: int
@@ -235,8 +219,7 @@ class Measurement:
 
 def measure(point: Point, config: ContinuationConfig, *, seed: int = 0, path_dt: float | None = None,
             progress: Callable[[str], None] | None = None) -> Measurement:
-    """`run_continuation` from the generator seeded by `seed`, fitted (`fit_slope`); with `path_dt` also the
-    predicted path (Heun step path_dt in slow time) of the rule as run at eta, read at the same checkpoints."""
+    """`run_continuation` (generator seeded by `seed`) fitted; with `path_dt` the predicted path too (Heun step)."""
     start = time.perf_counter()
     result = run_continuation(point, config, generator=torch.Generator().manual_seed(seed), progress=progress)
     fits = [fit_slope(result.times, v) for v in (result.trace, result.lambda_max, result.raw_trace)]
@@ -244,12 +227,8 @@ def measure(point: Point, config: ContinuationConfig, *, seed: int = 0, path_dt:
     if path_dt is not None:
         p = predicted_path(point, config.rule.at_eta(config.eta), t1=float(result.times[-1]), dt=path_dt)
         path = (p.fitted_slope(result.times), p.fitted_slope(result.times, "lambda_max"))
-    return Measurement(
-        rule=repr(config.rule), eta=config.eta, local_steps=config.local_steps, seeds=config.seeds,
-        slow_time=float(result.times[-1]), trace_rate=fits[0].mean, trace_rate_std=fits[0].std,
-        trace_rate_per_seed=tuple(fits[0].per_seed.tolist()), lambda_max_rate=fits[1].mean,
-        lambda_max_rate_std=fits[1].std, lambda_max_rate_per_seed=tuple(fits[1].per_seed.tolist()),
-        raw_trace_rate=fits[2].mean, raw_trace_rate_std=fits[2].std, checkpoint_times=tuple(result.times.tolist()),
-        trace_mean_per_checkpoint=tuple(result.trace.mean(1).tolist()), path_trace_rate=path[0],
-        path_lambda_max_rate=path[1], max_projection_residual=float(result.projection_residual.max()),
-        seconds=time.perf_counter() - start)
+    return Measurement(repr(config.rule), config.eta, config.local_steps, config.seeds, float(result.times[-1]),
+                       fits[0].mean, fits[0].std, tuple(fits[0].per_seed.tolist()), fits[1].mean, fits[1].std,
+                       tuple(fits[1].per_seed.tolist()), fits[2].mean, fits[2].std, tuple(result.times.tolist()),
+                       tuple(result.trace.mean(1).tolist()), *path, float(result.projection_residual.max()),
+                       time.perf_counter() - start)

@@ -1,18 +1,13 @@
-"""Label-noise models: what the comparison pipeline needs to know about the noise, behind one protocol.
+"""Label-noise models behind one protocol: the loss, noisy draws, the residual and metric of Gamma, the scale c.
 
-Both models have a minimizer manifold Gamma = {r_i(theta) = 0} with a per-sample reduced, metric-weighted
-residual r_i = R_i Q^T (f_i - g(target_i)) in R^m, on which Hessian(L) = Jt^T Jt / N (Jt_i = R_i Q^T J_i) and
-the one-draw gradient-noise covariance is Sigma = c Hessian(L), c = `noise_scale` (THEORY.md, "Label noise";
-`sde.label_noise` holds the theory for any `OutputMetric`).
-
-- `GaussianLabelNoise(sigma)`: squared loss 1/2 ||f - y||^2 (batch mean), every drawn target perturbed by
-  N(0, sigma^2 I_C) (Li, Wang & Arora, ICLR 2022). Q = I, R_i = I (m = C), c = sigma^2.
-- `FlippedLabels(p)`: cross-entropy, every drawn label flipped with probability p to a uniform other class;
-  the expected loss is the cross-entropy against soft targets q_i (1 - p on the label). Q (C, C-1) orthonormal
-  and orthogonal to 1, R_i = (Q^T A_i Q)^{1/2}, A_i = diag(q_i) - q_i q_i^T (m = C - 1), c = 1.
-
-Targets are float (N, C) expected targets (`targets` builds them from integer labels); `draw` gives one noisy
-draw of them with an explicit generator. `parse_noise("gaussian:0.1")` / `parse_noise("flip:0.1")`.
+Both have a minimizer manifold Gamma = {r_i = 0}, r_i = R_i Q^T (f_i - g(target_i)) in R^m, on which
+Hessian(L) = Jt^T Jt / N (Jt_i = R_i Q^T J_i) and the one-draw gradient noise is Sigma = c H (THEORY.md, "Label
+noise"; the theory for any `OutputMetric` is `sde.label_noise`). Targets are float (N, C) expected targets.
+- `GaussianLabelNoise(sigma)`: squared loss 1/2 ||f - y||^2, every drawn target + N(0, sigma^2 I) (Li, Wang &
+  Arora, ICLR 2022). Q = R_i = I (m = C), c = sigma^2.
+- `FlippedLabels(p)`: cross-entropy, every drawn label flipped with probability p to a uniform other class; the
+  expected targets are soft, q_i (1 - p on the label). Q (C, C-1) orthonormal, orthogonal to 1,
+  R_i = (Q^T A_i Q)^{1/2}, A_i = diag(q_i) - q_i q_i^T (m = C - 1), c = 1.
 """
 from __future__ import annotations
 
@@ -48,7 +43,7 @@ class LabelNoise(Protocol):
 
 
 def _one_hot(labels: Tensor, classes: int, dtype=torch.float64) -> Tensor:
-    """Integer labels (...) in [0, C) -> one-hot (..., C); ValueError naming what does not fit."""
+    """Integer labels (...) in [0, C) -> one-hot (..., C) float64; ValueError naming what does not fit."""
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"targets must be integer labels (N,) or float targets (N, C), got dtype {labels.dtype} "
                          f"and shape {tuple(labels.shape)}")
@@ -60,12 +55,10 @@ def _one_hot(labels: Tensor, classes: int, dtype=torch.float64) -> Tensor:
 
 
 def _float_targets(targets: Tensor, classes: int) -> bool:
-    if not targets.is_floating_point():
-        return False
-    if targets.dim() != 2 or targets.shape[1] != classes:
+    if targets.is_floating_point() and (targets.dim() != 2 or targets.shape[1] != classes):
         raise ValueError(f"float targets of shape {tuple(targets.shape)} do not fit the network's {classes} "
                          f"outputs: (N, {classes}) needed")
-    return True
+    return targets.is_floating_point()
 
 
 @dataclass(frozen=True)
@@ -93,9 +86,7 @@ class GaussianLabelNoise:
 
     def targets(self, labels: Tensor, classes: int) -> Tensor:
         """Integer labels (N,) in [0, C) (one-hot targets), or any float targets (N, C); float64."""
-        if _float_targets(labels, classes):
-            return labels.to(torch.float64)
-        return _one_hot(labels, classes)
+        return labels.to(torch.float64) if _float_targets(labels, classes) else _one_hot(labels, classes)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Mean over the batch of 1/2 sum_c (outputs - targets)^2."""
@@ -109,8 +100,7 @@ class GaussianLabelNoise:
         return outputs - targets
 
     def distance(self, outputs: Tensor, targets: Tensor) -> float:
-        """The loss L = mean 1/2 ||f - y||^2 (zero on Gamma)."""
-        return self.loss(outputs, targets).item()
+        return self.loss(outputs, targets).item()        # L itself
 
     def metric(self, targets: Tensor) -> OutputMetric:
         return OutputMetric(basis=None, roots=None)
@@ -162,16 +152,14 @@ class FlippedLabels:
         labels = flip_labels(targets.argmax(-1), self.p, targets.shape[-1], generator)
         return torch.zeros_like(targets).scatter(-1, labels.unsqueeze(-1), 1.0)
 
-    def _centred(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return (outputs - targets.log()) @ centred_basis(targets.shape[-1], outputs.dtype, outputs.device)
-
     def residual(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """R_i Q^T (f_i - log q_i), (N, C - 1)."""
         return self.metric(targets.to(outputs.dtype)).reduce(outputs - targets.log())
 
     def distance(self, outputs: Tensor, targets: Tensor) -> float:
-        """||Q^T (f - log q)|| = ||centred(f - log q)|| (zero on Gamma)."""
-        return float(self._centred(outputs, targets).norm())
+        """||Q^T (f - log q)|| = ||centred(f - log q)||."""
+        Q = centred_basis(targets.shape[-1], outputs.dtype, outputs.device)
+        return float(((outputs - targets.log()) @ Q).norm())
 
     def metric(self, targets: Tensor) -> OutputMetric:
         Q = centred_basis(targets.shape[-1], targets.dtype, targets.device)

@@ -1,12 +1,10 @@
 """The predicted sharpness path: the slow drift integrated along Gamma, fitted like a measurement.
 
-Predicted rates d tr H/dt, d lambda_max/dt are rates at zeta (slow time t = eta^2 x steps per worker, t = 0); a
-measured slope is a least-squares fit (`fit_slope`: free intercept, checkpoints after t = 0) over a window in
-which the rates change. Under label noise Sigma = c H on Gamma lies in the normal space, so the slow SDE has no
-diffusion (THEORY.md "Label noise") and is the ODE d zeta/dt = drift(zeta), zeta(t) on Gamma: its solution is
-THE eta -> 0 prediction over the whole window. `PredictedPath.fitted_slope` reads it at a run's checkpoint times
-with the measurement's fit. Generic part: `integrate_drift_path` (Heun in slow time, each stage projected
-back onto Gamma); the one instance for any noise model: `predicted_path(point, rule, t1=, dt=)`.
+Rates predicted at zeta are not a slope fitted over a window (`fit_slope`) in which they change. Under label
+noise Sigma = c H on Gamma is normal, so the slow SDE is the ODE d zeta/dt = drift(zeta) on Gamma (THEORY.md,
+"Label noise"), THE eta -> 0 prediction over the whole window; `PredictedPath.fitted_slope` reads it at a run's
+checkpoints with the measurement's fit. `integrate_drift_path`: Heun in slow time (t = eta^2 x steps per worker),
+each stage projected onto Gamma; `predicted_path(point, rule, ...)`: the one instance, any noise model.
 """
 from __future__ import annotations
 
@@ -36,10 +34,8 @@ class SlopeFit:
 
 
 def fit_slope(times: Tensor, values: Tensor, *, skip: int = 1) -> SlopeFit:
-    """Slope of values (n, seeds) against times (n,) with a free intercept, dropping the first `skip` rows.
-
-    The free intercept absorbs the constant O(eta c / B) bias of reading a projection of a noisy iterate;
-    skipping t = 0 (the exact start) avoids mixing it in."""
+    """Slope of values (n, seeds) against times (n,) with a free intercept (it absorbs the O(eta c / B) bias of
+    reading a projection of a noisy iterate), dropping the first `skip` rows (t = 0, the exact start)."""
     t, v = times[skip:].to(torch.float64), values[skip:].to(torch.float64)
     if len(t) < 2:
         raise ValueError(f"need at least 2 checkpoints after skipping {skip}, got {len(t)}")
@@ -51,8 +47,7 @@ def fit_slope(times: Tensor, values: Tensor, *, skip: int = 1) -> SlopeFit:
 
 @dataclass(frozen=True)
 class NodeRates:
-    """At a point of Gamma: tr H, lambda_max, their rates d/dt (slow time), the drift (D,) and the point's
-    distance to Gamma (the noise model's measure)."""
+    """At a point of Gamma: tr H, lambda_max, their rates d/dt, the drift (D,) and the distance to Gamma."""
     trace: float
     lambda_max: float
     trace_rate: float
@@ -63,9 +58,8 @@ class NodeRates:
 
 @dataclass(frozen=True)
 class PredictedPath:
-    """The predicted path from zeta. times (n,) slow time from 0 (float64, increasing); trace, lambda_max,
-    trace_rate, lambda_max_rate (n,) at the nodes; max_residual the worst distance to Gamma of the nodes;
-    end (D,) the last node (None if not kept)."""
+    """times (n,) slow time from 0 (float64, increasing); trace, lambda_max and their rates (n,) at the nodes;
+    max_residual the worst distance to Gamma of the nodes; end (D,) the last node."""
     rule: object
     times: Tensor
     trace: Tensor
@@ -86,8 +80,7 @@ class PredictedPath:
             raise ValueError("times must be strictly increasing")
 
     def at(self, times, key: str = "trace") -> Tensor:
-        """`key` ("trace" or "lambda_max") at `times` (m,) in [0, times[-1]], by cubic Hermite interpolation
-        of the node values and rates (error O(dt^4) for a smooth path)."""
+        """`key` ("trace" or "lambda_max") at `times` (m,) in [0, times[-1]]: cubic Hermite on values and rates."""
         if key not in KEYS:
             raise ValueError(f"key must be 'trace' or 'lambda_max', got {key!r}")
         t = torch.as_tensor(times, dtype=torch.float64)
@@ -110,13 +103,10 @@ class PredictedPath:
 def integrate_drift_path(zeta: Tensor, evaluate: Callable[[Tensor], NodeRates],
                          project: Callable[[Tensor], Tensor], *, t1: float, dt: float,
                          drift: Callable[[Tensor], Tensor] | None = None, rule=None) -> PredictedPath:
-    """Integrate d zeta/dt = drift(zeta) on Gamma from zeta to slow time t1 by Heun's method.
-
-    ceil(t1 / dt) equal steps h <= dt: predictor z1 = project(z + h d(z)), corrector z' = project(z + h/2 (d(z) +
-    d(z1))); the drift is tangent, so each projection moves the point by O(h^2) and the scheme stays second order
-    (global error O(dt^2)). evaluate(z) -> `NodeRates` at a node; drift(z) -> (D,) at the predictor (default
-    evaluate(z).drift); project(z) -> the point of Gamma near z.
-    """
+    """Heun's method for d zeta/dt = drift(zeta) on Gamma to slow time t1, ceil(t1 / dt) steps h: z1 =
+    project(z + h d(z)), z' = project(z + h/2 (d(z) + d(z1))); the drift is tangent, so each projection moves the
+    point by O(h^2) (global error O(dt^2)). evaluate(z) -> `NodeRates`; drift(z) (D,) at the predictor (default
+    evaluate(z).drift); project(z) -> the point of Gamma near z."""
     if not (t1 > 0 and math.isfinite(t1)) or not (dt > 0 and math.isfinite(dt)):
         raise ValueError(f"t1 and dt must be positive and finite, got t1={t1}, dt={dt}")
     drift = drift or (lambda z: evaluate(z).drift)
@@ -139,10 +129,8 @@ def integrate_drift_path(zeta: Tensor, evaluate: Callable[[Tensor], NodeRates],
 
 def predicted_path(point: Point, rule, *, t1: float, dt: float = 0.016, eta: float | None = None,
                    tol: float = 1e-12) -> PredictedPath:
-    """The predicted path of `rule` from point.zeta under the point's noise model (drift -(c/4B) P d3L[w(H)],
-    `sde.label_noise`, exact route; `eta` as in `drift_weights`: QSR's finite-eta weights). Each stage is
-    projected by Gauss-Newton (`project`, distance <= tol, Gram systems preconditioned at zeta). Per step:
-    2 Jacobians and Gram eigendecompositions, 4 third-order passes and 2 projections."""
+    """The path of `rule` from point.zeta under the point's noise (drift -(c/4B) P d3L[w(H)], `sde.label_noise`;
+    `eta` as in `drift_weights`), stages projected by `project` (distance <= tol, preconditioned at zeta)."""
     check_rule(rule)
     obj, noise, c = point.objective, point.noise, point.noise.noise_scale
     metric = noise.metric(point.targets)

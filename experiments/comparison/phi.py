@@ -1,19 +1,14 @@
-"""Sharpness read at Phi(theta), the gradient-flow projection, from Gauss-Newton projections (any noise model).
+"""Sharpness read at Phi(theta), the gradient-flow projection, from two Gauss-Newton projections (any noise model).
 
-Continuation runs read tr H and lambda_max at the projection of each noisy iterate onto Gamma. The theory's
-projection is Phi (the limit of gradient flow, Li, Wang & Arora, ICLR 2022); the cheap one is Pi, Gauss-Newton
-minimum-norm steps on the metric-weighted residual (`experiments.comparison.projection.project`). They agree to
-first order in the normal offset x = theta - Pi(theta) but not to second: along a Hessian eigenvector Pi's
-tangent term is twice Phi's. Where normal directions have not equilibrated, |x|^2 grows with time, so reading
-at Pi adds a spurious drift to the measured slope.
-
-With z = Pi(theta), Pi(z - x) = z + d2Pi[x x^T] + O(x^3), and Phi(theta) = z + 1/2 (d2Phi - d2Pi)[x x^T] + O(x^3)
-with d2Phi[x x^T] = -P d3L[Lyap^-1(x x^T)] for normal x (THEORY.md, the d2Phi block). For s in {tr H, lambda_max}
+Phi (the limit of gradient flow, Li, Wang & Arora, ICLR 2022) and Pi (Gauss-Newton minimum-norm steps,
+`projection.project`) agree to first order in the normal offset x = theta - Pi(theta), not to second: along a
+Hessian eigenvector Pi's tangent term is twice Phi's, and reading at Pi adds a spurious drift as |x|^2 grows.
+With z = Pi(theta), d2Phi[x x^T] = -P d3L[Lyap^-1(x x^T)] (THEORY.md, the d2Phi block), for s in {tr H, lambda_max}
 
     s(Phi(theta)) = s(z) - (s(Pi(z - x)) - s(z)) / 2 - 1/2 a^T (dH / (lambda_i + lambda_j)) a + O(|x|^3),
 
-a = U^T x, U (D, r) the Hessian's normal eigenvectors, dH = U^T (d_g Hessian) U for g the tangent gradient of s,
-all taken once at zeta (error O(|z - zeta| |x|^2)).
+a = U^T x, U (D, r) the normal Hessian eigenvectors, dH = U^T (d_g Hessian) U for g the tangent gradient of s, all
+taken once at zeta (error O(|z - zeta| |x|^2)).
 """
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
-"""A point zeta of Gamma for a user's network, data and label noise, with what every comparison there reuses.
+"""A point zeta of Gamma for a user's network, data and label noise, and what every comparison there reuses.
 
-`build_point(model, images, labels, noise=...)`: `check_model` (bad input before any work), the objective of
-the expected loss over (images, expected targets), full-batch Adam toward Gamma (`fit`), the projection onto
-Gamma (`experiments.comparison.projection.project`), then `point_at` builds once per point the geometry
-(`sde.label_noise.gauss_newton_geometry` with the noise model's metric), the tangent sharpness gradients, the
-Gram preconditioner and the Phi correction, which every rule, eta and seed share. With method "cg" (thousands
-of images) nothing of size (N m, D) is formed: the point holds a `GramPreconditionerMF` and no dense geometry.
+`build_point`: `check_model` (bad input before any work), full-batch Adam toward Gamma (`fit`), `project`, then
+`point_at` builds once per point the geometry (with the noise model's metric), the tangent sharpness gradients,
+the Gram preconditioner and the Phi correction. method "cg": no (N m, D) array, a `GramPreconditionerMF` only.
 """
 from __future__ import annotations
 
@@ -25,8 +22,6 @@ from experiments.comparison.projection import (GramPreconditioner, GramPrecondit
 from sde.label_noise import gauss_newton_geometry, sharpness_gradients
 
 __all__ = ["Point", "check_model", "check_on_gamma", "objective", "fit", "point_at", "build_point"]
-
-Progress = Callable[[str], None] | None
 
 
 @dataclass(frozen=True)
@@ -62,8 +57,7 @@ class Point:
 
 def check_model(model: nn.Module, images: Tensor, labels: Tensor, noise) -> tuple[int, Tensor]:
     """(C, expected targets (N, C) float64), or ValueError before any work when the network cannot have the Gamma
-    the theory assumes: BatchNorm (each output depends on the batch, or in eval mode on statistics SGD does not
-    move), Dropout (a random loss), outputs that are not one per class of the targets, more equations than D."""
+    the theory assumes: BatchNorm, Dropout, outputs not one per class of the targets, more equations than D."""
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"the network has BatchNorm ({name or 'the model'}: {type(module).__name__}): with "
@@ -113,7 +107,7 @@ def objective(model: nn.Module, images: Tensor, targets: Tensor, noise) -> Objec
 
 def fit(obj: Objective, noise, *, steps: int = 3000, lr: float = 3e-3, gap: float | None = None) -> Tensor:
     """Full-batch Adam from the model's parameters until L - noise.minimum_loss <= gap (default noise.fit_gap)
-    or `steps`; the flat parameters reached (the model is not modified). Deterministic."""
+    or `steps`: the flat parameters reached (the model is not modified)."""
     gap = noise.fit_gap if gap is None else gap
     floor = noise.minimum_loss(torch.cat([y for _, y in obj.data]))
     theta = obj.params.clone().requires_grad_(True)
@@ -152,7 +146,7 @@ def point_at(obj: Objective, noise, zeta: Tensor, *, method: str = "dense", labe
 
 
 def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: int = 3000, lr: float = 3e-3,
-                tol: float = 1e-10, seed: int = 0, method: str = "dense", progress: Progress = None,
+                tol: float = 1e-10, seed: int = 0, method: str = "dense", progress: Callable[[str], None] | None = None,
                 **projection) -> Point:
     """Train `model` (a module, or a factory called with image_size, torch seeded by `seed`) toward Gamma by
     full-batch Adam (`train_steps`, 0 for none), project onto Gamma (distance <= tol; `projection` kwargs go to

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dynamics.jacobian import (gram_solve_cg, gram_times_block, jacobian_transpose_times, output_jacobian,
-                               per_sample_gram_blocks)
+from dynamics.jacobian import (GramSolveNotConverged, gram_solve_cg, gram_times_block, jacobian_transpose_times,
+                               output_jacobian, per_sample_gram_blocks)
 from dynamics.objective import Objective
 
 __all__ = ["GramPreconditioner", "GramPreconditionerMF", "ProjectionReport", "gram_solve", "outputs_and_targets",
@@ -56,7 +56,8 @@ class GramPreconditioner:
 
 def gram_solve(jac: Tensor, r: Tensor, pre: GramPreconditioner | None, *, rtol: float = 1e-11,
                max_iter: int = 200) -> Tensor:
-    """a (N m,) with (Jt Jt^T) a = r for jac = Jt (N m, D): dense solve, or preconditioned CG if `pre` is given."""
+    """a (N m,) with (Jt Jt^T) a = r for jac = Jt (N m, D): dense solve, or CG preconditioned by `pre`
+    (GramSolveNotConverged naming the residual after max_iter iterations)."""
     if pre is None:
         gram = jac @ jac.T
         return torch.linalg.solve(gram + 1e-14 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype), r)
@@ -68,11 +69,12 @@ def gram_solve(jac: Tensor, r: Tensor, pre: GramPreconditioner | None, *, rtol: 
         step = rz / (p @ ap)
         a, res = a + step * p, res - step * ap
         if res.norm() <= rtol * r.norm():
-            break
+            return a
         z = pre.solve(res)
         rz_new = res @ z
         p, rz = z + (rz_new / rz) * p, rz_new
-    return a
+    raise GramSolveNotConverged(f"preconditioned CG on Jt Jt^T did not converge: relative residual "
+                                f"{float(res.norm() / r.norm()):.2e} > rtol {rtol:.1e} after {max_iter} iterations")
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,8 @@ class GramPreconditionerMF:
 
 @dataclass(frozen=True)
 class ProjectionReport:
-    """How `project` ended: the noise model's distance to Gamma before / after, steps, |theta_end - theta_0|
-    (`moved`), success, and the CG iterations of each Gauss-Newton step (method "cg"; empty for "dense")."""
+    """How `project` ended: distance to Gamma before / after, steps, |theta_end - theta_0| (`moved`), success,
+    and the CG iterations of each Gauss-Newton step (method "cg")."""
     distance: float
     initial_distance: float
     gd_steps: int
@@ -149,16 +151,12 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
             cg_rtol: float = 1e-4, cg_max_iter: int = 5000, preconditioner_rank: int = 200,
             refresh_after: int | None = 500, generator: torch.Generator | None = None,
             raise_on_failure: bool = True) -> tuple[Tensor, ProjectionReport]:
-    """Project theta (default the model's parameters) onto Gamma: (point, `ProjectionReport`) (module docstring).
+    """(theta, default the model's parameters, projected onto Gamma; `ProjectionReport`) (module docstring).
 
-    method "dense": the (N m, D) Jacobian every step; Gram systems solved densely, or by CG under
-    `preconditioner` (a `GramPreconditioner` at a nearby point of Gamma, for repeated projections).
-    method "cg": inexact Newton, each Gram system solved by `gram_solve_cg` to relative residual `cg_rtol` under
-    `preconditioner` (a `GramPreconditionerMF`; built at the first Gauss-Newton point with rank
-    min(preconditioner_rank, N C - 1) from `generator` when None, and rebuilt after a step that needed more than
-    `refresh_after` CG iterations). ValueError if the equations exceed D or on a bad option; RuntimeError
-    naming steps and distance (or the report with converged False) if the distance is > tol at the end.
-    """
+    "dense": `preconditioner` a `GramPreconditioner` at a nearby point of Gamma, or None (dense solves). "cg":
+    inexact Newton, Gram systems solved to `cg_rtol` under a `GramPreconditionerMF` (None: built at the first step,
+    rank min(preconditioner_rank, N m - 1), and again after a step of more than `refresh_after` CG iterations).
+    ValueError if the equations exceed D; RuntimeError naming steps and distance (raise_on_failure) if > tol."""
     theta0 = (obj.params if theta is None else theta).detach().clone()
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol}")

@@ -32,7 +32,8 @@ def test_label_noise_is_normal_on_gamma_so_the_slow_sde_has_no_diffusion(points)
         assert float(point.objective.grad(point.zeta).norm()) < 1e-9
 
 
-@pytest.mark.parametrize("name, rule, ns", [("gaussian", SGD(2), (4, 8, 16)), ("gaussian", LocalSGD(2, 1, 0.5), (4, 8, 16)),
+@pytest.mark.parametrize("name, rule, ns", [("gaussian", SGD(2), (4, 8, 16)),
+                                            ("gaussian", LocalSGD(2, 1, 0.5), (4, 8, 16)),
                                             ("flip", SGD(2), (4, 8)), ("flip", LocalSGD(2, 1, 0.5), (4, 8))],
                          ids=["gaussian-sgd", "gaussian-local", "flip-sgd", "flip-local"])
 def test_path_integrates_the_exact_drift(points, name, rule, ns):

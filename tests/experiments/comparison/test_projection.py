@@ -13,8 +13,8 @@ from torch.func import hessian
 from dynamics.jacobian import GramSolveNotConverged, gram_solve_cg, output_jacobian
 from experiments.comparison.noise import FlippedLabels, GaussianLabelNoise
 from experiments.comparison.point import objective
-from experiments.comparison.projection import (GramPreconditioner, GramPreconditionerMF, outputs_and_targets,
-                                               project, reduced_jacobian, sharpness_at)
+from experiments.comparison.projection import (GramPreconditioner, GramPreconditionerMF, gram_solve,
+                                               outputs_and_targets, project, reduced_jacobian, sharpness_at)
 from experiments.data import cifar_subset
 
 GAUSS, FLIP = GaussianLabelNoise(0.1), FlippedLabels(0.2)
@@ -98,6 +98,10 @@ def test_dense_projection_reaches_gamma_and_preconditioned_path_agrees(on_gamma)
     assert rep_dense.distance <= 1e-10 and rep_pcg.distance <= 1e-10
     torch.testing.assert_close(pcg, dense, rtol=0, atol=1e-9)
     assert rep_dense.moved == pytest.approx(float((dense - zeta - kick).norm()), rel=1e-12)
+    # a preconditioner of another point and one CG iteration: the solve is refused, naming the residual
+    far = GramPreconditioner.at(obj, GAUSS, obj.params)
+    with pytest.raises(GramSolveNotConverged, match="relative residual .* after 1 iterations"):
+        gram_solve(reduced_jacobian(obj, GAUSS, zeta)[1], torch.ones(100, dtype=torch.float64), far, max_iter=1)
 
 
 def test_projection_guards(on_gamma, cifar10_dir):
