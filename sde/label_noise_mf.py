@@ -74,7 +74,7 @@ class TangentProjector:
 
     @classmethod
     def from_blocks(cls, obj: Objective, theta: Tensor, blocks: Tensor, **options) -> "TangentProjector":
-        """Block-Jacobi projector from per-sample blocks (N, C, C) already computed."""
+        """Block-Jacobi projector from per-sample blocks J_i J_i^T (N, m, m) of the reduced Jacobian, already computed."""
         return cls(obj, theta, BlockJacobi(blocks), **options)
 
     def project(self, v: Tensor) -> tuple[Tensor, int]:
