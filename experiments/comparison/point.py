@@ -174,6 +174,7 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: in
                          f"{report.gauss_newton_steps} Gauss-Newton steps ({noise}); train longer or use fewer images")
     say(f"point: on Gamma (distance {report.distance:.2e}); geometry, Phi correction and preconditioner")
     point = point_at(obj, noise, zeta, method=method, labels=labels, tol=tol, seconds=time.perf_counter() - start,
-                     **({"rank": projection.get("preconditioner_rank", 200)} if method == "cg" else {}))
+                     **({"rank": projection.get("preconditioner_rank", 200), "generator": projection.get("generator")}
+                        if method == "cg" else {}))
     say(f"point: tr H = {point.trace:.6g}, lambda_max = {point.lambda_max:.6g} ({point.seconds:.0f} s)")
     return point
