@@ -3,8 +3,9 @@
 J is the (N, C, D) Jacobian of the N x C network outputs with respect to the flat parameters theta
 (D,). The products below never form it except where the name says so (`output_jacobian`,
 `output_jacobian_derivative`, per-sample chunks). `gram_solve_cg` solves (J J^T + shift I) a = r
-by preconditioned conjugate gradients on these products (the one CG of the project's projections). All assume outputs per sample (no normalization
-layer mixing samples; DESIGN.md "Known traps"). Device and dtype follow theta.
+by preconditioned conjugate gradients on these products (the one CG of the project's projections).
+All assume outputs per sample (no normalization layer mixing samples; DESIGN.md "Known traps").
+Device and dtype follow theta.
 """
 from __future__ import annotations
 

@@ -78,7 +78,8 @@ class OutputMetric:
         if self.basis is not None and (self.basis.dim() != 2 or self.basis.shape[0] != classes):
             raise ValueError(f"metric basis must be (C = {classes}, m), got {tuple(self.basis.shape)}")
         if self.roots is not None and tuple(self.roots.shape) != (num_samples, m, m):
-            raise ValueError(f"metric roots must be (N, m, m) = ({num_samples}, {m}, {m}), got {tuple(self.roots.shape)}")
+            raise ValueError(f"metric roots must be (N, m, m) = ({num_samples}, {m}, {m}), "
+                             f"got {tuple(self.roots.shape)}")
 
 
 def centred_basis(C: int, dtype, device) -> Tensor:

@@ -74,7 +74,7 @@ class TangentProjector:
 
     @classmethod
     def from_blocks(cls, obj: Objective, theta: Tensor, blocks: Tensor, **options) -> "TangentProjector":
-        """Block-Jacobi projector from per-sample blocks J_i J_i^T (N, m, m) of the reduced Jacobian, already computed."""
+        """Block-Jacobi projector from the per-sample blocks J_i J_i^T (N, m, m) of the reduced Jacobian."""
         return cls(obj, theta, BlockJacobi(blocks), **options)
 
     def project(self, v: Tensor) -> tuple[Tensor, int]:
@@ -86,12 +86,12 @@ class TangentProjector:
             dist = float((v - v_old).norm() / v.norm())
             if dist <= best:
                 x0, best = a_old, dist
-        solve, callback = len(self.solved), None
-        if self.log is not None:
-            def callback(it: int, rel: float, jta: Tensor) -> None:
-                if it % self.log_every == 0:
-                    self.log({"solve": solve, "iteration": it, "rel_residual": rel,
-                              "sq_norm": float((v - jta).pow(2).sum())})
+        solve = len(self.solved)
+
+        def callback(it: int, rel: float, jta: Tensor) -> None:
+            if self.log is not None and it % self.log_every == 0:
+                self.log({"solve": solve, "iteration": it, "rel_residual": rel,
+                          "sq_norm": float((v - jta).pow(2).sum())})
         rhs = self.metric.reduce(jacobian_times(self.obj, self.theta, v))
         a, iters = gram_solve_cg(self.obj, self.theta, rhs, self.preconditioner, rtol=self.rtol, max_iter=self.max_iter,
                                  x0=x0, shift=self.shift, callback=callback, metric=self.metric)
@@ -273,7 +273,8 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
         cost.update(lanczos_matvecs=est.matvecs, derivative_matvecs=est.b_matvecs, converged=est.converged)
     seconds["traces"] = time.perf_counter() - clock
     if betas:
-        say(f"psi traces for {len(betas)} beta(s): {cost['lanczos_matvecs']} Lanczos products, {seconds['traces']:.1f} s")
+        say(f"psi traces for {len(betas)} beta(s): {cost['lanczos_matvecs']} Lanczos products, "
+            f"{seconds['traces']:.1f} s")
 
     out = []
     for rule, (c_one, c_two, beta) in zip(rules, coefficients):

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.func import jacfwd, jacrev
 
-from dynamics.jacobian import (BlockJacobi, GramSolveNotConverged, gram_solve_cg, gram_times_block, jacobian_derivative_times, jacobian_derivative_transpose_times,
-                               jacobian_frobenius_pass, jacobian_pairing_grad, jacobian_times,
-                               jacobian_transpose_times, output_jacobian, output_jacobian_derivative,
-                               per_sample_gram_blocks)
+from dynamics.jacobian import (BlockJacobi, GramSolveNotConverged, gram_solve_cg, gram_times_block,
+                               jacobian_derivative_times, jacobian_derivative_transpose_times, jacobian_frobenius_pass,
+                               jacobian_pairing_grad, jacobian_times, jacobian_transpose_times, output_jacobian,
+                               output_jacobian_derivative, per_sample_gram_blocks)
 from dynamics.objective import Objective
 from tests.reference import classification_batches, tiny_mlp
 
