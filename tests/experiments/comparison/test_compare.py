@@ -106,6 +106,14 @@ def test_parsers_and_schedule():
         {"rounds": 10, "checkpoint_every": 2, "seeds": 3}
     assert run_schedule(SGD(8), 0.01, slow_time=0.1, checkpoints=5, seeds=3) == \
         {"rounds": 5, "steps_per_round_sgd": 200, "seeds": 3}
+    # (test_flipped_labels' flip_configs): at eta = 0.02 SGD runs its slow time exactly, Local SGD (H = 20) and
+    # QSR (H = floor(16)) in whole rounds
+    sgd = run_schedule(SGD(8), 0.02, slow_time=0.2, checkpoints=4, seeds=2)
+    assert sgd["rounds"] * sgd["steps_per_round_sgd"] * 0.02 ** 2 == pytest.approx(0.2)
+    local, qsr = parse_rule("local:K=4,beta=0.4"), parse_rule("qsr:K=4,alpha=0.08")
+    assert local.local_steps(0.02) == 20 and qsr.local_steps(0.02) == 16
+    rounds = run_schedule(local, 0.02, slow_time=0.1, checkpoints=4, seeds=2)["rounds"]
+    assert rounds * 20 * 0.02 ** 2 == pytest.approx(0.1, rel=0.05)
 
 
 def test_registered_models_and_the_balanced_real_subset(cifar10_dir):
@@ -235,7 +243,8 @@ def test_command_line_refuses_bad_input_in_one_line(tmp_path, capsys, extra, mes
 
 def test_settings_are_checked_before_the_data_is_read(tmp_path, capsys):
     # (test_drift_check's "checks before setup"): no data folder is needed to refuse a bad rule or eta
-    for extra, message in ((["--rules", "qsr:K=2"], "needs K= and alpha="), (["--seeds", "0"], "--seeds must be >= 1")):
+    for extra, message in ((["--rules", "qsr:K=2"], "needs K= and alpha="), (["--seeds", "0"], "--seeds must be >= 1"),
+                           (["--path-dt", "0"], "--path-dt must be positive")):
         assert main(_cli(tmp_path / "out", "--data-dir", str(tmp_path / "missing"), *extra)) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -336,3 +345,39 @@ def test_matrix_free_predictions_equal_the_exact_ones(cifar10_dir, tmp_path):
     (row,) = [json.loads(line) for line in (tmp_path / "mf" / "rows.jsonl").read_text().splitlines()]
     assert row["predicted"] == pytest.approx(dense[0].predicted, rel=1e-6) and row["measured"] is None
     assert row["config"]["matrix_free"] is True
+
+
+def test_matrix_free_projector_reuses_solves_and_its_log_is_the_cg_tolerance_sweep(cifar10_dir):
+    """(test_big_point's projector and sweep): at a matrix-free point the tangent projector on the point's Nystrom
+    preconditioner returns a solved v's projection without CG, warm-starts a nearby v, and its log along the
+    projection of grad tr H is big_point's CG-tolerance sweep of the SGD trace rate -(c / 4B) ||v - J^T a||^2:
+    non-increasing in magnitude, above the exact rate at a loose tolerance, equal to it (1e-7) at convergence."""
+    from dynamics.jacobian import jacobian_pairing_grad, output_jacobian
+    from experiments.comparison.compare import _projector
+    from sde.label_noise_mf import TangentProjector
+    x, y = cifar_subset(cifar10_dir, 30, image_size=4)
+    point = build_point(tiny_net, x, y, noise="gaussian:0.1", train_steps=2000, lr=1e-2, method="cg",
+                        preconditioner_rank=40)
+    obj, zeta = point.objective, point.zeta
+    geo = gauss_newton_geometry(obj, zeta)
+    projector = _projector(point, cg_rtol=1e-12)
+    v = torch.randn(obj.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    pv, n_cold = projector.project(v)
+    torch.testing.assert_close(pv, geo.tangent_project(v), rtol=0, atol=1e-8 * v.norm().item())
+    again, n_again = projector.project(v.clone())
+    assert n_again == 0 and torch.equal(again, pv)
+    w = v + 1e-5 * torch.randn(obj.dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    pw, n_warm = projector.project(w)
+    assert 0 < n_warm < n_cold
+    torch.testing.assert_close(pw, geo.tangent_project(w), rtol=0, atol=1e-8 * w.norm().item())
+    # the sweep: grad tr H = d3L[I] = (2/N) grad <J, J> projected with a log of every CG iteration
+    logged = []
+    sweep = TangentProjector(obj, zeta, point.preconditioner, rtol=1e-12, log=logged.append, log_every=1)
+    grad_trace = 2 / len(x) * jacobian_pairing_grad(obj, zeta, output_jacobian(obj, zeta)[1])
+    sweep.project(grad_trace)
+    rates = [-0.1 ** 2 / (4 * 4) * row["sq_norm"] for row in logged]
+    exact = predict_rates(obj, geo, SGD(4), noise_scale=0.1 ** 2).trace_rate
+    assert rates[-1] == pytest.approx(exact, rel=1e-7) and logged[-1]["rel_residual"] <= 1e-12
+    assert all(abs(b) <= abs(a) * (1 + 1e-12) for a, b in zip(rates, rates[1:]))
+    loose = next(r for r, row in zip(rates, logged) if row["rel_residual"] <= 1e-2)
+    assert abs(loose) > abs(exact) * (1 + 1e-9)                   # a loose tolerance overestimates
