@@ -6,9 +6,11 @@ the Gram preconditioner and the Phi correction. method "cg": no (N m, D) array, 
 """
 from __future__ import annotations
 
+import io
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,6 +21,7 @@ from experiments.comparison.noise import parse_noise
 from experiments.comparison.phi import PhiCorrection
 from experiments.comparison.projection import (GramPreconditioner, GramPreconditionerMF, outputs_and_targets,
                                                project)
+from experiments.metrics import atomic_write_bytes
 from sde.label_noise import gauss_newton_geometry, sharpness_gradients
 
 __all__ = ["Point", "check_model", "check_on_gamma", "objective", "fit", "point_at", "build_point"]
@@ -147,11 +150,12 @@ def point_at(obj: Objective, noise, zeta: Tensor, *, method: str = "dense", labe
 
 def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: int = 3000, lr: float = 3e-3,
                 tol: float = 1e-10, seed: int = 0, method: str = "dense", progress: Callable[[str], None] | None = None,
-                **projection) -> Point:
+                cache: str | Path | None = None, **projection) -> Point:
     """Train `model` (a module, or a factory called with image_size, torch seeded by `seed`) toward Gamma by
     full-batch Adam (`train_steps`, 0 for none), project onto Gamma (distance <= tol; `projection` kwargs go to
     `project`, e.g. cg_rtol) and build the point there (`point_at`). Images (N, 3, s, s) and the model in
-    float64; labels integer (N,) or float (N, C) (`LabelNoise.targets`). noise: a model or "gaussian:0.1"."""
+    float64; labels integer (N,) or float (N, C) (`LabelNoise.targets`). noise: a model or "gaussian:0.1".
+    cache: a file keeping zeta between runs, keyed by the setup (noise, options, data and start sizes; atomic)."""
     noise = parse_noise(noise) if isinstance(noise, str) else noise
     start = time.perf_counter()
     images = images.to(torch.float64)
@@ -166,13 +170,25 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: in
     classes, targets = check_model(net, images, labels, noise)
     obj = objective(net, images, targets, noise)
     say = progress or (lambda line: None)
-    say(f"point: Adam on {noise} for up to {train_steps} steps (N = {len(images)}, D = {obj.dim})")
-    theta = fit(obj, noise, steps=train_steps, lr=lr) if train_steps else obj.params
-    zeta, report = project(obj, noise, theta, tol=tol, method=method, raise_on_failure=False, **projection)
-    if not report.converged:
-        raise ValueError(f"the point is not on Gamma: distance {report.distance:.3e} > {tol:.0e} after "
-                         f"{report.gauss_newton_steps} Gauss-Newton steps ({noise}); train longer or use fewer images")
-    say(f"point: on Gamma (distance {report.distance:.2e}); geometry, Phi correction and preconditioner")
+    key = {"noise": str(noise), "train_steps": train_steps, "lr": lr, "tol": tol, "method": method, "seed": seed,
+           "shape": list(images.shape), "dim": obj.dim, "sizes": [float(images.norm()), float(obj.params.norm())]}
+    saved = torch.load(cache, weights_only=True) if cache is not None and Path(cache).exists() else {}
+    if saved.get("setup") == key:
+        zeta = saved["zeta"]
+        say(f"point: zeta loaded from {cache}")
+    else:
+        say(f"point: Adam on {noise} for up to {train_steps} steps (N = {len(images)}, D = {obj.dim})")
+        theta = fit(obj, noise, steps=train_steps, lr=lr) if train_steps else obj.params
+        zeta, report = project(obj, noise, theta, tol=tol, method=method, raise_on_failure=False, **projection)
+        if not report.converged:
+            raise ValueError(f"the point is not on Gamma: distance {report.distance:.3e} > {tol:.0e} after "
+                             f"{report.gauss_newton_steps} Gauss-Newton steps ({noise}); train longer or use fewer "
+                             "images")
+        if cache is not None:
+            buffer = io.BytesIO()
+            torch.save({"setup": key, "zeta": zeta}, buffer)
+            atomic_write_bytes(cache, buffer.getvalue())
+    say("point: on Gamma; geometry, Phi correction and preconditioner")
     point = point_at(obj, noise, zeta, method=method, labels=labels, tol=tol, seconds=time.perf_counter() - start,
                      **({"rank": projection.get("preconditioner_rank", 200), "generator": projection.get("generator")}
                         if method == "cg" else {}))

@@ -60,6 +60,21 @@ def test_build_point_lands_on_gamma_with_its_tools(data, noise):
         build_point(tiny_mlp(), x, y, noise=noise, train_steps=1, max_gauss_newton=1)
 
 
+def test_build_point_keeps_zeta_in_a_cache_keyed_by_the_setup(data, tmp_path):
+    x, y = data
+    cache, lines = tmp_path / "zeta.pt", []
+    first = build_point(tiny_mlp(), x, y, noise=GAUSS, train_steps=0, cache=cache)
+    again = build_point(tiny_mlp(), x, y, noise=GAUSS, train_steps=0, cache=cache, progress=lines.append)
+    assert torch.equal(again.zeta, first.zeta) and lines[0] == f"point: zeta loaded from {cache}"
+    assert [p.name for p in tmp_path.iterdir()] == ["zeta.pt"]                 # no temporary file left
+    lines.clear()
+    other = build_point(tiny_mlp(), x, y, noise=GAUSS, train_steps=0, tol=1e-12, cache=cache, progress=lines.append)
+    assert lines[0].startswith("point: Adam") and other.residual <= 1e-12       # another setup: computed anew
+    lines.clear()
+    build_point(tiny_mlp(seed=1), x, y, noise=GAUSS, train_steps=0, tol=1e-12, cache=cache, progress=lines.append)
+    assert lines[0].startswith("point: Adam")                                  # another network: computed anew
+
+
 def test_matrix_free_point_equals_the_dense_one(data):
     """method "cg": the projection by conjugate gradients lands where the dense one does, the point holds a
     `GramPreconditionerMF` and no (N m, D) geometry; flipped labels too (the metric's reduced blocks)."""
