@@ -40,7 +40,7 @@ def test_results_carry_predicted_and_measured_rates_for_every_rule(with_data):
     assert sorted(r["name"] for r in runs) == sorted(RULES)
     for r in runs:
         # label noise lowers the trace in every rule; prediction and measurement both negative,
-        # and within 30% of each other even at this tiny size (drift_check finds 2-20% at eta = 0.004)
+        # and within 30% of each other even at this tiny size (the CNN point of RESULTS.md finds 2-20% at eta = 0.004)
         assert r["predicted"] < 0 and r["measured"] < 0
         assert 0.7 < r["measured"] / r["predicted"] < 1.3
         assert len(r["per_seed"]) == demo.QUICK_CIFAR.seeds and r["seeds"] == demo.QUICK_CIFAR.seeds
