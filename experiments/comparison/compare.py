@@ -110,8 +110,8 @@ class Row:
     measurement (NaN unless path_dt); measured: mean slope over seeds (readings at Phi), stderr its
     standard error std / sqrt(seeds); raw_measured: the same runs read at the Gauss-Newton projection.
     per_seed / lambda_max_per_seed: each seed's slope; times and trace_path: the checkpoint times and the
-    mean tr H over seeds there (the trajectory, for plots). warnings: the runs' RegimeWarnings. A predictions-only row
-    has seeds = 0 and NaN measurements."""
+    mean tr H over seeds there (the trajectory, for plots). warnings: the runs' RegimeWarnings. A
+    predictions-only row has seeds = 0 and NaN measurements."""
     rule: str
     eta: float
     noise: str
@@ -259,6 +259,8 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
                             **({"preconditioner_rank": nystrom_rank} if method == "cg" else {}))
     elif str(point.noise) != str(noise):
         raise ValueError(f"the point was built for {point.noise}, not {noise}")
+    elif point.geometry is None and method == "dense":
+        raise ValueError("the point is matrix-free (built with method='cg'): compare it with method='cg'")
     too_large = [e for e in etas if method == "dense" and e * point.lambda_max > max_eta_lambda]
     if too_large:
         raise ValueError(f"eta = {too_large} outside the regime: eta x lambda_max > {max_eta_lambda} "

@@ -345,6 +345,9 @@ def test_matrix_free_predictions_equal_the_exact_ones(cifar10_dir, tmp_path):
     (row,) = [json.loads(line) for line in (tmp_path / "mf" / "rows.jsonl").read_text().splitlines()]
     assert row["predicted"] == pytest.approx(dense[0].predicted, rel=1e-6) and row["measured"] is None
     assert row["config"]["matrix_free"] is True
+    point = build_point(tiny_net, x, y, noise="gaussian:0.1", train_steps=2000, lr=1e-2, method="cg")
+    with pytest.raises(ValueError, match="the point is matrix-free"):
+        compare(None, point=point, noise="gaussian:0.1", rules=["sgd"], etas=[0.01])
 
 
 def test_matrix_free_projector_reuses_solves_and_its_log_is_the_cg_tolerance_sweep(cifar10_dir):
