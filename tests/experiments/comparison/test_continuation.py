@@ -18,6 +18,8 @@ from experiments.comparison.path import fit_slope, predicted_path
 from experiments.comparison.phi import read_at_phi
 from experiments.comparison.point import point_at
 from experiments.comparison.projection import GramPreconditioner, project, sharpness_at
+from experiments.schedules import QSR as QSRSchedule
+from sde.discrete import local_steps_for_beta, qsr_local_steps
 from sde.label_noise import predict_rates
 from sde.rules import QSR, SGD, LocalSGD
 from tests.experiments.comparison.test_projection import tiny_points
@@ -94,13 +96,20 @@ def test_engine_is_a_hand_written_local_sgd_read_at_phi(points, name, eta):
 
 
 def test_config_rounding_and_schedule():
-    """H = rule.local_steps(eta), one rounding rule (QSR floor((alpha/eta)^2), Local SGD round(beta/eta)) at
-    learning rates where floor and round differ; checkpoint times; `run_schedule`'s rounds."""
+    """H = rule.local_steps(eta), one rounding rule everywhere (QSR floor((alpha/eta)^2), Local SGD round(beta/eta))
+    at learning rates where floor and round differ ((0.08/0.006)^2 = 177.8, (0.08/0.0125)^2 = 40.96, 0.05/0.0115 =
+    4.35): the engine, `run_schedule`, the trainer's schedule and `sde.discrete` agree; checkpoint times."""
     for eta, h in ((0.006, 177), (0.0125, 40), (0.004, 400)):
-        assert ContinuationConfig(QSR(4, 2, alpha=0.08), eta=eta, rounds=1).local_steps == h
+        qsr = QSR(4, 2, alpha=0.08)
+        assert ContinuationConfig(qsr, eta=eta, rounds=1).local_steps == h == qsr.local_steps(eta)
+        assert qsr_local_steps(eta, 0.08) == h == QSRSchedule(1, 0.08).period(eta)
+        assert qsr.at_eta(eta).beta == pytest.approx(eta * h, rel=1e-15)        # the prediction at the run's H
+        config = ContinuationConfig(qsr, eta, **run_schedule(qsr, eta, slow_time=0.2, checkpoints=2, seeds=1))
+        assert config.local_steps == h
     assert ContinuationConfig(LocalSGD(4, 2, 0.4), eta=0.004, rounds=1).local_steps == 100
     assert ContinuationConfig(LocalSGD(4, 2, 0.3), eta=0.1, rounds=1).local_steps == 3      # 2.9999999999999996
     assert ContinuationConfig(LocalSGD(4, 2, 0.05), eta=0.0115, rounds=1).local_steps == 4
+    assert local_steps_for_beta(0.05, 0.0115) == 4 and local_steps_for_beta(0.3, 0.1) == 3
     assert ContinuationConfig(SGD(8), eta=0.01, rounds=1, steps_per_round_sgd=7).local_steps == 7
     with pytest.raises(ValueError, match="alpha"):
         ContinuationConfig(QSR(4, 2), eta=0.004, rounds=1)
