@@ -219,7 +219,7 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
             checkpoints: int = 5, batch: int = 8, local_batch: int | None = None, path_dt: float | None = None,
             train_steps: int = 3000, lr: float = 3e-3, point: Point | None = None, method: str = "dense",
             max_eta_lambda: float = 0.5, max_relative_change: float = 0.2, measure: bool = True,
-            nystrom_rank: int = 200, cg_rtol: float = 1e-10, curvature_floor: float = 0.0,
+            nystrom_rank: int = 200, cg_rtol: float = 1e-10, curvature_floor: float = 0.0, cache=None,
             progress: Progress = None, on_row: Callable[[Row], None] | None = None, **mf_options) -> list[Row]:
     """Predicted vs measured d tr H / dt for every rule at every eta (see the module docstring).
 
@@ -230,7 +230,8 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
     `mf_options`, e.g. num_probes, go to `predict_rates_matrix_free`); predictions only. Every input
     is checked before the point is built, every eta against the regime (eta lambda_max <= max_eta_lambda)
     before any run; a run whose tr H moves by more than `max_relative_change` gets a RegimeWarning named in
-    its row. measure=False: predictions only. `on_row(row)`: called as each row is done (e.g. to write it)."""
+    its row. measure=False: predictions only. `on_row(row)`: called as each row is done (e.g. to write it).
+    cache: a file keeping zeta between calls (`build_point`'s, keyed by the setup)."""
     noise = parse_noise(noise) if isinstance(noise, str) else noise
     rules = [parse_rule(r, batch=batch, local_batch=local_batch) if isinstance(r, str) else r for r in rules]
     etas = [float(e) for e in etas]
@@ -255,7 +256,7 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
         if images is None or labels is None:
             raise ValueError("give images and labels, or a prebuilt point")
         point = build_point(model, images, labels, noise=noise, train_steps=train_steps, lr=lr, seed=seed,
-                            method=method, progress=progress,
+                            method=method, progress=progress, cache=cache,
                             **({"preconditioner_rank": nystrom_rank} if method == "cg" else {}))
     elif str(point.noise) != str(noise):
         raise ValueError(f"the point was built for {point.noise}, not {noise}")
@@ -335,6 +336,7 @@ def _parser() -> ArgumentParser:
     add("--curvature-floor", type=float, default=0.0, help="--matrix-free: normal directions of Hessian "
         "curvature far below this count as tangent (Tikhonov shift N x it; e.g. 1e-9 at 1,000+ images)")
     add("--probes", type=int, default=30, help="--matrix-free: stochastic Lanczos probes (rules with a psi term)")
+    add("--cache", default=None, help="file keeping the point zeta between runs (keyed by the setup)")
     add("--out", required=True, help="folder for rows.jsonl")
     add("--overwrite", action="store_true", help="move a non-empty --out aside first")
     add("--quiet", action="store_true", help="no progress lines")
@@ -402,7 +404,7 @@ def _main(argv: list[str] | None) -> int:
     rows = compare(model, x, y, noise=noise, rules=rules, etas=args.eta, seeds=args.seeds, seed=args.seed,
                    slow_time=args.slow_time, checkpoints=args.checkpoints, path_dt=args.path_dt,
                    train_steps=args.train_steps, lr=args.lr, method="cg" if args.matrix_free else "dense",
-                   measure=not (args.predict_only or args.matrix_free), progress=say, on_row=write,
+                   measure=not (args.predict_only or args.matrix_free), progress=say, on_row=write, cache=args.cache,
                    **({"nystrom_rank": args.nystrom_rank, "cg_rtol": args.cg_rtol, "num_probes": args.probes,
                        "curvature_floor": args.curvature_floor} if args.matrix_free else {}))
     print(f"{'rule':42s} {'eta':>8s} {'predicted':>11s} {'measured':>11s} {'stderr':>9s} {'meas/pred':>9s}")

@@ -204,6 +204,14 @@ def test_command_line_writes_the_library_rows_with_provenance(data, tmp_path, ca
         assert got["per_seed"] == list(want.per_seed) and got["times"] == list(want.times)
         assert got["config"]["model"] == SPEC and got["config"]["noise"] == "gaussian:0.1"
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", got["git_revision"])
+    # --cache keeps zeta: a second run loads it and gives the same rows
+    cached = [*_cli(tmp_path / "c1", "--rules", "sgd", "--predict-only"), "--cache", str(tmp_path / "zeta.pt")]
+    assert main(cached) == 0 and (tmp_path / "zeta.pt").is_file()
+    stamp = (tmp_path / "zeta.pt").stat().st_mtime_ns
+    cached[cached.index(str(tmp_path / "c1"))] = str(tmp_path / "c2")
+    assert main(cached) == 0 and (tmp_path / "zeta.pt").stat().st_mtime_ns == stamp
+    first, second = ((tmp_path / d / "rows.jsonl").read_text().splitlines() for d in ("c1", "c2"))
+    assert json.loads(first[0])["predicted"] == json.loads(second[0])["predicted"] == rows[0]["predicted"]
     # a non-empty --out is refused (nothing moved); --overwrite moves it aside
     code = main(_cli(tmp_path / "a"))
     assert code == 2 and "is not empty; pass --overwrite" in capsys.readouterr().err
