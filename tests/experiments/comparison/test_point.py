@@ -116,9 +116,12 @@ def test_matrix_free_point_preconditioner_drives_the_tangent_projector(cifar10_d
         if rule.drift_coefficients()[2] is None:
             assert mf.trace_rate == pytest.approx(exact.trace_rate, rel=1e-7)
             assert mf.lambda_max_rate == pytest.approx(exact.lambda_max_rate, rel=1e-7)
+            torch.testing.assert_close(mf.drift, exact.drift, rtol=0, atol=1e-7 * exact.drift.norm().item())
         else:
             assert 0 < mf.trace_rate_stderr < 0.05 * abs(exact.trace_rate)
             assert abs(mf.trace_rate - exact.trace_rate) <= 4 * mf.trace_rate_stderr + 1e-9 * abs(exact.trace_rate)
+            assert abs(mf.lambda_max_rate - exact.lambda_max_rate) <= (4 * mf.lambda_max_rate_stderr
+                                                                        + 1e-9 * abs(exact.lambda_max_rate))
     assert got[1].trace_rate == pytest.approx(2 * got[0].trace_rate, rel=1e-12)
     assert plain[0].trace_rate == pytest.approx(got[0].trace_rate, rel=1e-7)
     assert got.cost["cg_iterations"][0] < plain.cost["cg_iterations"][0]

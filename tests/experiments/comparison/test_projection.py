@@ -147,8 +147,9 @@ def test_sharpness_at_matches_the_dense_hessian(on_gamma, flip, noise):
         (obj, zeta, _), model = flip, FLIP
     values = torch.linalg.eigvalsh(hessian(expected_loss(obj, model))(zeta))
     trace, lmax = sharpness_at(obj, model, zeta)
-    assert trace == pytest.approx(float(values.clamp_min(0).sum()), rel=1e-8)
-    assert lmax == pytest.approx(float(values[-1]), rel=1e-8)
+    rel = 1e-8 if noise == "gaussian" else 1e-10          # the tolerances of the two tests merged here
+    assert trace == pytest.approx(float(values.clamp_min(0).sum()), rel=rel)
+    assert lmax == pytest.approx(float(values[-1]), rel=rel)
     reference = GramPreconditioner.at(obj, model, zeta).vectors[:, :2]
     assert sharpness_at(obj, model, zeta, reference=reference)[1] == pytest.approx(float(values[-1]), rel=1e-9)
     _, jt = reduced_jacobian(obj, model, zeta)
