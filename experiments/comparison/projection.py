@@ -136,7 +136,7 @@ class GramPreconditionerMF:
 @dataclass(frozen=True)
 class ProjectionReport:
     """How `project` ended: distance to Gamma before / after, steps, |theta_end - theta_0| (`moved`), success,
-    and the CG iterations of each Gauss-Newton step (method "cg")."""
+    the CG iterations of each Gauss-Newton step and the first step's CG solution a (N, m) (method "cg")."""
     distance: float
     initial_distance: float
     gd_steps: int
@@ -144,19 +144,21 @@ class ProjectionReport:
     moved: float
     converged: bool
     cg_iterations: tuple[int, ...] = ()
+    coefficients: Tensor | None = None
 
 
 def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 1e-10, method: str = "dense",
             gd_steps: int = 0, gd_lr: float | None = None, max_gauss_newton: int = 30, preconditioner=None,
             cg_rtol: float = 1e-4, cg_max_iter: int = 5000, preconditioner_rank: int = 200,
             refresh_after: int | None = 500, generator: torch.Generator | None = None,
-            raise_on_failure: bool = True) -> tuple[Tensor, ProjectionReport]:
+            x0: Tensor | None = None, raise_on_failure: bool = True) -> tuple[Tensor, ProjectionReport]:
     """(theta, default the model's parameters, projected onto Gamma; `ProjectionReport`) (module docstring).
 
     "dense": `preconditioner` a `GramPreconditioner` at a nearby point of Gamma, or None (dense solves). "cg":
     inexact Newton, Gram systems solved to `cg_rtol` under a `GramPreconditionerMF` (None: built at the first step,
     rank min(preconditioner_rank, N m - 1), and again after a step of more than `refresh_after` CG iterations).
-    ValueError if the equations exceed D; RuntimeError naming steps and distance (raise_on_failure) if > tol."""
+    x0: warm start (N, m) of the first step's CG ("cg"). ValueError if the equations exceed D; RuntimeError naming
+    steps and distance (raise_on_failure) if > tol."""
     theta0 = (obj.params if theta is None else theta).detach().clone()
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol}")
@@ -176,7 +178,7 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
     theta, initial = theta0.clone(), noise.distance(outputs, targets)
     for _ in range(gd_steps):
         theta = theta - gd_lr * obj.grad(theta)
-    steps, dist, iterations, jt, chord = 0, distance(theta), [], None, noise.chord_contraction
+    steps, dist, iterations, jt, chord, first = 0, distance(theta), [], None, noise.chord_contraction, None
     while dist > tol and steps < max_gauss_newton:
         if method == "dense":
             if jt is None:
@@ -190,7 +192,9 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
                                                                                      equations - 1),
                                                          generator=generator)
             r = noise.residual(outputs_and_targets(obj, theta)[0].detach(), targets)
-            a, its = gram_solve_cg(obj, theta, r, preconditioner, rtol=cg_rtol, max_iter=cg_max_iter, metric=metric)
+            a, its = gram_solve_cg(obj, theta, r, preconditioner, rtol=cg_rtol, max_iter=cg_max_iter, metric=metric,
+                                   x0=None if steps else x0)
+            first = a if first is None else first
             iterations.append(its)
             if refresh_after is not None and its > refresh_after:
                 preconditioner = None
@@ -205,7 +209,7 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
         theta, dist, steps = candidate, new, steps + 1
     report = ProjectionReport(distance=dist, initial_distance=initial, gd_steps=gd_steps, gauss_newton_steps=steps,
                               moved=float((theta - theta0).norm()), converged=dist <= tol,
-                              cg_iterations=tuple(iterations))
+                              cg_iterations=tuple(iterations), coefficients=first)
     if raise_on_failure and not report.converged:
         raise RuntimeError(f"projection onto Gamma failed: distance {dist:.3e} > tol {tol:.1e} ({noise}) after "
                            f"{steps} Gauss-Newton steps (start {initial:.3e}; CG iterations {iterations})")

@@ -212,6 +212,10 @@ def test_cg_projection_lands_on_gamma_and_equals_dense_projection(small):
                        preconditioner=pre)
     assert rep.converged and rep.gauss_newton_steps >= 2
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-7)
+    # the first step's CG solution is reported; as a warm start it solves that step with no iteration
+    again, warm = project(obj, GAUSS, dense + kick, tol=1e-22, max_gauss_newton=60, method="cg", cg_rtol=1e-3,
+                          preconditioner=pre, x0=rep.coefficients)
+    assert warm.cg_iterations[0] == 0 and rep.cg_iterations[0] > 0 and torch.equal(again, got)
     with pytest.raises(RuntimeError, match="CG iterations"):
         project(obj, GAUSS, method="cg", max_gauss_newton=1, cg_rtol=1e-3, preconditioner_rank=20)
 
