@@ -1,0 +1,109 @@
+"""experiments.comparison.reading_mf: the matrix-free reading at Phi against the dense one, for both noise models.
+
+Points of test_projection (`tiny_points`): 10 real CIFAR-10 images at 4x4 with the MLP 48 -> 24 -> 10 under Gaussian
+label noise (N m = 100, D = 1,426), and the tiny 4 -> 8 -> 3 network under flipped labels (C = 3, N m = 8). Dense
+references: `PhiCorrection.flow_terms`, `sharpness_at` (eigvalsh of the dense Gram), `sharpness_gradients`,
+`read_at_phi` over the dense projection. At these sizes the Krylov space of the flow term reaches its invariant
+subspace, so the matrix-free route is exact up to rounding and CG tolerances (float64).
+"""
+import pytest
+import torch
+
+from experiments.comparison.phi import read_at_phi
+from experiments.comparison.point import point_at
+from experiments.comparison.projection import project, sharpness_at
+from experiments.comparison.reading_mf import MatrixFreeReader, ProjectionNotConverged
+from tests.experiments.comparison.test_projection import tiny_points
+
+TOL = {"gaussian": 1e-22, "flip": 1e-12}       # projection tolerances (Gaussian: L; flip: ||Q^T (f - log q)||)
+AGREE = {"gaussian": 1e-10, "flip": 1e-8}      # whole readings, relative
+
+
+@pytest.fixture(scope="module")
+def points(cifar10_dir):
+    """name -> (dense point, matrix-free reader on the "cg" point at the same zeta)."""
+    out = {}
+    for name, dense in tiny_points(cifar10_dir).items():
+        cg = point_at(dense.objective, dense.noise, dense.zeta, method="cg")
+        out[name] = dense, MatrixFreeReader(cg, tol=TOL[name], cg_rtol=1e-10, flow=dict(flow_rtol=1e-10, step=5),
+                                            max_gauss_newton=60)
+    return out
+
+
+def offsets(point, count, scale):
+    gen = torch.Generator().manual_seed(3)
+    out = [torch.randn(point.zeta.shape, generator=gen, dtype=point.zeta.dtype) for _ in range(count)]
+    return [scale * x / x.norm() for x in out]
+
+
+@pytest.mark.parametrize("name", ["gaussian", "flip"])
+def test_flow_terms_match_the_dense_phi_correction(points, name):
+    """Random offsets with a tangent part (dropped by both: U^T x, CG normal part) and purely normal ones: the
+    Lanczos-Lyapunov terms equal 1/2 a^T (dH / (lambda_i + lambda_j)) a to 1e-9 relative, with k <= N m steps."""
+    dense, reader = points[name]
+    geo = dense.geometry
+    xs = offsets(dense, 3, 1e-2)
+    for x in xs + [x - geo.tangent_project(x) for x in xs]:
+        expected = dense.correction.flow_terms(x)
+        got = reader.correction.flow_terms(x)
+        for e, g in zip(expected, got):
+            assert abs(g - e) <= 1e-9 * abs(e)
+        assert 1 <= reader.correction.cost["lanczos_steps"] <= geo.reduced.shape[0]
+    tangent = geo.tangent_project(xs[0])
+    assert max(abs(t) for t in reader.correction.flow_terms(tangent)) <= 1e-9 * max(
+        abs(t) for t in dense.correction.flow_terms(xs[0]))              # a tangent offset has no flow term
+
+
+@pytest.mark.parametrize("name", ["gaussian", "flip"])
+def test_sharpness_and_gradients_match_the_dense_route(points, name):
+    """tr H = ||Jt||_F^2 / N from chunks and lambda_max by warm-started Lanczos equal `sharpness_at` (dense eigvalsh)
+    at zeta and at a projected point; the matrix-free tangent gradients equal `sharpness_gradients`."""
+    dense, reader = points[name]
+    obj, noise = dense.objective, dense.noise
+    for got, want in zip(reader.correction.gradients, (dense.gradients.trace, dense.gradients.lambda_max)):
+        assert float((got - want).norm()) <= 1e-9 * float(want.norm())
+    z, _ = project(obj, noise, dense.zeta + offsets(dense, 1, 3e-2)[0], tol=TOL[name], max_gauss_newton=60)
+    reader.seed = "sharpness test"
+    for point in (dense.zeta, z, z):
+        for got, want in zip(reader.sharpness(point), sharpness_at(obj, noise, point)):
+            assert abs(got - want) <= 1e-10 * abs(want)
+    cold, _, warm = reader.cost["eigen_matvecs"][-3:]
+    assert warm < cold                                  # the same point again: the kept top vector is already it
+
+
+@pytest.mark.parametrize("name", ["gaussian", "flip"])
+def test_whole_reading_matches_read_at_phi_with_dense_pieces(points, name):
+    """The reading (corrected and raw tr H, lambda_max, the projection) equals `read_at_phi` over the dense
+    projection, `sharpness_at` and `PhiCorrection` (Gaussian: to 1e-10 relative; flip: to 1e-8, the dense flip
+    projection takes chord steps, which end O(|x|^3) away from fresh-Jacobian ones, |x| = 1e-2 here); the second
+    checkpoint of a seed warm-starts its normal-part CG and is as exact."""
+    dense, reader = points[name]
+    obj, noise = dense.objective, dense.noise
+
+    def dense_projection(theta):
+        z, report = project(obj, noise, theta, tol=TOL[name], max_gauss_newton=60)
+        return z, report.distance
+    for theta in [dense.zeta + x for x in offsets(dense, 2, 1e-2)]:
+        want = read_at_phi(theta, dense.correction, dense_projection, lambda z: sharpness_at(obj, noise, z))
+        got = reader.reading(theta, seed=7)
+        for g, w in zip(got.corrected + got.raw, want.corrected + want.raw):
+            assert abs(g - w) <= AGREE[name] * abs(w)
+        size = float((theta - want.projection).norm())
+        assert float((got.projection - want.projection).norm()) <= (1e-9 if name == "gaussian" else size ** 2) * size
+        assert got.residual <= TOL[name] and got.corrected != got.raw
+    assert len(reader.cost["seconds"]) >= 2 and min(reader.cost["projection_cg"][-4:]) > 0
+
+
+def test_an_unconverged_projection_is_refused(points):
+    """No reading from a projection that stopped short: the error names the CG iterations and the residual
+    (a CG solve out of iterations) or the distance reached (out of Gauss-Newton steps)."""
+    dense, good = points["gaussian"]
+    theta = dense.zeta + offsets(dense, 1, 1e-1)[0]
+    short_cg = MatrixFreeReader(good.point, tol=1e-22, cg_rtol=1e-12, cg_max_iter=1)
+    with pytest.raises(ProjectionNotConverged, match=r"CG failed .*relative residual .* after max_iter = 1"):
+        short_cg.reading(theta)
+    short_newton = MatrixFreeReader(good.point, tol=1e-30, cg_rtol=1e-10, max_gauss_newton=2)
+    with pytest.raises(ProjectionNotConverged, match=r"distance .* > tol 1.0e-30 .* after 2 Gauss-Newton steps, "
+                                                     r"CG iterations \[\d+, \d+\]"):
+        short_newton.reading(theta)
+    assert short_newton.cost["seconds"] == []          # nothing was read
