@@ -140,8 +140,10 @@ class MatrixFreeReader:
     """`read_at_phi`'s pieces at a `Point` of either method, with no (N m, D) array (module docstring).
 
     project(theta) -> (z, distance), sharpness(z) -> (tr H, lambda_max), correction.flow_terms(x); reading(theta,
-    seed) -> PhiReading, with warm starts per seed (CG of the normal part, Lanczos of lambda_max). A dense point's
-    gradients are reused; a "cg" point's are computed here. `cost` accumulates CG iterations, Lanczos steps k,
+    seed) -> PhiReading, with warm starts per seed: the projection's first CG from the seed's previous checkpoint
+    (Pi(z - x)'s from minus Pi(theta)'s: the residual there is -r(theta) + O(|x|^2)), the normal part's CG, and
+    the Lanczos of lambda_max from the previous top vector. A dense point's gradients are reused; a "cg" point's are
+    computed here. `cost` lists per call the CG iterations (projections, normal parts), Lanczos steps k,
     eigen-products and seconds per reading. `project_options` go to `project` (e.g. max_gauss_newton).
     """
 
@@ -161,15 +163,16 @@ class MatrixFreeReader:
         gradients = point.gradients
         self.correction.gradients = (gradients.trace, gradients.lambda_max) if gradients is not None else \
             tangent_gradients(gram, self.correction, eig_tol=eig_tol, chunk_size=chunk_size, generator=generator)
-        self.seed, self.top, self.generator = None, {}, generator
+        self.seed, self.top, self.starts, self.coefficients, self.generator = None, {}, {}, None, generator
         self.cost = dict(projection_cg=[], normal_cg=[], lanczos_steps=[], eigen_matvecs=[], seconds=[])
 
-    def project(self, theta: Tensor) -> tuple[Tensor, float]:
-        """(Pi(theta) on Gamma, its distance); ProjectionNotConverged if a CG solve or the projection fails."""
+    def project(self, theta: Tensor, x0: Tensor | None = None) -> tuple[Tensor, float]:
+        """(Pi(theta) on Gamma, its distance), the first CG from x0 (N, m); ProjectionNotConverged if a CG solve or
+        the projection fails. The first step's CG solution is kept in `coefficients`."""
         pt = self.point
         try:
             z, report = project(pt.objective, pt.noise, theta, tol=self.tol, method="cg",
-                                preconditioner=self.preconditioner, cg_rtol=self.cg_rtol,
+                                preconditioner=self.preconditioner, cg_rtol=self.cg_rtol, x0=x0,
                                 cg_max_iter=self.cg_max_iter, refresh_after=None, raise_on_failure=False,
                                 **self.project_options)
         except GramSolveNotConverged as exc:
@@ -179,6 +182,7 @@ class MatrixFreeReader:
                 f"no reading: the projection stopped at distance {report.distance:.3e} > tol {self.tol:.1e} "
                 f"({pt.noise}) after {report.gauss_newton_steps} Gauss-Newton steps, CG iterations "
                 f"{list(report.cg_iterations)}")
+        self.coefficients = report.coefficients
         self.cost["projection_cg"].append(sum(report.cg_iterations))
         return z, report.distance
 
@@ -199,7 +203,16 @@ class MatrixFreeReader:
         """`read_at_phi` at theta (D,) with this reader's pieces; `seed` keys the warm starts."""
         start = time.perf_counter()
         self.seed = self.correction.seed = seed
-        reading = read_at_phi(theta, self.correction, self.project, self.sharpness)
+        firsts = []
+
+        def warm_project(point: Tensor) -> tuple[Tensor, float]:
+            """Pi(theta) from this seed's last checkpoint's first CG solution, Pi(z - x) from minus theta's."""
+            x0 = self.starts.get(seed) if not firsts else (None if firsts[0] is None else -firsts[0])
+            out = self.project(point, x0)
+            firsts.append(self.coefficients)
+            return out
+        reading = read_at_phi(theta, self.correction, warm_project, self.sharpness)
+        self.starts[seed] = firsts[0]
         self.cost["lanczos_steps"].append(self.correction.cost["lanczos_steps"])
         self.cost["normal_cg"].append(self.correction.cost["cg_iterations"])
         self.cost["seconds"].append(time.perf_counter() - start)

@@ -107,3 +107,19 @@ def test_an_unconverged_projection_is_refused(points):
                                                      r"CG iterations \[\d+, \d+\]"):
         short_newton.reading(theta)
     assert short_newton.cost["seconds"] == []          # nothing was read
+
+
+def test_a_seed_warm_starts_its_next_projection(points):
+    """The first Gauss-Newton CG of a seed's reading starts from that seed's previous first solution, the reflected
+    projection from minus it: read twice at the same theta, the second reading's projections need fewer CG
+    iterations (the first step none), and the reading is the same."""
+    dense, _ = points["gaussian"]
+    reader = MatrixFreeReader(dense, tol=1e-22, cg_rtol=1e-10, max_gauss_newton=60)
+    theta = dense.zeta + offsets(dense, 1, 1e-2)[0]
+    first = reader.reading(theta, seed=1)
+    cold = reader.cost["projection_cg"][-2:]
+    second = reader.reading(theta, seed=1)
+    warm = reader.cost["projection_cg"][-2:]
+    assert sum(warm) < sum(cold) and warm[0] < cold[0]
+    for a, b in zip(first.corrected + first.raw, second.corrected + second.raw):
+        assert abs(a - b) <= 1e-12 * abs(b)
