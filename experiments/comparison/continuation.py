@@ -23,6 +23,7 @@ from experiments.comparison.path import fit_slope, predicted_path
 from experiments.comparison.phi import read_at_phi
 from experiments.comparison.point import Point, check_on_gamma
 from experiments.comparison.projection import project, sharpness_at
+from experiments.comparison.reading_mf import MatrixFreeReader
 from sde.discrete import run_local_sgd
 from sde.rules import check_rule
 
@@ -98,19 +99,20 @@ class ContinuationResult:
 
 def run_continuation(point: Point, config: ContinuationConfig, *, generator: torch.Generator, phi: bool = True,
                      progress: Callable[[str], None] | None = None) -> ContinuationResult:
-    """Run `config` from point.zeta, reading tr H and lambda_max at every checkpoint (module docstring).
-    ValueError before any step if the point is not a dense point on Gamma, its preconditioner is another point's,
+    """Run `config` from point.zeta, reading tr H and lambda_max at every checkpoint (module docstring); a point
+    built with method "cg" is read matrix-free (`reading_mf.MatrixFreeReader`, projections by CG).
+    ValueError before any step if the point is not on Gamma, its dense preconditioner is another point's,
     or eta lambda_max > config.max_eta_lambda; RegimeWarning after the run; RuntimeError if a projection fails.
     progress(line) at every checkpoint (quiet when None)."""
     cfg, obj, noise, zeta = config, point.objective, point.noise, point.zeta
     check_on_gamma(obj, noise, zeta)
-    if point.geometry is None:
-        raise ValueError("continuation runs need a dense point (build_point(..., method='dense'))")
     x, targets = torch.cat([xb for xb, _ in obj.data]), point.targets
-    if point.reference.shape[0] != noise.equations(*targets.shape):
+    method = "dense" if point.geometry is not None else "cg"      # a matrix-free point: `reading_mf` (issue 13)
+    if method == "dense" and point.reference.shape[0] != noise.equations(*targets.shape):
         raise ValueError(f"the preconditioner has {point.reference.shape[0]} rows, the point has "
                          f"{noise.equations(*targets.shape)} equations: build it at this zeta")
-    read = lambda z: sharpness_at(obj, noise, z, reference=point.reference)     # noqa: E731
+    reader = MatrixFreeReader(point) if method == "cg" else None
+    read = reader.sharpness if reader else lambda z: sharpness_at(obj, noise, z, reference=point.reference)
     trace0, lmax0 = read(zeta)
     if cfg.eta * lmax0 > cfg.max_eta_lambda:
         raise ValueError(f"eta x lambda_max = {cfg.eta * lmax0:.3f} exceeds {cfg.max_eta_lambda}: "
@@ -128,7 +130,7 @@ def run_continuation(point: Point, config: ContinuationConfig, *, generator: tor
         return g.reshape(theta.shape)
 
     def projection(theta: Tensor, **gd) -> tuple[Tensor, float]:
-        z, report = project(obj, noise, theta, preconditioner=point.preconditioner, **gd)
+        z, report = project(obj, noise, theta, preconditioner=point.preconditioner, method=method, **gd)
         return z, report.distance
     largest, round_ = [lmax0], [0]
 
@@ -137,9 +139,10 @@ def run_continuation(point: Point, config: ContinuationConfig, *, generator: tor
             round_[0] = cfg.checkpoint_every
             return torch.tensor([[trace0, lmax0, trace0, lmax0, 0.0, 0.0]] * cfg.seeds, dtype=torch.float64)
         rows = []
-        for iterate in avg:
+        for s, iterate in enumerate(avg):
             if phi:
-                reading = read_at_phi(iterate, point.correction, projection, read)
+                reading = (reader.reading(iterate, seed=s) if reader
+                           else read_at_phi(iterate, point.correction, projection, read))
                 (tr, lm), raw, proj, res = reading.corrected, reading.raw, reading.projection, reading.residual
             else:
                 proj, res = projection(iterate, gd_steps=cfg.gd_steps, gd_lr=1.0 / max(largest))

@@ -225,3 +225,16 @@ def test_measure_fits_the_run_and_the_predicted_path(points, name, rule, eta, dt
     rate = predict_rates(point.objective, point.geometry, rule.at_eta(eta), noise_scale=point.noise.noise_scale)
     assert m.path_trace_rate == pytest.approx(rate.trace_rate, rel=0.02)
     assert math.isnan(measure(point, cfg).path_trace_rate)                    # NaN without path_dt
+
+
+def test_a_matrix_free_point_is_read_matrix_free(points):
+    """A point built with method "cg" runs through the same engine, read by `reading_mf.MatrixFreeReader`: the same
+    draws give the dense point's readings to the CG and Lanczos tolerances."""
+    dense = points["gaussian"]
+    mf = point_at(dense.objective, dense.noise, dense.zeta, method="cg", rank=40)
+    cfg = ContinuationConfig(LocalSGD(2, 2, 0.008), eta=0.004, rounds=2, seeds=2, max_relative_change=10.0)
+    got = run_continuation(mf, cfg, generator=torch.Generator().manual_seed(0))
+    ref = run_continuation(dense, cfg, generator=torch.Generator().manual_seed(0))
+    for field in ("trace", "lambda_max", "raw_trace"):
+        torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-6, atol=0)
+    assert float(got.projection_residual.max()) <= 1e-10
