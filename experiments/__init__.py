@@ -9,9 +9,8 @@ imports nothing heavy.
 # The public surface is the submodules themselves (none is imported here, so `import experiments`
 # stays cheap; `from experiments import *` imports them all).
 __all__ = [
-    "averaging", "big_point", "checkpoint", "cli", "compare", "config", "continuation", "convergence",
-    "data", "datasets", "demo", "distributed", "divergence", "drift_check", "drift_path",
-    "flipped_labels", "manifold", "metrics", "models", "noise_models", "notebooks", "phi_reading",
+    "averaging", "checkpoint", "cli", "compare", "comparison", "config", "convergence",
+    "data", "datasets", "demo", "distributed", "divergence", "metrics", "models", "notebooks",
     "plotstyle", "probe", "sampling", "schedules", "sharpness", "study", "tracking", "train", "trainer",
     "workers",
 ]

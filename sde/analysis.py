@@ -4,7 +4,7 @@ Time unit: slow time t = eta^2 x steps per worker. What is already elsewhere is 
 repeated here: per-eigenvalue drift weights (`sde.label_noise.drift_weights`),
 the least-squares extrapolation in eta (`sde.discrete.richardson`), H for beta or QSR
 (`sde.discrete.local_steps_for_beta`, `qsr_local_steps`), slope fits over seeds
-(`experiments.continuation.fit_slope`) and synchronization schedules (`experiments.schedules`).
+(`experiments.comparison.path.fit_slope`) and synchronization schedules (`experiments.schedules`).
 
 - `effective_beta(eta, ...)`: the beta = eta H that enters psi for constant H, H = beta / eta
   and QSR H = (alpha / eta)^2 (Gu et al. 2023, 2024).

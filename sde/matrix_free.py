@@ -27,7 +27,7 @@
   Hessian defines Gamma (e.g. flipped labels: the Hessian is that of the expected, soft-target
   loss, the noise that of sampled (x_i, flipped label) draws), pass an `Objective` over those
   draws as `noise_obj`: its per-sample gradients, centred by their own mean, give Sigma (a
-  Monte Carlo estimate; `sde.flipped_labels.sampled_noise_objective`). Same parameters (D).
+  Monte Carlo estimate; `sde.general_formula.sampled_noise_objective`). Same parameters (D).
 - `diffusion` is returned as the (D, n) factor A = Z / sqrt(B) (A A^T = S_par / B); dW is then
   n-dimensional. (The dense problem's A is the symmetric square root; both give the same law.)
 
