@@ -25,6 +25,7 @@ code (`experiments.cli`) before any long work.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime
 import json
 import math
@@ -97,7 +98,9 @@ def parse_rule(text: str, *, batch: int = 8, local_batch: int | None = None):
     return RULE_FORMS[name](str(text), batch, local_batch)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"cnn": build_small_cnn, "mlp": build_small_mlp}   # --model names
+MODELS: dict[str, Callable[..., nn.Module]] = {   # --model names
+    "cnn": build_small_cnn, "mlp": build_small_mlp,
+    "mlp-wide": functools.partial(build_small_mlp, hidden=(192, 64))}   # the big points' MLP (D = 50,058 at 8x8)
 
 
 # ---------------------------------------------------------------------- rows

@@ -120,6 +120,7 @@ def test_registered_models_and_the_balanced_real_subset(cifar10_dir):
     cnn = MODELS["cnn"](image_size=16, generator=torch.Generator().manual_seed(0))
     assert sum(p.numel() for p in cnn.parameters()) == 9946
     assert sum(p.numel() for p in MODELS["mlp"](image_size=8).parameters()) == 7562
+    assert sum(p.numel() for p in MODELS["mlp-wide"](image_size=8).parameters()) == 50058   # RESULTS 2b's MLP
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.ReLU)) for m in cnn.modules())
     with pytest.raises(ValueError, match="activation"):
         MODELS["cnn"](activation="relu")
