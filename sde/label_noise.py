@@ -64,6 +64,10 @@ class OutputMetric:
     def _times_roots(self, x: Tensor) -> Tensor:
         return x if self.roots is None else torch.einsum("nab,nb...->na...", self.roots.to(x.dtype), x)
 
+    def reduce_blocks(self, blocks: Tensor) -> Tensor:
+        """Per-sample Gram blocks J_i J_i^T (N, C, C) -> the reduced Jt_i Jt_i^T = R_i Q^T J_i J_i^T Q R_i (N, m, m)."""
+        return self.reduce(self.reduce(blocks).mT)
+
     def part(self, start: int, stop: int) -> "OutputMetric":
         """The metric of samples start:stop."""
         return OutputMetric(self.basis, None if self.roots is None else self.roots[start:stop])

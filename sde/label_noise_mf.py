@@ -65,8 +65,8 @@ class TangentProjector:
             raise ValueError(f"need 0 < rtol < 1 and max_iter >= 1, got rtol = {rtol}, max_iter = {max_iter}")
         self.obj, self.theta, self.metric = obj, theta.detach(), metric or OutputMetric()
         if preconditioner is None:
-            blocks = self.metric.reduce(per_sample_gram_blocks(obj, self.theta, chunk_size=chunk_size))
-            preconditioner = BlockJacobi(self.metric.reduce(blocks.transpose(1, 2)))
+            preconditioner = BlockJacobi(self.metric.reduce_blocks(
+                per_sample_gram_blocks(obj, self.theta, chunk_size=chunk_size)))
         self.preconditioner = preconditioner
         self.rtol, self.max_iter, self.shift = rtol, max_iter, shift
         self.warm_start_within, self.log, self.log_every = warm_start_within, log, log_every

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from dynamics.objective import Objective
 from experiments.comparison.noise import parse_noise
 from experiments.comparison.phi import PhiCorrection
-from experiments.comparison.projection import (GramPreconditioner, GramPreconditionerMF, outputs_and_targets,
-                                               project)
+from experiments.comparison.projection import (GramPreconditioner, GramPreconditionerMF, objective_targets,
+                                               outputs_and_targets, project)
 from experiments.metrics import atomic_write_bytes
 from sde.label_noise import gauss_newton_geometry, sharpness_gradients
 
@@ -112,7 +112,7 @@ def fit(obj: Objective, noise, *, steps: int = 3000, lr: float = 3e-3, gap: floa
     """Full-batch Adam from the model's parameters until L - noise.minimum_loss <= gap (default noise.fit_gap)
     or `steps`: the flat parameters reached (the model is not modified)."""
     gap = noise.fit_gap if gap is None else gap
-    floor = noise.minimum_loss(torch.cat([y for _, y in obj.data]))
+    floor = noise.minimum_loss(objective_targets(obj))
     theta = obj.params.clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
     for _ in range(steps):
@@ -131,7 +131,7 @@ def point_at(obj: Objective, noise, zeta: Tensor, *, method: str = "dense", labe
     start = time.perf_counter()
     zeta = zeta.detach()
     residual = check_on_gamma(obj, noise, zeta, tol)
-    targets = torch.cat([y for _, y in obj.data])
+    targets = objective_targets(obj)
     geometry = gradients = correction = None
     if method == "dense":
         geometry = gauss_newton_geometry(obj, zeta, metric=noise.metric(targets), residual=residual)

@@ -20,20 +20,25 @@ from dynamics.jacobian import (gram_solve_cg, gram_times_block, jacobian_transpo
                                output_jacobian, per_sample_gram_blocks)
 from dynamics.objective import Objective
 
-__all__ = ["GramPreconditioner", "GramPreconditionerMF", "ProjectionReport", "gram_solve", "outputs_and_targets",
+__all__ = ["GramPreconditioner", "GramPreconditionerMF", "ProjectionReport", "gram_solve", "objective_targets",
+           "outputs_and_targets",
            "reduced_jacobian", "project", "sharpness_at"]
+
+
+def objective_targets(obj: Objective) -> Tensor:
+    """The objective's expected targets (N, C), its batches concatenated."""
+    return torch.cat([y for _, y in obj.data])
 
 
 def outputs_and_targets(obj: Objective, theta: Tensor) -> tuple[Tensor, Tensor]:
     """(network outputs (N, C) at theta, the objective's targets (N, C))."""
-    return (torch.cat([obj.forward(theta, x) for x, _ in obj.data]),
-            torch.cat([y for _, y in obj.data]))
+    return torch.cat([obj.forward(theta, x) for x, _ in obj.data]), objective_targets(obj)
 
 
 def reduced_jacobian(obj: Objective, noise, theta: Tensor) -> tuple[Tensor, Tensor]:
     """(outputs (N, C), Jt (N m, D)) with Jt_i = R_i Q^T J_i: Hessian(L) = Jt^T Jt / N on Gamma."""
     outputs, jac = output_jacobian(obj, theta.detach())
-    metric = noise.metric(torch.cat([y for _, y in obj.data]).to(jac.dtype))
+    metric = noise.metric(objective_targets(obj).to(jac.dtype))
     return outputs, metric.reduce(jac).reshape(-1, jac.shape[-1])
 
 
@@ -97,8 +102,8 @@ class GramPreconditionerMF:
         """Build at theta: one per-sample-Jacobian pass and `rank` Gram products (`block` at a time)."""
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
-        theta, metric = theta.detach(), noise.metric(torch.cat([y for _, y in obj.data]).to(theta.dtype))
-        blocks = metric.reduce(metric.reduce(per_sample_gram_blocks(obj, theta, chunk_size=chunk_size)).mT)
+        theta, metric = theta.detach(), noise.metric(objective_targets(obj).to(theta.dtype))
+        blocks = metric.reduce_blocks(per_sample_gram_blocks(obj, theta, chunk_size=chunk_size))
         gram = lambda w: metric.reduce(gram_times_block(obj, theta, metric.lift(w.permute(1, 2, 0))  # noqa: E731
                                                         .permute(2, 0, 1)).permute(1, 2, 0)).permute(2, 0, 1)
         values, vectors = torch.linalg.eigh(blocks)

@@ -190,7 +190,7 @@ class MatrixFreeReader:
         """(tr H, lambda_max) at z on Gamma (module docstring); the top vector is kept for this seed."""
         obj, metric = self.point.objective, self.metric
         blocks = per_sample_gram_blocks(obj, z.detach(), chunk_size=self.chunk_size)
-        trace = float(metric.reduce(metric.reduce(blocks).mT).diagonal(dim1=-2, dim2=-1).sum()) / obj.num_samples
+        trace = float(metric.reduce_blocks(blocks).diagonal(dim1=-2, dim2=-1).sum()) / obj.num_samples
         eig = top_eigenpairs(GramOperator(obj, z, metric), 1, tol=self.eig_tol, max_matvecs=2000,
                              v0=self.top.get(self.seed), generator=self.generator)
         if not eig.converged:
