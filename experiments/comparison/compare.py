@@ -19,7 +19,8 @@ Command line (writes OUT/rows.jsonl, one JSON object per (rule, eta), with prove
 `module:function` importable from the current directory (called with `image_size=` when it takes it).
 `--checkpoint`: a plain state_dict for that network, or, without `--model`, a final.pt / checkpoint of
 `experiments.train`. `--matrix-free`: the point by CG projections and the predictions without a dense
-Jacobian (points of thousands of images; predictions only). Every bad input is one error line and an exit
+Jacobian (points of thousands of images; runs are read at Phi matrix-free, `reading_mf`, slow: see RESULTS.md
+section 2b). Every bad input is one error line and an exit
 code (`experiments.cli`) before any long work.
 """
 from __future__ import annotations
@@ -191,10 +192,12 @@ def predict_row(point: Point, rule, eta: float, *, method: str = "dense", **opti
                lambda_max=float(pred.lambda_max), seconds=time.perf_counter() - start)
 
 
-def _measured_row(point: Point, config, *, seed: int, path_dt, progress) -> Row:
-    """`continuation.measure` for one config; its RegimeWarnings go into the row, other warnings pass on."""
+def _measured_row(point: Point, config, *, seed: int, path_dt, progress, method: str = "dense",
+                  options: dict | None = None) -> Row:
+    """`continuation.measure` for one config (a "cg" point is read matrix-free); its RegimeWarnings go into the
+    row, other warnings pass on."""
     start = time.perf_counter()
-    pred, limit = _predictions(point, config.rule, config.eta, method="dense", options={})
+    pred, limit = _predictions(point, config.rule, config.eta, method=method, options=options or {})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RegimeWarning)
         m = measure_rule(point, config, seed=seed, path_dt=path_dt, progress=progress)
@@ -230,7 +233,8 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
     given). rules: `sde` rules or strings (`parse_rule`, with `batch` / `local_batch`). `seeds` runs stacked,
     drawn from torch.Generator().manual_seed(seed). method="cg": the point by CG projections (Nystrom rank
     `nystrom_rank`) and the predictions matrix-free (one `_projector(point, cg_rtol=, curvature_floor=)`;
-    `mf_options`, e.g. num_probes, go to `predict_rates_matrix_free`); predictions only. Every input
+    `mf_options`, e.g. num_probes, go to `predict_rates_matrix_free`); its runs are read at Phi matrix-free
+    (`reading_mf`; correct but slow at scale, RESULTS.md 2b). Every input
     is checked before the point is built, every eta against the regime (eta lambda_max <= max_eta_lambda)
     before any run; a run whose tr H moves by more than `max_relative_change` gets a RegimeWarning named in
     its row. measure=False: predictions only. `on_row(row)`: called as each row is done (e.g. to write it).
@@ -250,9 +254,6 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
         raise ValueError(f"slow_time must be positive, got {slow_time}")
     if method not in ("dense", "cg"):
         raise ValueError(f"method must be 'dense' or 'cg', got {method!r}")
-    if method == "cg" and measure:
-        raise ValueError("method='cg' gives predictions only (the runs read sharpness through the dense Jacobian): "
-                         "pass measure=False (--predict-only)")
     schedules = {(r, e): run_schedule(r, e, slow_time=slow_time, checkpoints=checkpoints, seeds=seeds)
                  for e in etas for r in rules}                          # a rule's bad settings: ValueError now
     if point is None:
@@ -271,18 +272,19 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
                          f"(lambda_max = {point.lambda_max:.4g} at this point); the slow SDE assumes small eta")
     say = progress or (lambda line: None)
     rows = []
+    if method == "cg" and "projector" not in mf_options:             # one projector: its solves are reused
+        mf_options["projector"] = _projector(point, cg_rtol=cg_rtol, curvature_floor=curvature_floor)
     for (rule, eta), schedule in schedules.items():
         if measure:
             config = ContinuationConfig(rule=rule, eta=eta, max_eta_lambda=max_eta_lambda,
                                         max_relative_change=max_relative_change, **schedule)
             say(f"{rule!r} at eta = {eta:g}: {config.rounds} rounds of {config.local_steps} steps, {seeds} seeds")
-            row = _measured_row(point, config, seed=seed, path_dt=path_dt, progress=progress)
+            row = _measured_row(point, config, seed=seed, path_dt=path_dt, progress=progress, method=method,
+                                options=mf_options)
             say(f"{row.rule} eta = {eta:g}: predicted {row.predicted:.4g}, measured {row.measured:.4g} "
                 f"+- {row.stderr:.2g} (ratio {row.ratio:.3f}, {row.seconds:.0f} s)"
                 + "".join(f"; {w}" for w in row.warnings))
         else:
-            if method == "cg" and "projector" not in mf_options:     # one projector: its solves are reused
-                mf_options["projector"] = _projector(point, cg_rtol=cg_rtol, curvature_floor=curvature_floor)
             row = predict_row(point, rule, eta, method=method, **mf_options)
             say(f"{row.rule} eta = {eta:g}: predicted {row.predicted:.6g} (limit {row.predicted_limit:.6g})")
         rows.append(row)
@@ -333,7 +335,7 @@ def _parser() -> ArgumentParser:
     add("--path-dt", type=float, default=None, help="also fit the predicted path (Heun step in slow time)")
     add("--predict-only", action="store_true", help="the predictions at the point, no runs")
     add("--matrix-free", action="store_true", help="point by CG projections, predictions without a dense "
-        "Jacobian (sde.label_noise_mf; thousands of images); implies --predict-only")
+        "Jacobian (sde.label_noise_mf; thousands of images); runs read matrix-free (slow: add --predict-only)")
     add("--nystrom-rank", type=int, default=200, help="--matrix-free: rank of the Gram preconditioner's deflation")
     add("--cg-rtol", type=float, default=1e-10, help="--matrix-free: CG tolerance of the tangent projections")
     add("--curvature-floor", type=float, default=0.0, help="--matrix-free: normal directions of Hessian "
@@ -407,7 +409,7 @@ def _main(argv: list[str] | None) -> int:
     rows = compare(model, x, y, noise=noise, rules=rules, etas=args.eta, seeds=args.seeds, seed=args.seed,
                    slow_time=args.slow_time, checkpoints=args.checkpoints, path_dt=args.path_dt,
                    train_steps=args.train_steps, lr=args.lr, method="cg" if args.matrix_free else "dense",
-                   measure=not (args.predict_only or args.matrix_free), progress=say, on_row=write, cache=args.cache,
+                   measure=not args.predict_only, progress=say, on_row=write, cache=args.cache,
                    **({"nystrom_rank": args.nystrom_rank, "cg_rtol": args.cg_rtol, "num_probes": args.probes,
                        "curvature_floor": args.curvature_floor} if args.matrix_free else {}))
     print(f"{'rule':42s} {'eta':>8s} {'predicted':>11s} {'measured':>11s} {'stderr':>9s} {'meas/pred':>9s}")

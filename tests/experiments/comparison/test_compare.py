@@ -160,8 +160,6 @@ def test_bad_networks_and_points_are_refused_before_training(data):
         compare(None, noise=noise, rules=["sgd"], etas=[0.6 / point.lambda_max], point=point)
     with pytest.raises(ValueError, match="built for gaussian:0.1, not flip:0.1"):
         compare(None, noise="flip:0.1", rules=["sgd"], etas=[0.01], point=point)
-    with pytest.raises(ValueError, match="predictions only"):
-        compare(None, noise=noise, rules=["sgd"], etas=[0.01], point=point, method="cg")
     # predictions alone (no runs) are the measured rows' predictions; a run leaving the linear regime
     # (here: any change of tr H beyond 1e-9 relative) keeps its row and names the RegimeWarning in it
     kw = dict(noise=noise, rules=["sgd", "qsr:K=2,alpha=0.1"], etas=[0.01], seeds=2, slow_time=0.005, checkpoints=3)
@@ -347,9 +345,9 @@ def test_matrix_free_predictions_equal_the_exact_ones(cifar10_dir, tmp_path):
                                                   else 1e-2)
         assert f.predicted == pytest.approx(d.predicted, rel=1e-6 if f.rule.startswith("SGD") else 1e-2)
         assert math.isnan(f.measured) and f.seeds == 0
-    # the command line: --matrix-free gives predictions only, the same numbers
-    argv = _cli(tmp_path / "mf", "--n", "30", "--matrix-free", "--rules", "sgd", "--nystrom-rank", "100",
-                "--cg-rtol", "1e-12")
+    # the command line: --matrix-free --predict-only gives the same numbers
+    argv = _cli(tmp_path / "mf", "--n", "30", "--matrix-free", "--predict-only", "--rules", "sgd", "--nystrom-rank",
+                "100", "--cg-rtol", "1e-12")
     assert main(argv) == 0
     (row,) = [json.loads(line) for line in (tmp_path / "mf" / "rows.jsonl").read_text().splitlines()]
     assert row["predicted"] == pytest.approx(dense[0].predicted, rel=1e-6) and row["measured"] is None
@@ -357,6 +355,15 @@ def test_matrix_free_predictions_equal_the_exact_ones(cifar10_dir, tmp_path):
     point = build_point(tiny_net, x, y, noise="gaussian:0.1", train_steps=2000, lr=1e-2, method="cg")
     with pytest.raises(ValueError, match="the point is matrix-free"):
         compare(None, point=point, noise="gaussian:0.1", rules=["sgd"], etas=[0.01])
+    # runs from a matrix-free point are read at Phi matrix-free (reading_mf) and measure what the dense point's
+    # runs measure: same draws, zeta equal to the CG projection's accuracy, readings equal to ~1e-6 (test_reading_mf)
+    run = dict(noise="gaussian:0.1", rules=["sgd"], etas=[0.01], seeds=2, slow_time=0.005, checkpoints=3)
+    dense_point = build_point(tiny_net, x, y, noise="gaussian:0.1", train_steps=2000, lr=1e-2)
+    (mf_row,) = compare(None, point=point, method="cg", **run)
+    (dense_row,) = compare(None, point=dense_point, **run)
+    assert mf_row.seeds == 2 and math.isfinite(mf_row.measured)
+    assert mf_row.measured == pytest.approx(dense_row.measured, rel=1e-4)
+    assert mf_row.predicted == pytest.approx(dense_row.predicted, rel=1e-6)
 
 
 def test_matrix_free_projector_reuses_solves_and_its_log_is_the_cg_tolerance_sweep(cifar10_dir):
