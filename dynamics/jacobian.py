@@ -19,7 +19,8 @@ from dynamics.objective import Objective
 
 __all__ = ["output_jacobian", "output_jacobian_derivative", "jacobian_pairing_grad", "jacobian_times",
            "jacobian_transpose_times", "jacobian_derivative_times", "jacobian_derivative_transpose_times",
-           "per_sample_gram_blocks", "gram_times_block", "jacobian_frobenius_pass", "BlockJacobi",
+           "per_sample_gram_blocks", "gram_matrix", "gram_matrix_bytes", "gram_times_block",
+           "jacobian_frobenius_pass", "BlockJacobi",
            "GramSolveNotConverged", "gram_solve_cg"]
 
 
@@ -128,6 +129,47 @@ def per_sample_gram_blocks(obj: Objective, theta: Tensor, *, chunk_size: int = 6
         jac = _per_sample_jacobians(obj, theta, xs)
         blocks.append(jac @ jac.transpose(1, 2))
     return torch.cat(blocks)
+
+
+def gram_matrix_bytes(num_samples: int, outputs: int, dim: int, block_samples: int, chunk_size: int,
+                      itemsize: int = 8) -> int:
+    """Peak bytes of `gram_matrix`: the (N m, N m) result, one row block of Jacobians (block_samples x m x D) and
+    one streamed chunk of per-sample Jacobians (chunk_size x C x D, C ~ m)."""
+    rows = num_samples * outputs
+    return itemsize * (rows * rows + (block_samples + 2 * chunk_size) * outputs * dim)
+
+
+def gram_matrix(obj: Objective, theta: Tensor, *, chunk_size: int = 64, block_samples: int | None = None,
+                reduce: Callable[[Tensor, int], Tensor] | None = None) -> Tensor:
+    """M M^T, (N m, N m), for M = J (m = C) or M_i = reduce(J_chunk (n, C, D), start index) -> (n, m, D),
+    without the (N m, D) array: the rows of `block_samples` samples (default all) are held while the chunks after
+    them stream past, so the cost is about (N / block_samples + 1) / 2 Jacobian passes; rows ordered (sample,
+    output) as M.reshape(-1, D). Peak memory: `gram_matrix_bytes`."""
+    theta = theta.detach()
+    chunks = _chunks(obj, chunk_size)
+    starts = [0]
+    for xs in chunks:
+        starts.append(starts[-1] + len(xs))
+    block = len(chunks) if block_samples is None else max(1, block_samples // chunk_size)
+
+    def rows(c: int) -> Tensor:                      # (n_c m, D) of chunk c
+        jac = _per_sample_jacobians(obj, theta, chunks[c])
+        jac = jac if reduce is None else reduce(jac, starts[c])
+        return jac.reshape(-1, jac.shape[-1])
+    gram, m = None, None
+    for first in range(0, len(chunks), block):
+        held = torch.cat([rows(c) for c in range(first, min(first + block, len(chunks)))])
+        if gram is None:
+            m = held.shape[0] // (starts[min(first + block, len(chunks))] - starts[first])
+            gram = torch.empty(starts[-1] * m, starts[-1] * m, dtype=held.dtype, device=held.device)
+        top = starts[first] * m
+        gram[top:top + len(held), top:top + len(held)] = held @ held.T
+        for c in range(first + block, len(chunks)):
+            product = held @ rows(c).T
+            left = starts[c] * m
+            gram[top:top + len(held), left:left + product.shape[1]] = product
+            gram[left:left + product.shape[1], top:top + len(held)] = product.T
+    return gram
 
 
 def gram_times_block(obj: Objective, theta: Tensor, block: Tensor) -> Tensor:

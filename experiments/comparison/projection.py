@@ -11,17 +11,18 @@ under a `GramPreconditionerMF`, no (N m, D) array).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from dynamics.jacobian import (gram_solve_cg, gram_times_block, jacobian_transpose_times,
-                               output_jacobian, per_sample_gram_blocks)
+from dynamics.jacobian import (gram_matrix, gram_matrix_bytes, gram_solve_cg, gram_times_block,
+                               jacobian_transpose_times, output_jacobian, per_sample_gram_blocks)
 from dynamics.objective import Objective
 
-__all__ = ["GramPreconditioner", "GramPreconditionerMF", "ProjectionReport", "gram_solve", "objective_targets",
-           "outputs_and_targets",
+__all__ = ["GramPreconditioner", "GramPreconditionerMF", "physical_memory", "ProjectionReport", "gram_solve",
+           "objective_targets", "outputs_and_targets",
            "reduced_jacobian", "project", "sharpness_at"]
 
 
@@ -42,21 +43,54 @@ def reduced_jacobian(obj: Objective, noise, theta: Tensor) -> tuple[Tensor, Tens
     return outputs, metric.reduce(jac).reshape(-1, jac.shape[-1])
 
 
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (the default memory limit of the Gram eigendecomposition)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 @dataclass(frozen=True)
 class GramPreconditioner:
-    """Eigendecomposition of Jt0 Jt0^T (N m, N m) at a reference point of Gamma: preconditions the Gauss-Newton
-    systems near it (conjugate gradients in a few iterations), and its top eigenvectors seed `sharpness_at`."""
-    values: Tensor   # (r,) descending, unnormalized (= N x Hessian eigenvalues)
-    vectors: Tensor  # (N m, r)
+    """Eigendecomposition Jt0 Jt0^T = V diag(values) V^T (N m, N m) at a reference point of Gamma: preconditions the
+    Gauss-Newton systems near it (CG in a few iterations), gives the exact normal space and flow term there
+    (`reading_mf.FlowCorrection`), and its top eigenvectors seed `sharpness_at`."""
+    values: Tensor   # (N m,) descending, unnormalized (= N x Hessian eigenvalues), floored at 1e-13 x the largest
+    vectors: Tensor  # (N m, N m)
 
     @classmethod
-    def at(cls, obj: Objective, noise, theta: Tensor) -> "GramPreconditioner":
-        _, jt = reduced_jacobian(obj, noise, theta)
-        values, vectors = torch.linalg.eigh(jt @ jt.T)
-        return cls(values=values.flip(0).clamp_min(values[-1].abs() * 1e-13 + 1e-300), vectors=vectors.flip(1))
+    def at(cls, obj: Objective, noise, theta: Tensor, *, chunk_size: int = 64,
+           memory_limit: int | None = None) -> "GramPreconditioner":
+        """Build at theta from row blocks of per-sample Jacobians (`dynamics.jacobian.gram_matrix`): no (N m, D)
+        array unless it fits beside the Gram matrix. The Gram matrix, its eigenvectors (2 (N m)^2 numbers, eigh's
+        measured peak) and one Jacobian chunk must fit in `memory_limit` bytes (default: the machine's RAM), else
+        ValueError naming the estimate before any work; the row block takes half of what is left."""
+        theta = theta.detach()
+        targets = objective_targets(obj)
+        metric = noise.metric(targets.to(theta.dtype))
+        n, rows = len(targets), noise.equations(*targets.shape)
+        m, item = rows // n, theta.element_size()
+        limit = physical_memory() if memory_limit is None else memory_limit
+        fixed = gram_matrix_bytes(n, m, obj.dim, 0, chunk_size, item) + item * rows * rows
+        if fixed + item * chunk_size * m * obj.dim > limit:
+            raise ValueError(f"the Gram eigendecomposition at N m = {rows} ({noise}), D = {obj.dim} needs about "
+                             f"{(fixed + item * chunk_size * m * obj.dim) / 2 ** 30:.1f} GiB (Gram matrix and its "
+                             f"eigenvectors, 2 (N m)^2 x {item} B, and Jacobian chunks) > the memory limit "
+                             f"{limit / 2 ** 30:.1f} GiB")
+        block = min(n, max(chunk_size, (limit - fixed) // 2 // (item * m * obj.dim)))
+        gram = gram_matrix(obj, theta, chunk_size=chunk_size, block_samples=block,
+                           reduce=lambda jac, start: metric.part(start, start + len(jac)).reduce(jac))
+        # eigh of -K lists K's eigenpairs in descending order: no flipped copy of the (N m)^2 eigenvectors
+        values, vectors = torch.linalg.eigh(gram.neg_())
+        del gram
+        values = values.neg_()
+        return cls(values=values.clamp_min(values[0].abs() * 1e-13 + 1e-300), vectors=vectors)
 
     def solve(self, r: Tensor) -> Tensor:
+        """(Jt0 Jt0^T)^-1 r for flat r (N m,)."""
         return self.vectors @ ((self.vectors.T @ r) / self.values)
+
+    def apply(self, r: Tensor) -> Tensor:
+        """The same for r (N, m): the preconditioner interface of `dynamics.jacobian.gram_solve_cg`."""
+        return self.solve(r.reshape(-1)).reshape(r.shape)
 
 
 def gram_solve(jac: Tensor, r: Tensor, pre: GramPreconditioner | None, *, rtol: float = 1e-11,

@@ -1,139 +1,121 @@
 """The reading at Phi(theta) with no (N m, D) array (issue 13, item 1): `phi.read_at_phi` on matrix-free pieces.
 
-Same reading as `experiments.comparison.phi` (its docstring), three pieces replaced (Jt = metric.reduce(J) (N m, D),
-H = Jt^T Jt / N and G = Jt Jt^T / N on Gamma, never formed):
-- projection: `projection.project(method="cg")` under ONE `GramPreconditionerMF` built at zeta (never refreshed);
-  a projection that does not converge is refused (`ProjectionNotConverged`, naming CG iterations and residual).
-  Inexact Newton steps are normal at their iterate, so cg_rtol moves z along Gamma by cg_rtol x O(|x|^2) only.
+Same reading as `experiments.comparison.phi` (its docstring). Jt = metric.reduce(J) (N m, D), H = Jt^T Jt / N and
+G = Jt Jt^T / N on Gamma; the one (N m, N m) object is the exact eigendecomposition K = Jt Jt^T = Q diag(kappa) Q^T
+at zeta (`projection.GramPreconditioner`, built by Jacobian row blocks once per point, shared by every seed and
+checkpoint). Pieces:
+- projection: `projection.project(method="cg")` preconditioned by K^-1 at zeta (never refreshed); a projection that
+  does not converge is refused (`ProjectionNotConverged`, naming CG iterations and residual). Inexact Newton steps
+  are normal at their iterate, so cg_rtol moves z along Gamma by cg_rtol x O(|x|^2) only.
 - sharpness at z on Gamma: tr H = ||Jt||_F^2 / N exactly from per-sample Jacobian chunks; lambda_max by thick-restart
-  Lanczos on G (`dynamics.lanczos.top_eigenpairs`) from the seed's previous top vector, to ||G u - l u|| <= eig_tol l
-  (then |l - lambda_max| <= eig_tol lambda_max once u is the top direction).
-- the flow term of s in {tr H, lambda_max} (`FlowCorrection`): 1/2 a^T (dH_s / (lambda_i + lambda_j)) a, a = U^T x,
-  equals 1/2 <d_g H, X>, X = int_0^inf e^{-tH} n n^T e^{-tH} dt (H X + X H = n n^T), n = U U^T x the normal part of x
-  at zeta. Tangent part: removed exactly (to cg_rtol) by one preconditioned CG solve at zeta, (Jt Jt^T) a = Jt x,
-  n = Jt^T a, warm-started from the seed's previous solve: dense `PhiCorrection` drops it the same way (U^T x).
-  Then Lanczos on H from n: V (D, k), T = V^T H V = (Jt V)^T (Jt V) / N, X ~ V X_k V^T with
-  T X_k + X_k T = |n|^2 e1 e1^T (solved in T's eigenbasis; Ritz values below rank_tol x the largest dropped, as
-  `gauss_newton_geometry` drops Gram eigenvalues), and V^T (d_g H) V = S + S^T, S = (Jt' V)^T (Jt V) / N,
-  Jt' v = reduce(DJ[g] v) (on Gamma the residual term of d_g H vanishes along a tangent g). Jt V comes free with the
-  Lanczos products. Stops when both terms change by <= flow_rtol x |term| over `step` more Lanczos vectors, or when
-  the Krylov space is invariant (exact); `cost` reports k.
+  Lanczos on G (`dynamics.lanczos.top_eigenpairs`) from the seed's previous top vector, to ||G u - l u|| <= eig_tol l.
+- the flow term of s in {tr H, lambda_max} (`FlowCorrection`): 1/2 <d_g H, X>, X = int_0^inf e^{-tH} n n^T e^{-tH} dt
+  (H X + X H = n n^T), n = U U^T x the normal part of the offset x at zeta (the tangent part is dropped, as dense
+  `PhiCorrection` drops it). In H's eigenvectors v_i = Jt^T q_i / sqrt(kappa_i) (kappa_i > rank_tol kappa_1, as
+  `gauss_newton_geometry` drops Gram eigenvalues) with a_i = v_i . x = q_i^T Jt x / sqrt(kappa_i):
+
+      term_s = sum_ij C_ij (Jt'_s v_i) . (Jt v_j),   C_ij = a_i a_j / (kappa_i + kappa_j),   Jt'_s = d_{g_s} Jt
+
+  (the 1/N of H and of d_g H cancel). C = int_0^inf z(t) z(t)^T dt, z(t) = a o e^{-kappa t}, is numerically of low
+  rank: trapezoid nodes in log t (t = e^u, relative error < 1e-12 for every kappa pair at step 0.3) give
+  C ~ Z Z^T, and Z's SVD keeps the ranks y_k (sigma_k^2) until the dropped sigma^2 are <= flow_rtol of the total. Each
+  kept rank is a unit vector w_k = sum_i y_ki v_i (one VJP) with Jt w_k = Q (sqrt(kappa) o y_k) known, and
+  (Jt'_s w_k) . (Jt w_k) = g_s . DJ[w_k]^T lift(Jt w_k) (DJ symmetric): one reverse-over-forward pass per rank gives
+  both terms. |w_k| = 1 bounds what a dropped rank changes by sigma_k^2 |DJ| |J|. `cost` reports the ranks.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 from torch import Tensor
 
-from dynamics.jacobian import (GramSolveNotConverged, gram_solve_cg, jacobian_derivative_times,
-                               jacobian_frobenius_pass, per_sample_gram_blocks)
+from dynamics.jacobian import (GramSolveNotConverged, jacobian_derivative_transpose_times, jacobian_frobenius_pass,
+                               per_sample_gram_blocks)
 from dynamics.lanczos import top_eigenpairs
 from experiments.comparison.phi import PhiReading, read_at_phi
-from experiments.comparison.projection import GramPreconditionerMF, project
+from experiments.comparison.projection import GramPreconditioner, project
 from sde.label_noise_mf import GramOperator, lambda_max_pairing_grad
 
-__all__ = ["ProjectionNotConverged", "FlowCorrection", "tangent_gradients", "MatrixFreeReader"]
+__all__ = ["ProjectionNotConverged", "FlowCorrection", "lyapunov_factors", "tangent_gradients", "MatrixFreeReader"]
 
 
 class ProjectionNotConverged(RuntimeError):
     """A projection onto Gamma (or its CG solves) stopped short: no reading is reported from it."""
 
 
+def lyapunov_factors(a: Tensor, kappa: Tensor, *, rtol: float = 1e-10, step: float = 0.3) -> tuple[Tensor, Tensor]:
+    """(Y (r, k) orthonormal, sigma2 (k,)) with C = [a_i a_j / (kappa_i + kappa_j)] ~ Y diag(sigma2) Y^T (r, r),
+    the dropped sigma2 summing to <= rtol x trace(C) (module docstring: 1/x = int exp(-x e^u) e^u du, trapezoid)."""
+    if not 0 < rtol < 1:
+        raise ValueError(f"rtol must be in (0, 1), got {rtol}")
+    low, high = 2 * float(kappa.min()), 2 * float(kappa.max())
+    nodes = torch.arange(math.log(1e-17 / high), math.log(math.log(1e17) / low) + step, step,
+                         dtype=a.dtype, device=a.device)
+    z = a[:, None] * torch.exp(-kappa[:, None] * nodes.exp()[None, :]) * (step * nodes.exp()).sqrt()[None, :]
+    y, sing, _ = torch.linalg.svd(z, full_matrices=False)
+    sigma2 = sing ** 2
+    tail = sigma2.flip(0).cumsum(0).flip(0)                       # tail[k] = sum of sigma2[k:]
+    keep = max(1, int((tail > rtol * tail[0]).sum()))
+    return y[:, :keep], sigma2[:keep]
+
+
 class FlowCorrection:
     """Matrix-free `PhiCorrection` at zeta: flow_terms(x) -> (tr H term, lambda_max term) (module docstring).
 
-    gram: `GramOperator` at zeta; preconditioner: .apply(r (N, m)) -> (N, m); gradients: the tangent gradients of
-    tr H and lambda_max at zeta, (D,) each. `seed` (set by the reader) keys the CG warm starts; `cost` holds the
-    last call's Lanczos steps k, CG iterations and seconds.
+    gram: `GramOperator` at zeta; eigen: the `GramPreconditioner` at zeta; gradients: the tangent gradients of tr H
+    and lambda_max at zeta, (D,) each (set by the reader when computed here). `cost` holds the last call's ranks and
+    seconds.
     """
 
-    def __init__(self, gram: GramOperator, preconditioner, gradients: tuple[Tensor, Tensor], *,
-                 flow_rtol: float = 1e-6, step: int = 10, max_steps: int = 400, cg_rtol: float = 1e-10,
-                 cg_max_iter: int = 5000, rank_tol: float = 1e-12):
-        if not 0 < flow_rtol < 1 or step < 1 or max_steps < 1:
-            raise ValueError(f"need 0 < flow_rtol < 1, step >= 1, max_steps >= 1; got {flow_rtol}, {step}, {max_steps}")
-        self.gram, self.preconditioner, self.gradients = gram, preconditioner, gradients
-        self.flow_rtol, self.step, self.max_steps, self.rank_tol = flow_rtol, step, max_steps, rank_tol
-        self.cg_rtol, self.cg_max_iter = cg_rtol, cg_max_iter
-        self.seed, self.warm, self.cost = None, {}, {}
+    def __init__(self, gram: GramOperator, eigen: GramPreconditioner, gradients: tuple[Tensor, ...] = (), *,
+                 flow_rtol: float = 1e-10, rank_tol: float = 1e-12):
+        if not 0 < flow_rtol < 1 or not 0 <= rank_tol < 1:
+            raise ValueError(f"need 0 < flow_rtol < 1 and 0 <= rank_tol < 1; got {flow_rtol}, {rank_tol}")
+        keep = eigen.values > rank_tol * eigen.values[0]
+        self.gram, self.gradients, self.flow_rtol = gram, gradients, flow_rtol
+        self.kappa, self.basis = eigen.values[keep], eigen.vectors[:, keep]     # (r,), (N m, r)
+        self.cost = {}
 
-    def normal_part(self, v: Tensor, x0: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
-        """(U U^T v (D,), the CG solution a (N, m) of (Jt Jt^T) a = Jt v, CG iterations) at zeta."""
-        g = self.gram
-        rhs = g.shaped(g.times(v))
-        if not rhs.norm() > 0:
-            return torch.zeros_like(v), torch.zeros_like(rhs), 0
-        try:
-            a, its = gram_solve_cg(g.obj, g.theta, rhs, self.preconditioner, rtol=self.cg_rtol,
-                                   max_iter=self.cg_max_iter, x0=x0, metric=g.metric)
-        except GramSolveNotConverged as exc:
-            raise ProjectionNotConverged(f"normal part of the offset at zeta: {exc}") from None
-        return g.transpose_times(a.reshape(-1)), a, its
+    def coordinates(self, v: Tensor) -> Tensor:
+        """a (r,): v's coordinates along H's eigenvectors v_i at zeta (one JVP)."""
+        return (self.basis.T @ self.gram.times(v)) / self.kappa.sqrt()
 
-    def flow_terms(self, offset: Tensor) -> tuple[float, float]:
+    def along(self, y: Tensor) -> Tensor:
+        """sum_i y_i v_i (D,) for coefficients y (r,) (one VJP)."""
+        return self.gram.transpose_times(self.basis @ (y / self.kappa.sqrt()))
+
+    def normal_part(self, v: Tensor) -> Tensor:
+        """U U^T v (D,), the part of v (D,) normal to Gamma at zeta."""
+        return self.along(self.coordinates(v))
+
+    def flow_terms(self, offset: Tensor) -> tuple[float, ...]:
         """1/2 a^T (dH_s / (lambda_i + lambda_j)) a, a = U^T offset, for s = tr H and lambda_max."""
         start, g = time.perf_counter(), self.gram
-        normal, a, its = self.normal_part(offset, self.warm.get(self.seed))
-        self.warm[self.seed] = a
-        size = float(normal.norm())
-        if size == 0:
-            self.cost = dict(lanczos_steps=0, cg_iterations=its, seconds=time.perf_counter() - start)
-            return 0.0, 0.0
-        steps = min(self.max_steps, g.dim, g.obj.dim)
-        basis = torch.zeros(g.obj.dim, steps, dtype=g.dtype, device=g.device)
-        images = torch.zeros(g.dim, steps, dtype=g.dtype, device=g.device)             # Jt V
-        derived = torch.zeros(2, g.dim, steps, dtype=g.dtype, device=g.device)         # Jt'_s V
-        basis[:, 0], previous, scale = normal / size, None, 0.0
-        for k in range(1, steps + 1):
-            q = basis[:, k - 1]
-            images[:, k - 1] = g.times(q)
-            for s, direction in enumerate(self.gradients):
-                derived[s, :, k - 1] = g.metric.reduce(jacobian_derivative_times(g.obj, g.theta, direction, q)
-                                                       ).reshape(-1)
-            w = g.transpose_times(images[:, k - 1]) / g.num_samples
-            for _ in range(2):                                                        # full reorthogonalization
-                w = w - basis[:, :k] @ (basis[:, :k].T @ w)
-            beta = float(w.norm())
-            scale = max(scale, float(images[:, k - 1].norm() ** 2 / g.num_samples))
-            invariant = beta <= 1e-10 * scale
-            if k % self.step == 0 or invariant or k == steps:
-                terms = self._terms(images[:, :k], derived[:, :, :k], size)
-                if invariant or (previous is not None and all(
-                        abs(t - p) <= self.flow_rtol * abs(t) for t, p in zip(terms, previous))):
-                    break
-                previous = terms
-            if k < steps:
-                basis[:, k] = w / beta
-        else:
-            raise RuntimeError(f"flow terms did not settle to flow_rtol {self.flow_rtol:.1e} in {steps} Lanczos "
-                               f"steps (last two: {previous}, {terms})")
-        self.cost = dict(lanczos_steps=k, cg_iterations=its, seconds=time.perf_counter() - start)
-        return terms
-
-    def _terms(self, images: Tensor, derived: Tensor, size: float) -> tuple[float, float]:
-        """<S_s, X_k> for the Krylov basis behind `images` = Jt V (N m, k), `derived` = Jt'_s V (2, N m, k)."""
-        n = self.gram.num_samples
-        values, vectors = torch.linalg.eigh(images.T @ images / n)
-        keep = values > self.rank_tol * values[-1]
-        values, vectors = values[keep], vectors[:, keep]
-        c = size * vectors[0]
-        lyapunov = c[:, None] * c[None, :] / (values[:, None] + values[None, :])        # X_k in T's eigenbasis
-        rotated = images @ vectors
-        return tuple(float(((d @ vectors).T @ rotated / n * lyapunov).sum()) for d in derived)
+        a = self.coordinates(offset)
+        if not a.abs().max() > 0:
+            self.cost = dict(ranks=0, seconds=time.perf_counter() - start)
+            return (0.0,) * len(self.gradients)
+        ys, sigma2 = lyapunov_factors(a, self.kappa, rtol=self.flow_rtol)
+        pulled = torch.zeros_like(g.theta)             # sum_k sigma2_k DJ[w_k]^T lift(Jt w_k)
+        for y, weight in zip(ys.T, sigma2):
+            image = g.shaped(self.basis @ (self.kappa.sqrt() * y))
+            pulled += weight * jacobian_derivative_transpose_times(g.obj, g.theta, self.along(y), g.metric.lift(image))
+        self.cost = dict(ranks=len(sigma2), seconds=time.perf_counter() - start)
+        return tuple(float(direction @ pulled) for direction in self.gradients)
 
 
-def tangent_gradients(gram: GramOperator, correction: FlowCorrection, *, eig_tol: float = 1e-10,
-                      chunk_size: int = 64, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def tangent_gradients(gram: GramOperator, correction: FlowCorrection, *, chunk_size: int = 64) -> tuple[Tensor, Tensor]:
     """Tangent gradients (D,) of tr H and lambda_max at zeta, matrix-free (as `sde.label_noise_mf`): grad ||Jt||_F^2 / N
-    and (2/N) grad <Jt u, Jt0 u> (u the top Hessian eigenvector), minus their normal parts."""
+    and (2/N) grad <Jt u, Jt0 u> (u = v_1, the top Hessian eigenvector, from the eigendecomposition), minus their
+    normal parts."""
     obj, zeta, metric = gram.obj, gram.theta, gram.metric
     frob_grad = jacobian_frobenius_pass(obj, zeta, chunk_size,
                                         reduce=lambda jac, s: metric.part(s, s + len(jac)).reduce(jac))[0]
-    eig = top_eigenpairs(gram, 1, tol=eig_tol, max_matvecs=1000, generator=generator)
-    top = gram.parameter_vectors(eig.vectors, eig.values)[:, 0]
+    top = correction.along(torch.eye(len(correction.kappa), 1, dtype=zeta.dtype, device=zeta.device)[:, 0])
     raw = (frob_grad / gram.num_samples, lambda_max_pairing_grad(obj, zeta, top, metric))
-    return tuple(v - correction.normal_part(v)[0] for v in raw)
+    return tuple(v - correction.normal_part(v) for v in raw)
 
 
 class MatrixFreeReader:
@@ -141,30 +123,31 @@ class MatrixFreeReader:
 
     project(theta) -> (z, distance), sharpness(z) -> (tr H, lambda_max), correction.flow_terms(x); reading(theta,
     seed) -> PhiReading, with warm starts per seed: the projection's first CG from the seed's previous checkpoint
-    (Pi(z - x)'s from minus Pi(theta)'s: the residual there is -r(theta) + O(|x|^2)), the normal part's CG, and
-    the Lanczos of lambda_max from the previous top vector. A dense point's gradients are reused; a "cg" point's are
-    computed here. `cost` lists per call the CG iterations (projections, normal parts), Lanczos steps k,
-    eigen-products and seconds per reading. `project_options` go to `project` (e.g. max_gauss_newton).
+    (Pi(z - x)'s from minus Pi(theta)'s: the residual there is -r(theta) + O(|x|^2)) and the Lanczos of lambda_max
+    from the previous top vector. The point's `GramPreconditioner` is reused (a dense point's), else built here by
+    Jacobian row blocks (`memory_limit` bytes, default the machine's RAM, checked first); a dense point's gradients
+    are reused, a "cg" point's computed here. `cost` lists per reading the projection CG iterations, flow ranks,
+    eigen-products and seconds, and `build_seconds` the eigendecomposition. `project_options` go to `project`.
     """
 
     def __init__(self, point, *, tol: float = 1e-10, cg_rtol: float = 1e-4, cg_max_iter: int = 5000,
-                 eig_tol: float = 1e-10, preconditioner_rank: int = 200, chunk_size: int = 64,
+                 eig_tol: float = 1e-10, chunk_size: int = 64, memory_limit: int | None = None,
                  generator: torch.Generator | None = None, flow: dict | None = None, **project_options):
         obj, noise, zeta = point.objective, point.noise, point.zeta
         self.point, self.tol, self.cg_rtol, self.cg_max_iter = point, tol, cg_rtol, cg_max_iter
         self.eig_tol, self.chunk_size, self.project_options = eig_tol, chunk_size, project_options
         self.metric = noise.metric(point.targets.to(zeta.dtype))
-        self.preconditioner = point.preconditioner if hasattr(point.preconditioner, "apply") else \
-            GramPreconditionerMF.at(obj, noise, zeta, rank=min(preconditioner_rank,
-                                                             noise.equations(*point.targets.shape) - 1),
-                                    chunk_size=chunk_size, generator=generator)
+        start = time.perf_counter()
+        self.preconditioner = point.preconditioner if isinstance(point.preconditioner, GramPreconditioner) else \
+            GramPreconditioner.at(obj, noise, zeta, chunk_size=chunk_size, memory_limit=memory_limit)
+        self.build_seconds = time.perf_counter() - start
         gram = GramOperator(obj, zeta, self.metric)
-        self.correction = FlowCorrection(gram, self.preconditioner, (), **(flow or {}))
+        self.correction = FlowCorrection(gram, self.preconditioner, **(flow or {}))
         gradients = point.gradients
         self.correction.gradients = (gradients.trace, gradients.lambda_max) if gradients is not None else \
-            tangent_gradients(gram, self.correction, eig_tol=eig_tol, chunk_size=chunk_size, generator=generator)
+            tangent_gradients(gram, self.correction, chunk_size=chunk_size)
         self.seed, self.top, self.starts, self.coefficients, self.generator = None, {}, {}, None, generator
-        self.cost = dict(projection_cg=[], normal_cg=[], lanczos_steps=[], eigen_matvecs=[], seconds=[])
+        self.cost = dict(projection_cg=[], flow_ranks=[], eigen_matvecs=[], seconds=[])
 
     def project(self, theta: Tensor, x0: Tensor | None = None) -> tuple[Tensor, float]:
         """(Pi(theta) on Gamma, its distance), the first CG from x0 (N, m); ProjectionNotConverged if a CG solve or
@@ -202,7 +185,7 @@ class MatrixFreeReader:
     def reading(self, theta: Tensor, seed: int = 0) -> PhiReading:
         """`read_at_phi` at theta (D,) with this reader's pieces; `seed` keys the warm starts."""
         start = time.perf_counter()
-        self.seed = self.correction.seed = seed
+        self.seed = seed
         firsts = []
 
         def warm_project(point: Tensor) -> tuple[Tensor, float]:
@@ -213,7 +196,6 @@ class MatrixFreeReader:
             return out
         reading = read_at_phi(theta, self.correction, warm_project, self.sharpness)
         self.starts[seed] = firsts[0]
-        self.cost["lanczos_steps"].append(self.correction.cost["lanczos_steps"])
-        self.cost["normal_cg"].append(self.correction.cost["cg_iterations"])
+        self.cost["flow_ranks"].append(self.correction.cost["ranks"])
         self.cost["seconds"].append(time.perf_counter() - start)
         return reading

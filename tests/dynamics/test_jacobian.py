@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.func import jacfwd, jacrev
 
-from dynamics.jacobian import (BlockJacobi, GramSolveNotConverged, gram_solve_cg, gram_times_block,
+from dynamics.jacobian import (BlockJacobi, GramSolveNotConverged, gram_matrix, gram_matrix_bytes, gram_solve_cg,
+                               gram_times_block,
                                jacobian_derivative_times, jacobian_derivative_transpose_times, jacobian_frobenius_pass,
                                jacobian_pairing_grad, jacobian_times, jacobian_transpose_times, output_jacobian,
                                output_jacobian_derivative, per_sample_gram_blocks)
@@ -43,6 +44,23 @@ def test_jacobian_and_its_products(dense):
     flat = J.reshape(N * C, D)
     expected = (block.reshape(4, -1) @ flat @ flat.T).reshape(4, N, C)
     torch.testing.assert_close(gram_times_block(obj, theta, block), expected, **TOL)
+
+
+@pytest.mark.parametrize("chunk_size, block_samples", [(2, None), (1, 2), (2, 3)])
+def test_gram_matrix_by_row_blocks(dense, chunk_size, block_samples):
+    """M M^T assembled from row blocks of per-sample Jacobians equals the dense product, for M = J and for a
+    per-sample reduction to m = 2 outputs (the label-noise metric's shape); the byte estimate counts the result."""
+    obj, theta, _, J, _, rand = dense
+    N, C, D = J.shape
+    flat = J.reshape(N * C, D)
+    torch.testing.assert_close(gram_matrix(obj, theta, chunk_size=chunk_size, block_samples=block_samples),
+                               flat @ flat.T, **TOL)
+    R = rand(N, 2, C)
+    reduced = (R @ J).reshape(N * 2, D)
+    got = gram_matrix(obj, theta, chunk_size=chunk_size, block_samples=block_samples,
+                      reduce=lambda jac, start: R[start:start + len(jac)] @ jac)
+    torch.testing.assert_close(got, reduced @ reduced.T, **TOL)
+    assert gram_matrix_bytes(N, 2, D, N, chunk_size) >= 8 * (N * 2) ** 2 + 8 * N * 2 * D
 
 
 def test_jacobian_derivatives(dense):

@@ -106,6 +106,27 @@ def test_dense_projection_reaches_gamma_and_preconditioned_path_agrees(on_gamma)
     torch.testing.assert_close(solved, gram_solve(jac, rhs, None), rtol=0, atol=0)
 
 
+def test_gram_eigendecomposition_by_row_blocks(on_gamma):
+    """GramPreconditioner.at builds Jt Jt^T from Jacobian row blocks: under a memory limit that leaves room for only
+    a few samples per block, its eigenpairs are those of the dense Gram (values descending, V diag V^T = K to 1e-10
+    of |K|, apply = K^-1); a limit below the Gram matrix itself is refused, naming the estimate, before any work."""
+    obj, zeta, _ = on_gamma
+    jt = reduced_jacobian(obj, GAUSS, zeta)[1]
+    gram = jt @ jt.T
+    rows, item = gram.shape[0], 8
+    tight = 2 * rows * rows * item + 8 * item * 10 * obj.dim         # the Gram, its eigenvectors, ~8 samples' rows
+    pre = GramPreconditioner.at(obj, GAUSS, zeta, chunk_size=2, memory_limit=tight)
+    assert bool((pre.values[:-1] >= pre.values[1:]).all())
+    torch.testing.assert_close(pre.values[:5], torch.linalg.eigvalsh(gram).flip(0)[:5], rtol=1e-12, atol=0)
+    rebuilt = pre.vectors @ torch.diag(pre.values) @ pre.vectors.T
+    assert float((rebuilt - gram).norm()) <= 1e-10 * float(gram.norm())
+    r = torch.randn(10, 10, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    solved = pre.apply(r).reshape(-1)
+    assert float((gram @ solved - r.reshape(-1)).norm()) <= 1e-6 * float(r.norm())
+    with pytest.raises(ValueError, match=r"N m = 100 .* needs about .* GiB .* > the memory limit"):
+        GramPreconditioner.at(obj, GAUSS, zeta, memory_limit=rows * rows * item)
+
+
 def test_projection_guards(on_gamma, cifar10_dir):
     obj, zeta, _ = on_gamma
     with pytest.raises(RuntimeError, match="projection onto Gamma failed"):

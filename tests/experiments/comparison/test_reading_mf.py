@@ -3,8 +3,8 @@
 Points of test_projection (`tiny_points`): 10 real CIFAR-10 images at 4x4 with the MLP 48 -> 24 -> 10 under Gaussian
 label noise (N m = 100, D = 1,426), and the tiny 4 -> 8 -> 3 network under flipped labels (C = 3, N m = 8). Dense
 references: `PhiCorrection.flow_terms`, `sharpness_at` (eigvalsh of the dense Gram), `sharpness_gradients`,
-`read_at_phi` over the dense projection. At these sizes the Krylov space of the flow term reaches its invariant
-subspace, so the matrix-free route is exact up to rounding and CG tolerances (float64).
+`read_at_phi` over the dense projection. The flow term's low-rank Lyapunov factor is checked against the dense
+C = [a_i a_j / (kappa_i + kappa_j)]; the rest is exact up to rounding and CG tolerances (float64).
 """
 import pytest
 import torch
@@ -12,7 +12,7 @@ import torch
 from experiments.comparison.phi import read_at_phi
 from experiments.comparison.point import point_at
 from experiments.comparison.projection import project, sharpness_at
-from experiments.comparison.reading_mf import MatrixFreeReader, ProjectionNotConverged
+from experiments.comparison.reading_mf import MatrixFreeReader, ProjectionNotConverged, lyapunov_factors
 from tests.experiments.comparison.test_projection import tiny_points
 
 TOL = {"gaussian": 1e-22, "flip": 1e-12}       # projection tolerances (Gaussian: L; flip: ||Q^T (f - log q)||)
@@ -25,7 +25,7 @@ def points(cifar10_dir):
     out = {}
     for name, dense in tiny_points(cifar10_dir).items():
         cg = point_at(dense.objective, dense.noise, dense.zeta, method="cg")
-        out[name] = dense, MatrixFreeReader(cg, tol=TOL[name], cg_rtol=1e-10, flow=dict(flow_rtol=1e-10, step=5),
+        out[name] = dense, MatrixFreeReader(cg, tol=TOL[name], cg_rtol=1e-10, flow=dict(flow_rtol=1e-12),
                                             max_gauss_newton=60)
     return out
 
@@ -38,8 +38,9 @@ def offsets(point, count, scale):
 
 @pytest.mark.parametrize("name", ["gaussian", "flip"])
 def test_flow_terms_match_the_dense_phi_correction(points, name):
-    """Random offsets with a tangent part (dropped by both: U^T x, CG normal part) and purely normal ones: the
-    Lanczos-Lyapunov terms equal 1/2 a^T (dH / (lambda_i + lambda_j)) a to 1e-9 relative, with k <= N m steps."""
+    """Random offsets with a tangent part (dropped by both: U^T x, the eigenbasis at zeta) and purely normal ones:
+    the low-rank Lyapunov terms equal 1/2 a^T (dH / (lambda_i + lambda_j)) a to 1e-9 relative, with at most 60 ranks
+    (the Gaussian point's normal space has 100 dimensions)."""
     dense, reader = points[name]
     geo = dense.geometry
     xs = offsets(dense, 3, 1e-2)
@@ -48,10 +49,28 @@ def test_flow_terms_match_the_dense_phi_correction(points, name):
         got = reader.correction.flow_terms(x)
         for e, g in zip(expected, got):
             assert abs(g - e) <= 1e-9 * abs(e)
-        assert 1 <= reader.correction.cost["lanczos_steps"] <= geo.reduced.shape[0]
+        assert 1 <= reader.correction.cost["ranks"] <= min(len(reader.correction.kappa), 60)
     tangent = geo.tangent_project(xs[0])
     assert max(abs(t) for t in reader.correction.flow_terms(tangent)) <= 1e-9 * max(
         abs(t) for t in dense.correction.flow_terms(xs[0]))              # a tangent offset has no flow term
+
+
+def test_lyapunov_factors_against_the_dense_matrix():
+    """C = [a_i a_j / (k_i + k_j)] over a spread of 1e10 in k: the factor's dropped part is bounded by rtol x tr C
+    (in the nuclear norm: C is PSD), and tightening rtol adds ranks; rtol outside (0, 1) is refused."""
+    gen = torch.Generator().manual_seed(0)
+    kappa = torch.logspace(-6, 4, 300, dtype=torch.float64)
+    a = torch.randn(300, generator=gen, dtype=torch.float64)
+    dense = a[:, None] * a[None, :] / (kappa[:, None] + kappa[None, :])
+    ranks = []
+    for rtol in (1e-6, 1e-12):
+        y, sigma2 = lyapunov_factors(a, kappa, rtol=rtol)
+        error = torch.linalg.matrix_norm(dense - y @ torch.diag(sigma2) @ y.T, ord="nuc")
+        assert error <= 2 * rtol * dense.trace()
+        ranks.append(len(sigma2))
+    assert ranks[0] < ranks[1] < 100
+    with pytest.raises(ValueError, match="rtol"):
+        lyapunov_factors(a, kappa, rtol=1.0)
 
 
 @pytest.mark.parametrize("name", ["gaussian", "flip"])
