@@ -230,7 +230,8 @@ def gram_solve_cg(obj: Objective, theta: Tensor, r: Tensor, preconditioner, *, r
     Jacobian reduce(J) and a, r are (N, m).
 
     preconditioner: any object with .apply(r (N, C)) -> (N, C) (e.g. `BlockJacobi`). Stops when
-    ||(J J^T + shift I) a - r|| <= rtol ||r||, else GramSolveNotConverged after max_iter iterations
+    ||(J J^T + shift I) a - r|| <= rtol ||r||, else GramSolveNotConverged after max_iter iterations; a
+    preconditioner with .residual_norm(r) -> scalar (a pseudo-inverse: the part of r it solves for) sets that norm
     (naming the residual reached). x0: warm start (N, C), one extra Gram product. callback(iteration,
     relative residual, J^T a (D,)) at iteration 0 and after each one (J^T a kept by the recurrence): for
     r = J v, v - J^T a is the approximate tangent projection of v, and CG minimizes ||J^T (a - a*)||
@@ -249,6 +250,7 @@ def gram_solve_cg(obj: Objective, theta: Tensor, r: Tensor, preconditioner, *, r
     def transpose_times(a: Tensor) -> Tensor:
         return jacobian_transpose_times(obj, theta, a if metric is None else metric.lift(a))
 
+    norm = getattr(preconditioner, "residual_norm", torch.linalg.norm)
     a, jta = torch.zeros_like(r), torch.zeros_like(theta)
     res = r.clone()
     if x0 is not None:
@@ -257,10 +259,10 @@ def gram_solve_cg(obj: Objective, theta: Tensor, r: Tensor, preconditioner, *, r
         a = x0.clone()
         jta = transpose_times(a)
         res = r - times(jta) - shift * a
-    scale = r.norm()
+    scale = norm(r)
     if callback is not None:
-        callback(0, float(res.norm() / scale), jta)
-    if res.norm() <= rtol * scale:
+        callback(0, float(norm(res) / scale), jta)
+    if norm(res) <= rtol * scale:
         return a, 0
     z = preconditioner.apply(res)
     p, rz = z, (res * z).sum()
@@ -270,12 +272,12 @@ def gram_solve_cg(obj: Objective, theta: Tensor, r: Tensor, preconditioner, *, r
         step = rz / (p * gp).sum()
         a, res, jta = a + step * p, res - step * gp, jta + step * jtp
         if callback is not None:
-            callback(it, float(res.norm() / scale), jta)
-        if res.norm() <= rtol * scale:
+            callback(it, float(norm(res) / scale), jta)
+        if norm(res) <= rtol * scale:
             return a, it
         z = preconditioner.apply(res)
         rz, rz_old = (res * z).sum(), rz
         p = z + (rz / rz_old) * p
     raise GramSolveNotConverged(f"conjugate gradients on J J^T did not converge: relative residual "
-                                f"{float(res.norm() / scale):.2e} > rtol {rtol:.1e} after max_iter = {max_iter} "
+                                f"{float(norm(res) / scale):.2e} > rtol {rtol:.1e} after max_iter = {max_iter} "
                                 "iterations")

@@ -1,5 +1,6 @@
 """Predicted vs measured sharpness drift under label noise, for any network and noise: noise (the protocol),
-projection (onto Gamma), phi (the reading at Phi), reading_mf (the same reading matrix-free), point, path (predicted), continuation (measured), compare."""
+projection (onto Gamma), phi (the reading at Phi), reading_mf (the same reading matrix-free), point, path
+(predicted), continuation (measured), compare."""
 from experiments.comparison.continuation import (ContinuationConfig, ContinuationResult, Measurement,
                                                  RegimeWarning, check_regime, extrapolate_to_zero_eta, measure,
                                                  progress_line, run_continuation, run_schedule)
@@ -11,7 +12,8 @@ from experiments.comparison.point import Point, build_point, check_model, check_
 from experiments.comparison.projection import (GramPreconditioner, GramPreconditionerMF, ProjectionReport,
                                                gram_solve, outputs_and_targets, project, reduced_jacobian,
                                                sharpness_at)
-from experiments.comparison.reading_mf import FlowCorrection, MatrixFreeReader, ProjectionNotConverged, tangent_gradients
+from experiments.comparison.reading_mf import (FlowCorrection, MatrixFreeReader, ProjectionNotConverged,
+                                              lyapunov_factors, tangent_gradients)
 
 __all__ = ["ContinuationConfig", "ContinuationResult", "Measurement", "RegimeWarning", "check_regime",
            "extrapolate_to_zero_eta", "measure", "progress_line", "run_continuation", "run_schedule",
@@ -21,4 +23,4 @@ __all__ = ["ContinuationConfig", "ContinuationResult", "Measurement", "RegimeWar
            "Point", "build_point", "check_model", "check_on_gamma", "fit", "objective", "point_at",
            "GramPreconditioner", "GramPreconditionerMF", "ProjectionReport", "gram_solve", "outputs_and_targets",
            "project", "reduced_jacobian", "sharpness_at",
-           "FlowCorrection", "MatrixFreeReader", "ProjectionNotConverged", "tangent_gradients"]
+           "FlowCorrection", "MatrixFreeReader", "ProjectionNotConverged", "lyapunov_factors", "tangent_gradients"]

@@ -19,8 +19,8 @@ Command line (writes OUT/rows.jsonl, one JSON object per (rule, eta), with prove
 `module:function` importable from the current directory (called with `image_size=` when it takes it).
 `--checkpoint`: a plain state_dict for that network, or, without `--model`, a final.pt / checkpoint of
 `experiments.train`. `--matrix-free`: the point by CG projections and the predictions without a dense
-Jacobian (points of thousands of images; runs are read at Phi matrix-free, `reading_mf`, slow: see RESULTS.md
-section 2b). Every bad input is one error line and an exit
+Jacobian (points of thousands of images; runs are read at Phi matrix-free, `reading_mf`: RESULTS.md section
+2b). Every bad input is one error line and an exit
 code (`experiments.cli`) before any long work.
 """
 from __future__ import annotations
@@ -44,6 +44,7 @@ from experiments.cli import ArgumentParser, run_main
 from experiments.comparison.continuation import ContinuationConfig, RegimeWarning, measure as measure_rule, run_schedule
 from experiments.comparison.noise import LabelNoise, parse_noise
 from experiments.comparison.point import Point, build_point
+from experiments.comparison.projection import GramPreconditioner
 from experiments.models import build_small_cnn, build_small_mlp
 from sde.rules import QSR, SGD, LocalSGD
 
@@ -234,7 +235,8 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
     drawn from torch.Generator().manual_seed(seed). method="cg": the point by CG projections (Nystrom rank
     `nystrom_rank`) and the predictions matrix-free (one `_projector(point, cg_rtol=, curvature_floor=)`;
     `mf_options`, e.g. num_probes, go to `predict_rates_matrix_free`); its runs are read at Phi matrix-free
-    (`reading_mf`; correct but slow at scale, RESULTS.md 2b). Every input
+    (`reading_mf`, on one exact Gram eigendecomposition at zeta built here: it also preconditions the
+    predictions' tangent projections). Every input
     is checked before the point is built, every eta against the regime (eta lambda_max <= max_eta_lambda)
     before any run; a run whose tr H moves by more than `max_relative_change` gets a RegimeWarning named in
     its row. measure=False: predictions only. `on_row(row)`: called as each row is done (e.g. to write it).
@@ -272,6 +274,10 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
                          f"(lambda_max = {point.lambda_max:.4g} at this point); the slow SDE assumes small eta")
     say = progress or (lambda line: None)
     rows = []
+    if method == "cg" and measure and not isinstance(point.preconditioner, GramPreconditioner):
+        say("point: the Gram eigendecomposition at zeta, shared by every rule's readings and projections")
+        point = dataclasses.replace(point, preconditioner=GramPreconditioner.at(point.objective, point.noise,
+                                                                                point.zeta))
     if method == "cg" and "projector" not in mf_options:             # one projector: its solves are reused
         mf_options["projector"] = _projector(point, cg_rtol=cg_rtol, curvature_floor=curvature_floor)
     for (rule, eta), schedule in schedules.items():
@@ -335,7 +341,8 @@ def _parser() -> ArgumentParser:
     add("--path-dt", type=float, default=None, help="also fit the predicted path (Heun step in slow time)")
     add("--predict-only", action="store_true", help="the predictions at the point, no runs")
     add("--matrix-free", action="store_true", help="point by CG projections, predictions without a dense "
-        "Jacobian (sde.label_noise_mf; thousands of images); runs read matrix-free (slow: add --predict-only)")
+        "Jacobian (sde.label_noise_mf; thousands of images); runs read matrix-free on one Gram "
+        "eigendecomposition at zeta (2 (N C)^2 float64 numbers, checked against the machine's memory first)")
     add("--nystrom-rank", type=int, default=200, help="--matrix-free: rank of the Gram preconditioner's deflation")
     add("--cg-rtol", type=float, default=1e-10, help="--matrix-free: CG tolerance of the tangent projections")
     add("--curvature-floor", type=float, default=0.0, help="--matrix-free: normal directions of Hessian "

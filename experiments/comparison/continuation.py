@@ -86,7 +86,8 @@ def run_schedule(rule, eta: float, *, slow_time: float, checkpoints: int, seeds:
 @dataclass(frozen=True)
 class ContinuationResult:
     """times (n,) slow time; trace, lambda_max (n, seeds) at Phi (phi=False: at the projection); raw_* at the
-    Gauss-Newton projection; projection_residual its distance to Gamma; projection_distance |Pi(theta) - zeta|."""
+    Gauss-Newton projection; projection_residual its distance to Gamma; projection_distance |Pi(theta) - zeta|;
+    reading_cost: a matrix-free point's `MatrixFreeReader.cost` (per reading) and build seconds, else None."""
     config: ContinuationConfig
     times: Tensor
     trace: Tensor
@@ -95,6 +96,7 @@ class ContinuationResult:
     raw_lambda_max: Tensor
     projection_residual: Tensor
     projection_distance: Tensor
+    reading_cost: dict | None = None
 
 
 def run_continuation(point: Point, config: ContinuationConfig, *, generator: torch.Generator, phi: bool = True,
@@ -159,7 +161,9 @@ def run_continuation(point: Point, config: ContinuationConfig, *, generator: tor
                         observe=observe, observe_every=cfg.checkpoint_every)
     v = run.values.unbind(-1)
     result = ContinuationResult(config=cfg, times=cfg.checkpoint_times, trace=v[0], lambda_max=v[1], raw_trace=v[2],
-                                raw_lambda_max=v[3], projection_residual=v[4], projection_distance=v[5])
+                                raw_lambda_max=v[3], projection_residual=v[4], projection_distance=v[5],
+                                reading_cost=None if reader is None else dict(reader.cost,
+                                                                              build_seconds=reader.build_seconds))
     check_regime(result, zeta)
     return result
 

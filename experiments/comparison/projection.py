@@ -11,6 +11,7 @@ under a `GramPreconditionerMF`, no (N m, D) array).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ class GramPreconditioner:
     (`reading_mf.FlowCorrection`), and its top eigenvectors seed `sharpness_at`."""
     values: Tensor   # (N m,) descending, unnormalized (= N x Hessian eigenvalues), floored at 1e-13 x the largest
     vectors: Tensor  # (N m, N m)
+    rank: int | None = None   # solve on the top `rank` eigenvectors only (`truncated`); None: all
 
     @classmethod
     def at(cls, obj: Objective, noise, theta: Tensor, *, chunk_size: int = 64,
@@ -84,13 +86,26 @@ class GramPreconditioner:
         values = values.neg_()
         return cls(values=values.clamp_min(values[0].abs() * 1e-13 + 1e-300), vectors=vectors)
 
+    def truncated(self, rank_tol: float = 1e-12) -> "GramPreconditioner":
+        """The pseudo-inverse over eigenvalues > rank_tol x the largest (the same tensors, no copy). Where Jt0 is
+        rank-deficient on Gamma (one-hot targets and N > last-layer width + 1, RESULTS.md 2b) the full inverse
+        amplifies that null cluster by 1e13 and CG stalls; the truncated one solves the Gauss-Newton system on
+        Jt0's row space, and `residual_norm` makes CG stop on that part of the residual (the rest is O(|x|^2)
+        at a distance |x| from Gamma and is removed by the next Gauss-Newton steps)."""
+        return dataclasses.replace(self, rank=int((self.values > rank_tol * self.values[0]).sum()))
+
     def solve(self, r: Tensor) -> Tensor:
-        """(Jt0 Jt0^T)^-1 r for flat r (N m,)."""
-        return self.vectors @ ((self.vectors.T @ r) / self.values)
+        """(Jt0 Jt0^T)^-1 r (pseudo-inverse when truncated) for flat r (N m,)."""
+        vectors, values = self.vectors[:, :self.rank], self.values[:self.rank]
+        return vectors @ ((vectors.T @ r) / values)
 
     def apply(self, r: Tensor) -> Tensor:
         """The same for r (N, m): the preconditioner interface of `dynamics.jacobian.gram_solve_cg`."""
         return self.solve(r.reshape(-1)).reshape(r.shape)
+
+    def residual_norm(self, r: Tensor) -> Tensor:
+        """|r| on the solved subspace (all of it unless truncated): the norm of `gram_solve_cg`'s stopping test."""
+        return r.norm() if self.rank is None else (self.vectors[:, :self.rank].T @ r.reshape(-1)).norm()
 
 
 def gram_solve(jac: Tensor, r: Tensor, pre: GramPreconditioner | None, *, rtol: float = 1e-11,

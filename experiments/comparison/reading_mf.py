@@ -64,18 +64,18 @@ def lyapunov_factors(a: Tensor, kappa: Tensor, *, rtol: float = 1e-10, step: flo
 class FlowCorrection:
     """Matrix-free `PhiCorrection` at zeta: flow_terms(x) -> (tr H term, lambda_max term) (module docstring).
 
-    gram: `GramOperator` at zeta; eigen: the `GramPreconditioner` at zeta; gradients: the tangent gradients of tr H
+    gram: `GramOperator` at zeta; eigen: the `GramPreconditioner` at zeta, truncated to the normal space (its
+    `rank`, e.g. `.truncated(rank_tol)`); gradients: the tangent gradients of tr H
     and lambda_max at zeta, (D,) each (set by the reader when computed here). `cost` holds the last call's ranks and
     seconds.
     """
 
     def __init__(self, gram: GramOperator, eigen: GramPreconditioner, gradients: tuple[Tensor, ...] = (), *,
-                 flow_rtol: float = 1e-10, rank_tol: float = 1e-12):
-        if not 0 < flow_rtol < 1 or not 0 <= rank_tol < 1:
-            raise ValueError(f"need 0 < flow_rtol < 1 and 0 <= rank_tol < 1; got {flow_rtol}, {rank_tol}")
-        keep = eigen.values > rank_tol * eigen.values[0]
+                 flow_rtol: float = 1e-10):
+        if not 0 < flow_rtol < 1:
+            raise ValueError(f"need 0 < flow_rtol < 1, got {flow_rtol}")
         self.gram, self.gradients, self.flow_rtol = gram, gradients, flow_rtol
-        self.kappa, self.basis = eigen.values[keep], eigen.vectors[:, keep]     # (r,), (N m, r)
+        self.kappa, self.basis = eigen.values[:eigen.rank], eigen.vectors[:, :eigen.rank]   # (r,), (N m, r) views
         self.cost = {}
 
     def coordinates(self, v: Tensor) -> Tensor:
@@ -125,21 +125,24 @@ class MatrixFreeReader:
     seed) -> PhiReading, with warm starts per seed: the projection's first CG from the seed's previous checkpoint
     (Pi(z - x)'s from minus Pi(theta)'s: the residual there is -r(theta) + O(|x|^2)) and the Lanczos of lambda_max
     from the previous top vector. The point's `GramPreconditioner` is reused (a dense point's), else built here by
-    Jacobian row blocks (`memory_limit` bytes, default the machine's RAM, checked first); a dense point's gradients
+    Jacobian row blocks (`memory_limit` bytes, default the machine's RAM, checked first), truncated to the
+    eigenvalues above rank_tol x the largest (the normal space at zeta); a dense point's gradients
     are reused, a "cg" point's computed here. `cost` lists per reading the projection CG iterations, flow ranks,
     eigen-products and seconds, and `build_seconds` the eigendecomposition. `project_options` go to `project`.
     """
 
     def __init__(self, point, *, tol: float = 1e-10, cg_rtol: float = 1e-4, cg_max_iter: int = 5000,
                  eig_tol: float = 1e-10, chunk_size: int = 64, memory_limit: int | None = None,
+                 rank_tol: float = 1e-12,
                  generator: torch.Generator | None = None, flow: dict | None = None, **project_options):
         obj, noise, zeta = point.objective, point.noise, point.zeta
         self.point, self.tol, self.cg_rtol, self.cg_max_iter = point, tol, cg_rtol, cg_max_iter
         self.eig_tol, self.chunk_size, self.project_options = eig_tol, chunk_size, project_options
         self.metric = noise.metric(point.targets.to(zeta.dtype))
         start = time.perf_counter()
-        self.preconditioner = point.preconditioner if isinstance(point.preconditioner, GramPreconditioner) else \
+        eigen = point.preconditioner if isinstance(point.preconditioner, GramPreconditioner) else \
             GramPreconditioner.at(obj, noise, zeta, chunk_size=chunk_size, memory_limit=memory_limit)
+        self.preconditioner = eigen.truncated(rank_tol)
         self.build_seconds = time.perf_counter() - start
         gram = GramOperator(obj, zeta, self.metric)
         self.correction = FlowCorrection(gram, self.preconditioner, **(flow or {}))
