@@ -12,9 +12,9 @@ from torch.func import hessian
 
 from dynamics.jacobian import GramSolveNotConverged, gram_solve_cg, output_jacobian
 from experiments.comparison.noise import FlippedLabels, GaussianLabelNoise
-from experiments.comparison.point import objective
+from experiments.comparison.point import fit, objective
 from experiments.comparison.projection import (GramPreconditioner, GramPreconditionerMF, gram_solve,
-                                               outputs_and_targets, project, reduced_jacobian, sharpness_at)
+                                               objective_targets, outputs_and_targets, project, reduced_jacobian, sharpness_at)
 from experiments.data import cifar_subset
 
 GAUSS, FLIP = GaussianLabelNoise(0.1), FlippedLabels(0.2)
@@ -125,6 +125,33 @@ def test_gram_eigendecomposition_by_row_blocks(on_gamma):
     assert float((gram @ solved - r.reshape(-1)).norm()) <= 1e-6 * float(r.norm())
     with pytest.raises(ValueError, match=r"N m = 100 .* needs about .* GiB .* > the memory limit"):
         GramPreconditioner.at(obj, GAUSS, zeta, memory_limit=rows * rows * item)
+
+
+def test_truncated_pseudo_inverse_projects_at_a_rank_deficient_point(cifar10_dir):
+    """20 images, hidden width 12: one-hot targets force 1^T W_last = 0 on Gamma, so Jt has exactly N - 13 = 7 null
+    directions there (RESULTS.md 2b). Near zeta, CG under the full inverse (those 7 eigenvalues floored at 1e-13)
+    needs > 5x the iterations of CG under `truncated()`, which converges on the row space; the Gauss-Newton
+    projection under it reaches Gamma moving less than the offset from zeta."""
+    x, y = cifar_subset(cifar10_dir, 20, image_size=4)
+    obj = objective(tiny_mlp(width=12), x, GAUSS.targets(y, 10), GAUSS)
+    zeta, _ = project(obj, GAUSS, fit(obj, GAUSS, steps=3000, lr=1e-2), tol=1e-24, max_gauss_newton=60)
+    pre = GramPreconditioner.at(obj, GAUSS, zeta)
+    pseudo = pre.truncated(1e-12)
+    assert pseudo.rank == 200 - 7 and pre.rank is None
+    gen = torch.Generator().manual_seed(2)
+    theta = zeta + 1e-2 * torch.randn(obj.dim, generator=gen, dtype=torch.float64) / obj.dim ** 0.5
+    metric = GAUSS.metric(objective_targets(obj))
+    r = GAUSS.residual(outputs_and_targets(obj, theta)[0], objective_targets(obj))
+    try:
+        full = gram_solve_cg(obj, theta, r, pre, rtol=1e-6, max_iter=400, metric=metric)[1]
+    except GramSolveNotConverged:
+        full = 401
+    _, its = gram_solve_cg(obj, theta, r, pseudo, rtol=1e-6, max_iter=400, metric=metric)
+    z, report = project(obj, GAUSS, theta, tol=1e-24, method="cg", preconditioner=pseudo, cg_rtol=1e-8,
+                        refresh_after=None, max_gauss_newton=60)
+    offset = float((theta - zeta).norm())
+    assert report.converged and report.moved <= offset      # measured 0.58 x the offset
+    assert its * 5 <= full                               # measured: 5 against 109
 
 
 def test_projection_guards(on_gamma, cifar10_dir):
