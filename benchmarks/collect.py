@@ -14,6 +14,7 @@ BENCHMARKS = {
     "bench_trace": "Hessian trace stderr at equal matvecs against PyHessian, ResNet-20 at init and trained",
     "bench_noise": "gradient-noise probe: JVP path against per-sample gradients",
     "bench_drift_cost": "one matrix-free slow-SDE drift on ResNet-20, in gradient-equivalents",
+    "bench_reading_cost": "the matrix-free reading at Phi (issue 13) as N grows: time, memory, growth exponent",
     "bench_sde_em": "Euler-Maruyama core against torchsde",
     "bench_loader": "data loading and augmentation as a share of a training step",
     "bench_trainer": "Local SGD throughput against single-model SGD; serial against vmap workers",
