@@ -5,17 +5,19 @@ benchmarks/results/bench_reading_cost.md and .json.
 
 Setting: the small GELU CNN at 16x16 (`experiments.models.build_small_cnn`, D = 9,946, float64) on N class-balanced
 real CIFAR-10 training images, squared loss with Gaussian label noise sigma = 0.1; the point is reached by dense
-Gauss-Newton from the initialization (what the point is does not matter to the cost). Known limit: that stalls at
-N >= 300 on the rank-deficient Jacobian of one-hot points (distance 3e-8 after 60 steps at N = 300), CG Gauss-Newton
-from the initialization under a truncated pseudo-inverse rebuilt every 3 steps stalled at N = 200, and full-batch
-Adam to a point took over 15 min at N = 500 and then failed its CG projection; so the sizes run so far are 100 and 200. Each N runs in its own process so its peak resident memory is its own. Measured per N: the
-Gram eigendecomposition at zeta (the one (N C)^2 object: `projection.GramPreconditioner.at` by Jacobian row
-blocks), then one SGD measurement (B = 8,
-eta lambda_max = 0.2, 2 seeds, 2 checkpoints of 1,000 steps each) through `run_continuation`, whose readings report their
-projection CG iterations, flow-term ranks and seconds. The growth exponents are least-squares slopes of log time on
+Gauss-Newton from the initialization (what the point is does not matter to the cost). Each N runs in its own
+process so its peak resident memory is its own. Measured per N: the Gram eigendecomposition at zeta (the one
+(N C)^2 object: `projection.GramPreconditioner.at` by Jacobian row blocks), then one SGD measurement (B = 8,
+eta lambda_max = 0.2, 2 seeds, 2 checkpoints of 1,000 steps each) through `run_continuation`, whose readings report
+their projection CG iterations, flow-term ranks and seconds. Growth exponents: least-squares slopes of log time on
 log N. The baseline is the route this replaced (Nystrom-preconditioned CG projections, CG normal part and
 Krylov-Lyapunov flow term): 36-39 min a reading at N = 500 on this machine (RESULTS.md 2b, 2026-12-04), too slow
 to re-run side by side here.
+
+Known limit, so the default sizes are 100 and 200: dense Gauss-Newton from the initialization stalls at N >= 300 on
+the rank-deficient Jacobian of one-hot points (distance 3e-8 after 60 steps at N = 300); CG Gauss-Newton from the
+initialization under a truncated pseudo-inverse rebuilt every 3 steps stalled at N = 200; full-batch Adam took over
+15 min at N = 500 and its point then failed a CG projection at rtol 1e-6.
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ from dynamics.jacobian import GramSolveNotConverged, gram_solve_cg, output_jacob
 from experiments.comparison.noise import FlippedLabels, GaussianLabelNoise
 from experiments.comparison.point import fit, objective
 from experiments.comparison.projection import (GramPreconditioner, GramPreconditionerMF, gram_solve,
-                                               objective_targets, outputs_and_targets, project, reduced_jacobian, sharpness_at)
+                                               objective_targets, outputs_and_targets, project, reduced_jacobian,
+                                               sharpness_at)
 from experiments.data import cifar_subset
 
 GAUSS, FLIP = GaussianLabelNoise(0.1), FlippedLabels(0.2)
