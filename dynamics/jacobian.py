@@ -146,27 +146,25 @@ def gram_matrix(obj: Objective, theta: Tensor, *, chunk_size: int = 64, block_sa
     them stream past, so the cost is about (N / block_samples + 1) / 2 Jacobian passes; rows ordered (sample,
     output) as M.reshape(-1, D). Peak memory: `gram_matrix_bytes`."""
     theta = theta.detach()
-    chunks = _chunks(obj, chunk_size)
-    starts = [0]
-    for xs in chunks:
-        starts.append(starts[-1] + len(xs))
+    chunks = _chunks(obj, chunk_size)                # chunk c holds samples c chunk_size onwards
     block = len(chunks) if block_samples is None else max(1, block_samples // chunk_size)
 
     def rows(c: int) -> Tensor:                      # (n_c m, D) of chunk c
         jac = _per_sample_jacobians(obj, theta, chunks[c])
-        jac = jac if reduce is None else reduce(jac, starts[c])
+        jac = jac if reduce is None else reduce(jac, c * chunk_size)
         return jac.reshape(-1, jac.shape[-1])
-    gram, m = None, None
+    gram = None
     for first in range(0, len(chunks), block):
         held = torch.cat([rows(c) for c in range(first, min(first + block, len(chunks)))])
         if gram is None:
-            m = held.shape[0] // (starts[min(first + block, len(chunks))] - starts[first])
-            gram = torch.empty(starts[-1] * m, starts[-1] * m, dtype=held.dtype, device=held.device)
-        top = starts[first] * m
+            m = len(held) // sum(len(chunks[c]) for c in range(min(block, len(chunks))))
+            size = m * sum(len(xs) for xs in chunks)
+            gram = torch.empty(size, size, dtype=held.dtype, device=held.device)
+        top = first * chunk_size * m
         gram[top:top + len(held), top:top + len(held)] = held @ held.T
         for c in range(first + block, len(chunks)):
             product = held @ rows(c).T
-            left = starts[c] * m
+            left = c * chunk_size * m
             gram[top:top + len(held), left:left + product.shape[1]] = product
             gram[left:left + product.shape[1], top:top + len(held)] = product.T
     return gram

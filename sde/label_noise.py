@@ -72,6 +72,11 @@ class OutputMetric:
         """The metric of samples start:stop."""
         return OutputMetric(self.basis, None if self.roots is None else self.roots[start:stop])
 
+    def reduce_chunk(self, x: Tensor, start: int) -> Tensor:
+        """`reduce` of the samples start:start + len(x) only, x (n, C, *rest): the per-chunk hook of
+        `dynamics.jacobian`'s Jacobian passes."""
+        return self.part(start, start + len(x)).reduce(x)
+
     def size(self, classes: int) -> int:
         """m, the reduced output dimension, for C = classes outputs."""
         return classes if self.basis is None else self.basis.shape[1]

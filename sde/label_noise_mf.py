@@ -234,8 +234,7 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
     say = progress or (lambda line: None)
 
     clock = time.perf_counter()
-    frob_grad, blocks, frob = jacobian_frobenius_pass(obj, zeta, chunk_size,
-                                                      reduce=lambda jac, s: metric.part(s, s + len(jac)).reduce(jac))
+    frob_grad, blocks, frob = jacobian_frobenius_pass(obj, zeta, chunk_size, reduce=metric.reduce_chunk)
     projector = projector or TangentProjector.from_blocks(obj, zeta, blocks, metric=metric, rtol=rtol,
                                                           max_iter=max_iter)
     grad_trace = frob_grad / n

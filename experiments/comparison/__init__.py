@@ -13,7 +13,7 @@ from experiments.comparison.projection import (GramPreconditioner, GramPrecondit
                                                gram_solve, outputs_and_targets, project, reduced_jacobian,
                                                sharpness_at)
 from experiments.comparison.reading_mf import (FlowCorrection, MatrixFreeReader, ProjectionNotConverged,
-                                              lyapunov_factors, tangent_gradients)
+                                              lyapunov_factors, tangent_gradients, with_eigendecomposition)
 
 __all__ = ["ContinuationConfig", "ContinuationResult", "Measurement", "RegimeWarning", "check_regime",
            "extrapolate_to_zero_eta", "measure", "progress_line", "run_continuation", "run_schedule",
@@ -23,4 +23,5 @@ __all__ = ["ContinuationConfig", "ContinuationResult", "Measurement", "RegimeWar
            "Point", "build_point", "check_model", "check_on_gamma", "fit", "objective", "point_at",
            "GramPreconditioner", "GramPreconditionerMF", "ProjectionReport", "gram_solve", "outputs_and_targets",
            "project", "reduced_jacobian", "sharpness_at",
-           "FlowCorrection", "MatrixFreeReader", "ProjectionNotConverged", "lyapunov_factors", "tangent_gradients"]
+           "FlowCorrection", "MatrixFreeReader", "ProjectionNotConverged", "lyapunov_factors", "tangent_gradients",
+           "with_eigendecomposition"]

@@ -44,7 +44,7 @@ from experiments.cli import ArgumentParser, run_main
 from experiments.comparison.continuation import ContinuationConfig, RegimeWarning, measure as measure_rule, run_schedule
 from experiments.comparison.noise import LabelNoise, parse_noise
 from experiments.comparison.point import Point, build_point
-from experiments.comparison.projection import GramPreconditioner
+from experiments.comparison.reading_mf import with_eigendecomposition
 from experiments.models import build_small_cnn, build_small_mlp
 from sde.rules import QSR, SGD, LocalSGD
 
@@ -274,10 +274,9 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
                          f"(lambda_max = {point.lambda_max:.4g} at this point); the slow SDE assumes small eta")
     say = progress or (lambda line: None)
     rows = []
-    if method == "cg" and measure and not isinstance(point.preconditioner, GramPreconditioner):
+    if method == "cg" and measure:
         say("point: the Gram eigendecomposition at zeta, shared by every rule's readings and projections")
-        point = dataclasses.replace(point, preconditioner=GramPreconditioner.at(point.objective, point.noise,
-                                                                                point.zeta))
+        point = with_eigendecomposition(point)
     if method == "cg" and "projector" not in mf_options:             # one projector: its solves are reused
         mf_options["projector"] = _projector(point, cg_rtol=cg_rtol, curvature_floor=curvature_floor)
     for (rule, eta), schedule in schedules.items():

@@ -71,15 +71,13 @@ class GramPreconditioner:
         n, rows = len(targets), noise.equations(*targets.shape)
         m, item = rows // n, theta.element_size()
         limit = physical_memory() if memory_limit is None else memory_limit
-        fixed = gram_matrix_bytes(n, m, obj.dim, 0, chunk_size, item) + item * rows * rows
-        if fixed + item * chunk_size * m * obj.dim > limit:
+        need = gram_matrix_bytes(n, m, obj.dim, chunk_size, chunk_size, item) + item * rows * rows   # + eigenvectors
+        if need > limit:
             raise ValueError(f"the Gram eigendecomposition at N m = {rows} ({noise}), D = {obj.dim} needs about "
-                             f"{(fixed + item * chunk_size * m * obj.dim) / 2 ** 30:.1f} GiB (Gram matrix and its "
-                             f"eigenvectors, 2 (N m)^2 x {item} B, and Jacobian chunks) > the memory limit "
-                             f"{limit / 2 ** 30:.1f} GiB")
-        block = min(n, max(chunk_size, (limit - fixed) // 2 // (item * m * obj.dim)))
-        gram = gram_matrix(obj, theta, chunk_size=chunk_size, block_samples=block,
-                           reduce=lambda jac, start: metric.part(start, start + len(jac)).reduce(jac))
+                             f"{need / 2 ** 30:.1f} GiB (Gram matrix and its eigenvectors, 2 (N m)^2 x {item} B, "
+                             f"and Jacobian chunks) > the memory limit {limit / 2 ** 30:.1f} GiB")
+        block = min(n, chunk_size + (limit - need) // 2 // (item * m * obj.dim))
+        gram = gram_matrix(obj, theta, chunk_size=chunk_size, block_samples=block, reduce=metric.reduce_chunk)
         # eigh of -K lists K's eigenpairs in descending order: no flipped copy of the (N m)^2 eigenvectors
         values, vectors = torch.linalg.eigh(gram.neg_())
         del gram

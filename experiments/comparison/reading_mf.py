@@ -25,6 +25,7 @@ checkpoint). Pieces:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -38,7 +39,8 @@ from experiments.comparison.phi import PhiReading, read_at_phi
 from experiments.comparison.projection import GramPreconditioner, project
 from sde.label_noise_mf import GramOperator, lambda_max_pairing_grad
 
-__all__ = ["ProjectionNotConverged", "FlowCorrection", "lyapunov_factors", "tangent_gradients", "MatrixFreeReader"]
+__all__ = ["ProjectionNotConverged", "FlowCorrection", "lyapunov_factors", "tangent_gradients",
+           "with_eigendecomposition", "MatrixFreeReader"]
 
 
 class ProjectionNotConverged(RuntimeError):
@@ -111,11 +113,21 @@ def tangent_gradients(gram: GramOperator, correction: FlowCorrection, *, chunk_s
     and (2/N) grad <Jt u, Jt0 u> (u = v_1, the top Hessian eigenvector, from the eigendecomposition), minus their
     normal parts."""
     obj, zeta, metric = gram.obj, gram.theta, gram.metric
-    frob_grad = jacobian_frobenius_pass(obj, zeta, chunk_size,
-                                        reduce=lambda jac, s: metric.part(s, s + len(jac)).reduce(jac))[0]
+    frob_grad = jacobian_frobenius_pass(obj, zeta, chunk_size, reduce=metric.reduce_chunk)[0]
     top = correction.along(torch.eye(len(correction.kappa), 1, dtype=zeta.dtype, device=zeta.device)[:, 0])
     raw = (frob_grad / gram.num_samples, lambda_max_pairing_grad(obj, zeta, top, metric))
     return tuple(v - correction.normal_part(v) for v in raw)
+
+
+def with_eigendecomposition(point, *, rank_tol: float = 1e-12, chunk_size: int = 64, memory_limit: int | None = None):
+    """The `Point` with the Gram eigendecomposition at zeta as its preconditioner, truncated to the eigenvalues above
+    rank_tol x the largest (the normal space): the point's own if it has one (a dense point's), else built by
+    Jacobian row blocks (`GramPreconditioner.at`, `memory_limit` bytes, default the machine's RAM, checked first).
+    What `MatrixFreeReader` reads on; attach it once to share it between readers (as `compare` does)."""
+    eigen = point.preconditioner if isinstance(point.preconditioner, GramPreconditioner) else \
+        GramPreconditioner.at(point.objective, point.noise, point.zeta, chunk_size=chunk_size,
+                              memory_limit=memory_limit)
+    return dataclasses.replace(point, preconditioner=eigen.truncated(rank_tol))
 
 
 class MatrixFreeReader:
@@ -124,26 +136,23 @@ class MatrixFreeReader:
     project(theta) -> (z, distance), sharpness(z) -> (tr H, lambda_max), correction.flow_terms(x); reading(theta,
     seed) -> PhiReading, with warm starts per seed: the projection's first CG from the seed's previous checkpoint
     (Pi(z - x)'s from minus Pi(theta)'s: the residual there is -r(theta) + O(|x|^2)) and the Lanczos of lambda_max
-    from the previous top vector. The point's `GramPreconditioner` is reused (a dense point's), else built here by
-    Jacobian row blocks (`memory_limit` bytes, default the machine's RAM, checked first), truncated to the
-    eigenvalues above rank_tol x the largest (the normal space at zeta); a dense point's gradients
-    are reused, a "cg" point's computed here. `cost` lists per reading the projection CG iterations, flow ranks,
-    eigen-products and seconds, and `build_seconds` the eigendecomposition. `project_options` go to `project`.
+    from the previous top vector. Reads on `with_eigendecomposition(point)` (the point's own eigendecomposition
+    or one built here, truncated to rank_tol); a dense point's gradients are reused, a "cg" point's computed here.
+    `cost` lists per reading the projection CG iterations, flow ranks, eigen-products and seconds, and
+    `build_seconds` the eigendecomposition. `project_options` go to `project`.
     """
 
     def __init__(self, point, *, tol: float = 1e-10, cg_rtol: float = 1e-4, cg_max_iter: int = 5000,
                  eig_tol: float = 1e-10, chunk_size: int = 64, memory_limit: int | None = None,
                  rank_tol: float = 1e-12,
                  generator: torch.Generator | None = None, flow: dict | None = None, **project_options):
-        obj, noise, zeta = point.objective, point.noise, point.zeta
+        start = time.perf_counter()
+        point = with_eigendecomposition(point, rank_tol=rank_tol, chunk_size=chunk_size, memory_limit=memory_limit)
+        self.build_seconds = time.perf_counter() - start
+        obj, zeta, self.preconditioner = point.objective, point.zeta, point.preconditioner
         self.point, self.tol, self.cg_rtol, self.cg_max_iter = point, tol, cg_rtol, cg_max_iter
         self.eig_tol, self.chunk_size, self.project_options = eig_tol, chunk_size, project_options
-        self.metric = noise.metric(point.targets.to(zeta.dtype))
-        start = time.perf_counter()
-        eigen = point.preconditioner if isinstance(point.preconditioner, GramPreconditioner) else \
-            GramPreconditioner.at(obj, noise, zeta, chunk_size=chunk_size, memory_limit=memory_limit)
-        self.preconditioner = eigen.truncated(rank_tol)
-        self.build_seconds = time.perf_counter() - start
+        self.metric = point.noise.metric(point.targets.to(zeta.dtype))
         gram = GramOperator(obj, zeta, self.metric)
         self.correction = FlowCorrection(gram, self.preconditioner, **(flow or {}))
         gradients = point.gradients
