@@ -1,23 +1,21 @@
 """Cost of the matrix-free reading at Phi (issue 13) as the number of images N grows: wall time and peak memory.
 
-Run: `python -m benchmarks.bench_reading_cost [N ...]` (default 100 200; 2 torch threads). Writes
-benchmarks/results/bench_reading_cost.md and .json.
+Run: `python -m benchmarks.bench_reading_cost [N ...]` (default 200 500 1000 2000; 2 torch threads). Writes
+benchmarks/results/bench_reading_cost.md and .json after every N (atomically), so a long run keeps what it measured.
 
-Setting: the small GELU CNN at 16x16 (`experiments.models.build_small_cnn`, D = 9,946, float64) on N class-balanced
-real CIFAR-10 training images, squared loss with Gaussian label noise sigma = 0.1; the point is reached by dense
-Gauss-Newton from the initialization (what the point is does not matter to the cost). Each N runs in its own
-process so its peak resident memory is its own. Measured per N: the Gram eigendecomposition at zeta (the one
-(N C)^2 object: `projection.GramPreconditioner.at` by Jacobian row blocks), then one SGD measurement (B = 8,
-eta lambda_max = 0.2, 2 seeds, 2 checkpoints of 1,000 steps each) through `run_continuation`, whose readings report
-their projection CG iterations, flow-term ranks and seconds. Growth exponents: least-squares slopes of log time on
-log N. The baseline is the route this replaced (Nystrom-preconditioned CG projections, CG normal part and
-Krylov-Lyapunov flow term): 36-39 min a reading at N = 500 on this machine (RESULTS.md 2b, 2026-12-04), too slow
-to re-run side by side here.
-
-Known limit, so the default sizes are 100 and 200: dense Gauss-Newton from the initialization stalls at N >= 300 on
-the rank-deficient Jacobian of one-hot points (distance 3e-8 after 60 steps at N = 300); CG Gauss-Newton from the
-initialization under a truncated pseudo-inverse rebuilt every 3 steps stalled at N = 200; full-batch Adam took over
-15 min at N = 500 and its point then failed a CG projection at rtol 1e-6.
+Setting: full resolution, the GELU CNN `cnn-wide` (`experiments.models.build_small_cnn`, hidden 48, 9 outputs: D =
+51,033) on N class-balanced real CIFAR-10 training images at 32x32, squared loss with Gaussian label noise sigma =
+0.1 on simplex-coded targets (`experiments.comparison.noise.simplex_targets`: with one-hot targets Jt is
+rank-deficient once N exceeds the last hidden width + 1 and points could not be built above N = 200). The point:
+float32 full-batch Adam to L <= 1e-5, then float64 CG Gauss-Newton to L <= 1e-10 (`build_point(method="cg",
+fit_dtype=torch.float32)`, zeta cached under runs/bench_points/). Each N runs in its own process so its peak
+resident memory is its own. Measured per N: the point, the Gram eigendecomposition at zeta (the one (N m)^2 object:
+`projection.GramPreconditioner.at` by Jacobian row blocks), then one SGD measurement (B = 8, eta lambda_max = 0.2,
+2 seeds, 2 checkpoints of 1,000 steps each) through `run_continuation`, whose readings report their projection CG
+iterations, flow-term ranks and seconds. Growth exponents: least-squares slopes of log time on log N. The
+baseline is the route this replaced (Nystrom-preconditioned CG projections, CG normal part and Krylov-Lyapunov
+flow term): 36-39 min a reading at a 500-image 16x16 point (D = 9,946; RESULTS.md 2b, 2026-12-04), too slow to
+re-run side by side here.
 """
 from __future__ import annotations
 
@@ -34,8 +32,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_reading_cost"
-SIZES = (100, 200)
-ETA_LAMBDA, STEPS, SEEDS, BATCH = 0.2, 1000, 2, 8
+SIZES = (200, 500, 1000, 2000)
+ETA_LAMBDA, STEPS, SEEDS, BATCH, SIGMA = 0.2, 1000, 2, 8, 0.1
 
 
 def one(n: int) -> dict:
@@ -43,31 +41,32 @@ def one(n: int) -> dict:
     torch.set_num_threads(2)
     from experiments.comparison.compare import MODELS, parse_rule
     from experiments.comparison.continuation import ContinuationConfig, run_continuation
-    from experiments.comparison.noise import parse_noise
-    from experiments.comparison.point import check_model, objective, point_at
-    from experiments.comparison.projection import GramPreconditioner, project
+    from experiments.comparison.noise import GaussianLabelNoise, simplex_targets
+    from experiments.comparison.point import build_point
+    from experiments.comparison.reading_mf import with_eigendecomposition
     from experiments.data import cifar_subset, resolve_cifar10_dir
-    from experiments.probe import build_from_factory
 
-    images, labels = cifar_subset(resolve_cifar10_dir(search=True), n, image_size=16)
-    images, noise = images.to(torch.float64), parse_noise("gaussian:0.1")
-    net = build_from_factory(MODELS["cnn"], image_size=16, seed=0).to(torch.float64)
-    obj = objective(net, images, check_model(net, images, labels, noise)[1], noise)
+    images, labels = cifar_subset(resolve_cifar10_dir(search=True), n, image_size=32)
+    lines = []
     start = time.perf_counter()
-    zeta, report = project(obj, noise, obj.params, tol=1e-10, max_gauss_newton=60)
-    projection_seconds = time.perf_counter() - start
+    point = build_point(lambda *, image_size: MODELS["cnn-wide"](image_size=image_size, classes=9), images,
+                        simplex_targets(labels, 10), noise=GaussianLabelNoise(SIGMA), method="cg", tol=1e-10,
+                        fit_dtype=torch.float32, cache=ROOT / "runs" / "bench_points" / f"cnn-wide-{n}.pt",
+                        progress=lines.append, generator=torch.Generator().manual_seed(0))
+    point_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    eigen = GramPreconditioner.at(obj, noise, zeta)
+    point = with_eigendecomposition(point)
     eigen_seconds = time.perf_counter() - start
-    point = point_at(obj, noise, zeta, method="cg", preconditioner=eigen)
+    eigen = point.preconditioner
     eta = ETA_LAMBDA * n / float(eigen.values[0])                   # lambda_max = kappa_1 / N
     config = ContinuationConfig(rule=parse_rule("sgd", batch=BATCH), eta=eta, rounds=2, seeds=SEEDS,
                                 steps_per_round_sgd=STEPS)
     start = time.perf_counter()
     result = run_continuation(point, config, generator=torch.Generator().manual_seed(0))
     cost = result.reading_cost
-    return dict(n=n, D=obj.dim, eta=eta, rows=n * point.classes, projection_seconds=projection_seconds,
-                gauss_newton_steps=report.gauss_newton_steps, eigen_seconds=eigen_seconds,
+    return dict(n=n, D=point.objective.dim, eta=eta, rows=n * point.classes, point_seconds=point_seconds,
+                point_log=lines, eigen_seconds=eigen_seconds, kept_rank=eigen.rank,
+                condition=float(eigen.values[0] / eigen.values[eigen.rank - 1]),
                 reading_seconds=cost["seconds"], projection_cg=cost["projection_cg"], flow_ranks=cost["flow_ranks"],
                 eigen_matvecs=cost["eigen_matvecs"], measurement_seconds=time.perf_counter() - start,
                 peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
@@ -85,24 +84,30 @@ def table(rows: list[dict]) -> str:
     ns = [r["n"] for r in rows]
     per_reading = [sum(r["reading_seconds"]) / len(r["reading_seconds"]) for r in rows]
     lines = [
-        "What: the matrix-free reading at Phi (`experiments.comparison.reading_mf`) on the 16x16 GELU CNN "
-        f"(D = {rows[0]['D']:,}) at N real CIFAR-10 images, Gaussian label noise 0.1: the exact Gram "
-        "eigendecomposition at zeta (once per point) and one SGD measurement (B = 8, eta lambda_max = 0.2, 2 seeds "
-        "x 2 checkpoints of 1,000 steps = 4 readings). Each N in its own process, 2 torch threads.",
+        "What: the matrix-free reading at Phi (`experiments.comparison.reading_mf`) on the GELU CNN `cnn-wide` at "
+        f"32x32 (D = {rows[0]['D']:,}) at N real CIFAR-10 images, Gaussian label noise 0.1 on simplex targets: the "
+        "point (float32 Adam, float64 CG Gauss-Newton), the exact Gram eigendecomposition at zeta (once per point) "
+        "and one SGD measurement (B = 8, eta lambda_max = 0.2, 2 seeds x 2 checkpoints of 1,000 steps = 4 "
+        "readings). Each N in its own process, 2 torch threads.",
         "",
-        "| N | N C | eigendecomposition s | s per reading | CG its per projection (2 a reading) | flow ranks | "
-        "measurement s (runs + readings) | peak GB |",
-        "|---:|---:|---:|---:|---|---|---:|---:|",
+        "| N | N m | point s | eigendecomposition s | kept rank, condition | s per reading | CG its per projection "
+        "(2 a reading) | flow ranks | measurement s (runs + readings) | peak GB |",
+        "|---:|---:|---:|---:|---|---:|---|---|---:|---:|",
     ]
     for r, sec in zip(rows, per_reading):
-        lines.append(f"| {r['n']:,} | {r['rows']:,} | {r['eigen_seconds']:.1f} | {sec:.1f} | "
+        lines.append(f"| {r['n']:,} | {r['rows']:,} | {r['point_seconds']:.0f} | {r['eigen_seconds']:.0f} | "
+                     f"{r['kept_rank']:,}, {r['condition']:.2g} | {sec:.1f} | "
                      f"{', '.join(map(str, r['projection_cg']))} | {', '.join(map(str, r['flow_ranks']))} | "
                      f"{r['measurement_seconds']:.0f} | {r['peak_gb']:.2f} |")
     if len(rows) >= 2:
-        lines += ["", f"Growth exponents (log-log slope over N = {ns[0]}..{ns[-1]}): eigendecomposition "
+        lines += ["", f"Growth exponents (log-log slope over N = {ns[0]}..{ns[-1]}): point "
+                      f"{slope(ns, [r['point_seconds'] for r in rows]):.2f}, eigendecomposition "
                       f"{slope(ns, [r['eigen_seconds'] for r in rows]):.2f}, reading "
-                      f"{slope(ns, per_reading):.2f}, peak memory {slope(ns, [r['peak_gb'] for r in rows]):.2f}."]
-    lines += ["", "Baseline (the route replaced, not re-run here): 36-39 min a reading at N = 500 (RESULTS.md 2b).",
+                      f"{slope(ns, per_reading):.2f}, measurement "
+                      f"{slope(ns, [r['measurement_seconds'] for r in rows]):.2f}, peak memory "
+                      f"{slope(ns, [r['peak_gb'] for r in rows]):.2f}."]
+    lines += ["", "Baseline (the route replaced, not re-run here): 36-39 min a reading at a 500-image 16x16 point "
+                  "(RESULTS.md 2b).",
               "", f"Date: {datetime.date.today().isoformat()}; load average {os.getloadavg()[0]:.1f} on "
                   f"{os.cpu_count()} shared cores. Command: `python -m benchmarks.bench_reading_cost "
                   f"{' '.join(map(str, ns))}`."]
@@ -114,18 +119,17 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["--one"]:
         print(json.dumps(one(int(args[1]))))
         return
+    from experiments.metrics import atomic_write_bytes
     rows = []
     for n in [int(a) for a in args] or SIZES:
         out = subprocess.run([sys.executable, "-m", "benchmarks.bench_reading_cost", "--one", str(n)],
                              cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        rows = sorted(rows + [json.loads(out.strip().splitlines()[-1])], key=lambda r: r["n"])
         print(rows[-1], flush=True)
-    from experiments.metrics import atomic_write_bytes
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(RESULTS.with_suffix(".json"), (json.dumps(rows, indent=1) + "\n").encode())
-    text = table(rows)
-    atomic_write_bytes(RESULTS.with_suffix(".md"), (text + "\n").encode())
-    print(text)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(RESULTS.with_suffix(".json"), (json.dumps(rows, indent=1) + "\n").encode())
+        atomic_write_bytes(RESULTS.with_suffix(".md"), (table(rows) + "\n").encode())
+    print(table(rows))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ projection (onto Gamma), phi (the reading at Phi), reading_mf (the same reading 
 from experiments.comparison.continuation import (ContinuationConfig, ContinuationResult, Measurement,
                                                  RegimeWarning, check_regime, extrapolate_to_zero_eta, measure,
                                                  progress_line, run_continuation, run_schedule)
-from experiments.comparison.noise import NOISE_MODELS, FlippedLabels, GaussianLabelNoise, LabelNoise, parse_noise
+from experiments.comparison.noise import (NOISE_MODELS, FlippedLabels, GaussianLabelNoise, LabelNoise, parse_noise,
+                                         simplex_targets)
 from experiments.comparison.path import (NodeRates, PredictedPath, SlopeFit, fit_slope, integrate_drift_path,
                                          predicted_path)
 from experiments.comparison.phi import PhiCorrection, PhiReading, read_at_phi
@@ -17,7 +18,7 @@ from experiments.comparison.reading_mf import (FlowCorrection, MatrixFreeReader,
 
 __all__ = ["ContinuationConfig", "ContinuationResult", "Measurement", "RegimeWarning", "check_regime",
            "extrapolate_to_zero_eta", "measure", "progress_line", "run_continuation", "run_schedule",
-           "NOISE_MODELS", "FlippedLabels", "GaussianLabelNoise", "LabelNoise", "parse_noise",
+           "NOISE_MODELS", "FlippedLabels", "GaussianLabelNoise", "LabelNoise", "parse_noise", "simplex_targets",
            "NodeRates", "PredictedPath", "SlopeFit", "fit_slope", "integrate_drift_path", "predicted_path",
            "PhiCorrection", "PhiReading", "read_at_phi",
            "Point", "build_point", "check_model", "check_on_gamma", "fit", "objective", "point_at",

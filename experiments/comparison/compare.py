@@ -15,8 +15,10 @@ Command line (writes OUT/rows.jsonl, one JSON object per (rule, eta), with prove
     python -m experiments.compare --model cnn --noise gaussian:0.1 --rules sgd local:K=4,beta=0.4 \
         qsr:K=4,alpha=0.08 --eta 0.004 --seeds 4 --n 200 --image-size 16 --out runs/compare
 
-`--model`: a registered name (`MODELS`: cnn, mlp, `experiments.models`' small smooth networks) or
-`module:function` importable from the current directory (called with `image_size=` when it takes it).
+`--model`: a registered name (`MODELS`: cnn, cnn-wide, mlp, mlp-wide, `experiments.models`' small smooth
+networks) or `module:function` importable from the current directory (called with `image_size=` when it takes
+it). `--targets simplex`: squared-loss targets coded as simplex vertices on 9 outputs (`noise.simplex_targets`;
+points of more images than the last hidden width, where one-hot targets make the Jacobian rank-deficient).
 `--checkpoint`: a plain state_dict for that network, or, without `--model`, a final.pt / checkpoint of
 `experiments.train`. `--matrix-free`: the point by CG projections and the predictions without a dense
 Jacobian (points of thousands of images; runs are read at Phi matrix-free, `reading_mf`: RESULTS.md section
@@ -42,7 +44,7 @@ from torch import Tensor, nn
 
 from experiments.cli import ArgumentParser, run_main
 from experiments.comparison.continuation import ContinuationConfig, RegimeWarning, measure as measure_rule, run_schedule
-from experiments.comparison.noise import LabelNoise, parse_noise
+from experiments.comparison.noise import LabelNoise, parse_noise, simplex_targets
 from experiments.comparison.point import Point, build_point
 from experiments.comparison.reading_mf import with_eigendecomposition
 from experiments.models import build_small_cnn, build_small_mlp
@@ -102,7 +104,8 @@ def parse_rule(text: str, *, batch: int = 8, local_batch: int | None = None):
 
 MODELS: dict[str, Callable[..., nn.Module]] = {   # --model names
     "cnn": build_small_cnn, "mlp": build_small_mlp,
-    "mlp-wide": functools.partial(build_small_mlp, hidden=(192, 64))}   # the big points' MLP (D = 50,058 at 8x8)
+    "mlp-wide": functools.partial(build_small_mlp, hidden=(192, 64)),   # the big points' MLP (D = 50,058 at 8x8)
+    "cnn-wide": functools.partial(build_small_cnn, hidden=48)}  # full resolution: D = 51,033 at 32x32, 9 outputs
 
 
 # ---------------------------------------------------------------------- rows
@@ -227,6 +230,7 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
             train_steps: int = 3000, lr: float = 3e-3, point: Point | None = None, method: str = "dense",
             max_eta_lambda: float = 0.5, max_relative_change: float = 0.2, measure: bool = True,
             nystrom_rank: int = 200, cg_rtol: float = 1e-10, curvature_floor: float = 0.0, cache=None,
+            fit_dtype: torch.dtype | None = None,
             progress: Progress = None, on_row: Callable[[Row], None] | None = None, **mf_options) -> list[Row]:
     """Predicted vs measured d tr H / dt for every rule at every eta (see the module docstring).
 
@@ -240,7 +244,8 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
     is checked before the point is built, every eta against the regime (eta lambda_max <= max_eta_lambda)
     before any run; a run whose tr H moves by more than `max_relative_change` gets a RegimeWarning named in
     its row. measure=False: predictions only. `on_row(row)`: called as each row is done (e.g. to write it).
-    cache: a file keeping zeta between calls (`build_point`'s, keyed by the setup)."""
+    cache: a file keeping zeta between calls (`build_point`'s, keyed by the setup). fit_dtype: the dtype of the
+    Adam stage (`point.fit`; e.g. torch.float32), the projection is float64."""
     noise = parse_noise(noise) if isinstance(noise, str) else noise
     rules = [parse_rule(r, batch=batch, local_batch=local_batch) if isinstance(r, str) else r for r in rules]
     etas = [float(e) for e in etas]
@@ -262,7 +267,7 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
         if images is None or labels is None:
             raise ValueError("give images and labels, or a prebuilt point")
         point = build_point(model, images, labels, noise=noise, train_steps=train_steps, lr=lr, seed=seed,
-                            method=method, progress=progress, cache=cache,
+                            method=method, progress=progress, cache=cache, fit_dtype=fit_dtype,
                             **({"preconditioner_rank": nystrom_rank} if method == "cg" else {}))
     elif str(point.noise) != str(noise):
         raise ValueError(f"the point was built for {point.noise}, not {noise}")
@@ -332,11 +337,16 @@ def _parser() -> ArgumentParser:
     add("--seed", type=int, default=0, help="seed of the runs' generator and the model's initialization")
     add("--n", type=int, default=200, help="class-balanced CIFAR-10 training images")
     add("--image-size", type=int, default=16, help="image side (avg-pooled from 32; divides 32)")
+    add("--targets", choices=("one-hot", "simplex"), default="one-hot", help="class targets of the squared "
+        "loss: one-hot on 10 outputs, or simplex (noise.simplex_targets: 9 outputs, no rank-deficient Jacobian; "
+        "for points of more images than the last hidden width)")
     add("--data-dir", default=None, help="CIFAR-10 folder (default: CIFAR10_DIR, else a search)")
     add("--slow-time", type=float, default=0.1, help="slow time eta^2 x steps of every run")
     add("--checkpoints", type=int, default=5, help="readings per run (after t = 0)")
     add("--train-steps", type=int, default=3000, help="full-batch Adam steps toward Gamma (0: none)")
     add("--lr", type=float, default=3e-3, help="Adam's step")
+    add("--fit-float32", action="store_true", help="the Adam stage in float32 (~3x faster convolutions on CPU; "
+        "the projection onto Gamma stays float64)")
     add("--path-dt", type=float, default=None, help="also fit the predicted path (Heun step in slow time)")
     add("--predict-only", action="store_true", help="the predictions at the point, no runs")
     add("--matrix-free", action="store_true", help="point by CG projections, predictions without a dense "
@@ -362,7 +372,8 @@ def _model_from_args(args):
         return load_model(args.checkpoint)[0]
     spec = args.model or "cnn"
     if spec in MODELS:
-        factory = lambda *, image_size: MODELS[spec](image_size=image_size,    # noqa: E731
+        classes = 9 if args.targets == "simplex" else 10     # simplex: one output per simplex coordinate
+        factory = lambda *, image_size: MODELS[spec](image_size=image_size, classes=classes,    # noqa: E731
                                                      generator=torch.Generator().manual_seed(args.seed))
     elif ":" in spec:
         factory = import_model_factory(spec)
@@ -398,6 +409,8 @@ def _main(argv: list[str] | None) -> int:
     model = _model_from_args(args)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     x, y = cifar_subset(resolve_cifar10_dir(args.data_dir, search=True), args.n, image_size=args.image_size)
+    if args.targets == "simplex":
+        y = simplex_targets(y, 10)
     record = provenance({k: v for k, v in vars(args).items() if k not in ("debug", "quiet", "overwrite")})
     say = None if args.quiet else (lambda line: print(line, flush=True))
     moved = _prepare_out(out, args.overwrite)
@@ -416,6 +429,7 @@ def _main(argv: list[str] | None) -> int:
                    slow_time=args.slow_time, checkpoints=args.checkpoints, path_dt=args.path_dt,
                    train_steps=args.train_steps, lr=args.lr, method="cg" if args.matrix_free else "dense",
                    measure=not args.predict_only, progress=say, on_row=write, cache=args.cache,
+                   fit_dtype=torch.float32 if args.fit_float32 else None,
                    **({"nystrom_rank": args.nystrom_rank, "cg_rtol": args.cg_rtol, "num_probes": args.probes,
                        "curvature_floor": args.curvature_floor} if args.matrix_free else {}))
     print(f"{'rule':42s} {'eta':>8s} {'predicted':>11s} {'measured':>11s} {'stderr':>9s} {'meas/pred':>9s}")

@@ -5,6 +5,8 @@ Hessian(L) = Jt^T Jt / N (Jt_i = R_i Q^T J_i) and the one-draw gradient noise is
 noise"; the theory for any `OutputMetric` is `sde.label_noise`). Targets are float (N, C) expected targets.
 - `GaussianLabelNoise(sigma)`: squared loss 1/2 ||f - y||^2, every drawn target + N(0, sigma^2 I) (Li, Wang &
   Arora, ICLR 2022). Q = R_i = I (m = C), c = sigma^2.
+  `simplex_targets` codes the classes for it as the C vertices of a regular simplex in R^(C-1): a network of
+  C - 1 outputs, where one-hot targets on C outputs make Jt rank-deficient (its docstring).
 - `FlippedLabels(p)`: cross-entropy, every drawn label flipped with probability p to a uniform other class; the
   expected targets are soft, q_i (1 - p on the label). Q (C, C-1) orthonormal, orthogonal to 1,
   R_i = (Q^T A_i Q)^{1/2}, A_i = diag(q_i) - q_i q_i^T (m = C - 1), c = 1.
@@ -21,7 +23,7 @@ from torch import Tensor
 from experiments.datasets import flip_labels
 from sde.label_noise import OutputMetric, centred_basis, metric_roots
 
-__all__ = ["LabelNoise", "GaussianLabelNoise", "FlippedLabels", "parse_noise", "NOISE_MODELS"]
+__all__ = ["LabelNoise", "GaussianLabelNoise", "FlippedLabels", "parse_noise", "NOISE_MODELS", "simplex_targets"]
 
 
 class LabelNoise(Protocol):
@@ -52,6 +54,20 @@ def _one_hot(labels: Tensor, classes: int, dtype=torch.float64) -> Tensor:
                          f"outputs: one output per class is needed")
     return torch.zeros(*labels.shape, classes, dtype=dtype, device=labels.device).scatter(
         -1, labels.long().unsqueeze(-1), 1.0)
+
+
+def simplex_targets(labels: Tensor, classes: int) -> Tensor:
+    """Integer labels (N,) in [0, C) -> float64 targets (N, C - 1): e_label in the orthonormal basis Q of the
+    sum-zero plane (`centred_basis`), i.e. the vertices of a regular simplex centred at 0.
+
+    Why: with one-hot targets on C outputs every image's outputs sum to 1 on Gamma, which forces 1^T W_last = 0
+    once N exceeds the last hidden width + 1, and then Jt has N - width - 1 null directions (RESULTS.md 2b):
+    Gauss-Newton and CG stall on them and the normal relaxation is slow along them. The squared loss of a
+    (C - 1)-output network f against these targets equals the one-hot squared loss of the C outputs
+    Q f + 1/C (an isometry onto the plane sum = 1), and no direction v has v^T y constant over the classes, so
+    that degeneracy cannot arise. Gaussian label noise on these targets is the one-hot noise projected on the plane."""
+    hot = _one_hot(labels, classes)
+    return hot @ centred_basis(classes, hot.dtype, hot.device)
 
 
 def _float_targets(targets: Tensor, classes: int) -> bool:

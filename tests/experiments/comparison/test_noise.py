@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.func import grad
 
-from experiments.comparison.noise import NOISE_MODELS, FlippedLabels, GaussianLabelNoise, parse_noise
+from experiments.comparison.noise import NOISE_MODELS, FlippedLabels, GaussianLabelNoise, parse_noise, simplex_targets
 from experiments.datasets import flip_labels
 
 
@@ -39,6 +39,28 @@ def test_targets_from_labels_and_floats():
         FlippedLabels(0.6).targets(labels, 2)                              # p >= (C-1)/C = 0.5
     with pytest.raises(ValueError, match="integer labels"):
         g.targets(torch.tensor([True, False]), 3)
+
+
+def test_simplex_targets_are_the_one_hot_loss_on_the_plane_of_sum_one():
+    """The C = 10 simplex targets: centred, pairwise distance sqrt 2 (the one-hot rows' own), and the squared loss of
+    9 outputs f against them equals the one-hot squared loss of the 10 outputs Q f + 1/C (Q orthonormal, 1^T Q = 0)
+    for any f; Gaussian draws on them have the one-hot noise's law projected on that plane (covariance sigma^2 I_9)."""
+    labels = torch.arange(10)
+    vertices = simplex_targets(labels, 10)
+    assert vertices.shape == (10, 9) and vertices.dtype == torch.float64
+    assert vertices.sum(0).abs().max() < 1e-14
+    distances = (vertices[:, None] - vertices[None]).norm(dim=-1)
+    assert (distances + torch.eye(10, dtype=torch.float64) * 2 ** 0.5 - 2 ** 0.5).abs().max() < 1e-13
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 10, (50,), generator=gen)
+    f = torch.randn(50, 9, generator=gen, dtype=torch.float64)
+    Q = vertices                                        # the vertices of the labels 0..9 are Q's rows
+    assert (Q.T @ Q - torch.eye(9, dtype=torch.float64)).abs().max() < 1e-12 and Q.sum(0).abs().max() < 1e-12
+    g = GaussianLabelNoise(0.1)
+    plane = f @ Q.T + 0.1
+    assert g.loss(f, simplex_targets(y, 10)) == pytest.approx(float(g.loss(plane, g.targets(y, 10))), rel=1e-13)
+    with pytest.raises(ValueError, match="one output per class"):
+        simplex_targets(torch.tensor([0, 10]), 10)
 
 
 def test_losses_and_their_minimum_on_gamma():

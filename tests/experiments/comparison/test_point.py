@@ -49,13 +49,19 @@ def test_build_point_lands_on_gamma_with_its_tools(data, noise):
     trace, lmax = sharpness_at(obj, noise, point.zeta)
     assert point.trace == pytest.approx(trace, rel=1e-10) and point.lambda_max == pytest.approx(lmax, rel=1e-10)
     assert point.reference.shape == (noise.equations(10, 10), 16)
-    assert len(lines) == 3 and lines[-1].startswith("point: tr H = ")
+    assert len(lines) == 4 and lines[1].startswith("point: projected to distance") and lines[-1].startswith("point: tr H = ")
     with pytest.raises(ValueError, match="not on Gamma"):
         point_at(obj, noise, point.zeta + 0.1)
     # fit: full-batch Adam stops once the loss is within the gap of its minimum on Gamma
     theta = fit(obj, noise, steps=5000, gap=1e-3)
     gap = obj.loss(theta).item() - noise.minimum_loss(point.targets)
     assert 0 <= gap <= 1e-3 and fit(obj, noise, steps=0).equal(obj.params)
+    # in float32 (a copy of the objective): the float64 theta it returns is within the gap up to float32 rounding
+    before = obj.params.clone()
+    theta32 = fit(obj, noise, steps=5000, gap=1e-3, dtype=torch.float32)
+    gap32 = obj.loss(theta32).item() - noise.minimum_loss(point.targets)
+    assert theta32.dtype == torch.float64 and 0 <= gap32 <= 1e-3 * (1 + 1e-4) and obj.params.equal(before)
+    assert not theta32.equal(theta)                       # its own trajectory, not the float64 one
     with pytest.raises(ValueError, match="train longer"):
         build_point(tiny_mlp(), x, y, noise=noise, train_steps=1, max_gauss_newton=1)
 
