@@ -10,7 +10,8 @@ Gu et al. 2023, 2024) and measures it with noisy continuation runs from zeta rea
 d tr H / dt. Every rule runs about `slow_time` of slow time with `checkpoints` readings; the point, its
 geometry, Phi correction and preconditioner are built once and shared by every rule, eta and seed.
 
-Command line (writes OUT/rows.jsonl, one JSON object per (rule, eta), with provenance):
+Command line (writes OUT/rows.jsonl, one JSON object per (rule, eta), with provenance, and for measured rows
+OUT/summary.json, `summary.summarize`: measured / predicted per rule at eta -> 0 by the accepted fit):
 
     python -m experiments.compare --model cnn --noise gaussian:0.1 --rules sgd local:K=4,beta=0.4 \
         qsr:K=4,alpha=0.08 --eta 0.004 --seeds 4 --n 200 --image-size 16 --out runs/compare
@@ -47,6 +48,7 @@ from experiments.comparison.continuation import ContinuationConfig, RegimeWarnin
 from experiments.comparison.noise import LabelNoise, parse_noise, simplex_targets
 from experiments.comparison.point import Point, build_point
 from experiments.comparison.reading_mf import with_eigendecomposition
+from experiments.comparison.summary import summarize, write_summary
 from experiments.models import build_small_cnn, build_small_mlp
 from sde.rules import QSR, SGD, LocalSGD
 
@@ -117,6 +119,7 @@ class Row:
     predicted_limit: the rule's eta -> 0 limit; predicted_path: the predicted path fitted like the
     measurement (NaN unless path_dt); measured: mean slope over seeds (readings at Phi), stderr its
     standard error std / sqrt(seeds); raw_measured: the same runs read at the Gauss-Newton projection.
+    workers: the rule's K (1 for SGD); dim: the network's D.
     per_seed / lambda_max_per_seed: each seed's slope; times and trace_path: the checkpoint times and the
     mean tr H over seeds there (the trajectory, for plots). warnings: the runs' RegimeWarnings. A
     predictions-only row has seeds = 0 and NaN measurements."""
@@ -142,6 +145,8 @@ class Row:
     predicted_lambda_max_path: float = NAN
     raw_measured: float = NAN
     max_projection_residual: float = NAN
+    workers: int = 1
+    dim: int = 0
     per_seed: tuple = ()
     lambda_max_per_seed: tuple = ()
     times: tuple = ()
@@ -193,7 +198,8 @@ def predict_row(point: Point, rule, eta: float, *, method: str = "dense", **opti
                seeds=0, seed=0, predicted_limit=limit.trace_rate, predicted_path=NAN,
                predicted_lambda_max=pred.lambda_max_rate, measured_lambda_max=NAN, lambda_max_stderr=NAN,
                local_steps=rule.local_steps(eta), slow_time=0.0, trace=float(pred.trace),
-               lambda_max=float(pred.lambda_max), seconds=time.perf_counter() - start)
+               lambda_max=float(pred.lambda_max), seconds=time.perf_counter() - start, workers=rule.workers,
+               dim=point.objective.dim)
 
 
 def _measured_row(point: Point, config, *, seed: int, path_dt, progress, method: str = "dense",
@@ -218,7 +224,8 @@ def _measured_row(point: Point, config, *, seed: int, path_dt, progress, method:
                seconds=time.perf_counter() - start,
                warnings=tuple(f"{w.category.__name__}: {w.message}" for w in regime),
                predicted_lambda_max_path=m.path_lambda_max_rate, raw_measured=m.raw_trace_rate,
-               max_projection_residual=m.max_projection_residual, per_seed=m.trace_rate_per_seed,
+               max_projection_residual=m.max_projection_residual, workers=config.rule.workers,
+               dim=point.objective.dim, per_seed=m.trace_rate_per_seed,
                lambda_max_per_seed=m.lambda_max_rate_per_seed, times=m.checkpoint_times,
                trace_path=m.trace_mean_per_checkpoint)
 
@@ -437,6 +444,13 @@ def _main(argv: list[str] | None) -> int:
         print(f"{r.rule:42s} {r.eta:8g} {r.predicted:11.4g} {r.measured:11.4g} {r.stderr:9.2g} {r.ratio:9.3f}"
               + (" (RegimeWarning)" if r.warnings else ""))
     print(f"wrote {len(rows)} rows to {out / 'rows.jsonl'}")
+    if not args.predict_only:
+        summary = summarize(rows, n=args.n, image_size=args.image_size, dim=rows[0].dim)
+        write_summary(out / "summary.json", summary, provenance=record)
+        for r in summary["rules"]:
+            print(f"{r['rule']:42s} measured / predicted at eta -> 0: {r['ratio_eta0']:.4f} +- "
+                  f"{r['ratio_eta0_se']:.2g} ({r['fit']})")
+        print(f"wrote {out / 'summary.json'}")
     return 0
 
 

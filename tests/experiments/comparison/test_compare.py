@@ -203,6 +203,14 @@ def test_command_line_writes_the_library_rows_with_provenance(data, tmp_path, ca
         assert got["per_seed"] == list(want.per_seed) and got["times"] == list(want.times)
         assert got["config"]["model"] == SPEC and got["config"]["noise"] == "gaussian:0.1"
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", got["git_revision"])
+    # summary.json beside the rows: each rule's ratio (one eta: that eta's, against the path or the rate at zeta)
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert [r["rule"] for r in summary["rules"]] == [w.rule for w in lib] and summary["provenance"]["config"]["n"] == 10
+    for got, want in zip(summary["rules"], lib):
+        assert got["ratio_eta0"] == pytest.approx(want.ratio, rel=1e-12) and got["fit"] == "single eta"
+        assert got["D"] == want.dim > 0 and got["image_size"] == 4 and got["workers"] == (1 if "SGD" in got["rule"] else 2)
+    (only,) = summary["local_over_sgd_eta0"].values()
+    assert only["value"] == pytest.approx(lib[1].ratio / lib[0].ratio, rel=1e-12)
     # --cache keeps zeta: a second run loads it and gives the same rows
     cached = [*_cli(tmp_path / "c1", "--rules", "sgd", "--predict-only"), "--cache", str(tmp_path / "zeta.pt")]
     assert main(cached) == 0 and (tmp_path / "zeta.pt").is_file()
