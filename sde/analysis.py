@@ -12,6 +12,7 @@ the least-squares extrapolation in eta (`sde.discrete.richardson`), H for beta o
   eta -> 0 with the standard error of the extrapolated value.
 - `trace_weighted_multiplier(eigenvalues, weights, rule)`: the drift multiplier of a rule
   relative to SGD with the same total batch, averaged over a Hessian spectrum.
+- `spectrum_beta(eigenvalues)`: the beta with 2 beta lambda = 1 at the trace-weighted median eigenvalue.
 - `sphere_cosine_density`, `sphere_cosine_cdf`: the law of cos(angle to the start) of Brownian
   motion on the 2-sphere (the slow SDE of `sde.toys.Sphere` with n = 3), in closed form.
 """
@@ -27,7 +28,7 @@ from torch import Tensor
 from sde.discrete import richardson
 from sde.label_noise import drift_weights
 
-__all__ = ["effective_beta", "Extrapolation", "extrapolate_to_zero", "trace_weighted_multiplier",
+__all__ = ["effective_beta", "Extrapolation", "extrapolate_to_zero", "trace_weighted_multiplier", "spectrum_beta",
            "sphere_cosine_density", "sphere_cosine_cdf"]
 
 
@@ -111,6 +112,23 @@ def trace_weighted_multiplier(eigenvalues: Tensor, weights: Tensor, rule) -> flo
     if not float(mass) > 0:
         raise ValueError("the spectrum has no positive eigenvalue mass")
     return float((q * lam * drift_weights(rule, lam)).sum() / mass)
+
+
+def spectrum_beta(eigenvalues, *, quantile: float = 0.5) -> float:
+    """beta = 1 / (2 lambda*), lambda* the trace-weighted `quantile` of a Hessian spectrum (eigenvalues (n,) >= 0,
+    zeros ignored): the smallest eigenvalue such that the eigenvalues <= it hold at least `quantile` of tr H.
+    Then 2 beta lambda <= 1 (psi near its linear part, Local SGD ~ SGD) on that share of the trace and > 1 (psi
+    toward 1, up to K x SGD) on the rest, so a Local SGD run at this beta tests both sides of 2 beta lambda = 1
+    (issue 13: beta from the point's own spectrum)."""
+    lam = torch.as_tensor(eigenvalues, dtype=torch.float64).flatten()
+    lam = lam[lam > 0].sort().values
+    if lam.numel() == 0:
+        raise ValueError("the spectrum has no positive eigenvalue")
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    share = lam.cumsum(0) / lam.sum()
+    index = int(torch.searchsorted(share, torch.tensor(quantile, dtype=torch.float64)))
+    return float(1.0 / (2.0 * lam[min(index, lam.numel() - 1)]))
 
 
 def _legendre_table(x: Tensor, degree: int) -> Tensor:

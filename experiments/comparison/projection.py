@@ -58,6 +58,13 @@ class GramPreconditioner:
     vectors: Tensor  # (N m, N m)
     rank: int | None = None   # solve on the top `rank` eigenvectors only (`truncated`); None: all
 
+    @staticmethod
+    def bytes_needed(rows: int, outputs: int, dim: int, *, chunk_size: int = 64, itemsize: int = 8) -> int:
+        """The least memory `at` needs for rows = N m equations of m outputs each and D = dim: the Gram matrix and
+        its eigenvectors (2 rows^2 numbers, eigh's measured peak) and Jacobian chunks. Callers can check it against
+        `physical_memory()` before any long work (as `at` does)."""
+        return gram_matrix_bytes(rows // outputs, outputs, dim, chunk_size, chunk_size, itemsize) + itemsize * rows ** 2
+
     @classmethod
     def at(cls, obj: Objective, noise, theta: Tensor, *, chunk_size: int = 64,
            memory_limit: int | None = None) -> "GramPreconditioner":
@@ -71,7 +78,7 @@ class GramPreconditioner:
         n, rows = len(targets), noise.equations(*targets.shape)
         m, item = rows // n, theta.element_size()
         limit = physical_memory() if memory_limit is None else memory_limit
-        need = gram_matrix_bytes(n, m, obj.dim, chunk_size, chunk_size, item) + item * rows * rows   # + eigenvectors
+        need = cls.bytes_needed(rows, m, obj.dim, chunk_size=chunk_size, itemsize=item)
         if need > limit:
             raise ValueError(f"the Gram eigendecomposition at N m = {rows} ({noise}), D = {obj.dim} needs about "
                              f"{need / 2 ** 30:.1f} GiB (Gram matrix and its eigenvectors, 2 (N m)^2 x {item} B, "

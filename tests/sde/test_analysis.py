@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sde import QSR, SGD, LocalSGD, psi
-from sde.analysis import (effective_beta, extrapolate_to_zero, sphere_cosine_cdf, sphere_cosine_density,
+from sde.analysis import (effective_beta, extrapolate_to_zero, spectrum_beta, sphere_cosine_cdf, sphere_cosine_density,
                           trace_weighted_multiplier)
 from sde.discrete import richardson
 
@@ -145,6 +145,23 @@ def test_sphere_cosine_cdf_matches_an_independent_brownian_simulation():
     # 1.63/sqrt(n) = 0.016; the step dt = 2e-3 adds an O(dt) bias well below that. 0.025 leaves
     # room for the bias while a wrong law (e.g. kappa off by 10%, KS ~ 0.03) fails.
     assert ks < 0.025
+
+
+def test_spectrum_beta_splits_the_trace_at_the_quantile():
+    """Spectrum 0 (ignored), 1, 1, 1, 1, 4 (tr 8): the eigenvalues <= 1 hold half of the trace, so beta = 1/2 and
+    2 beta lambda is 1 there and 4 on the top direction; at quantile 0.6 the 1's (0.5) do not suffice: beta = 1/8.
+    On a random spectrum the trace share with 2 beta lambda <= 1 is >= the quantile and the share below is not."""
+    assert spectrum_beta([0.0, 1, 1, 4, 1, 1]) == 0.5 and spectrum_beta([1, 1, 1, 1, 4], quantile=0.6) == 0.125
+    lam = torch.rand(500, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 3 * 50
+    for q in (0.3, 0.5, 0.8):
+        beta = spectrum_beta(lam, quantile=q)
+        star = 1 / (2 * beta)                               # lambda* up to rounding
+        below, up_to = lam < star * (1 - 1e-12), lam <= star * (1 + 1e-12)
+        assert float(lam[up_to].sum() / lam.sum()) >= q > float(lam[below].sum() / lam.sum())
+    with pytest.raises(ValueError, match="no positive"):
+        spectrum_beta([0.0, -1.0])
+    with pytest.raises(ValueError, match="quantile"):
+        spectrum_beta([1.0], quantile=1.0)
 
 
 def test_sphere_law_rejects_bad_input():

@@ -1,0 +1,148 @@
+"""The central comparison at full resolution (issue 13): real CIFAR-10 at 32x32, a smooth CNN of D >= 50,000.
+
+    python -m experiments.comparison.full_resolution --n 2000 --out runs/full_resolution/n2000
+
+The setting: N class-balanced training images at 32x32, the GELU CNN `cnn-wide` (`experiments.models.
+build_small_cnn`, hidden 48, 9 outputs: D = 51,033), squared loss with Gaussian label noise on simplex targets
+(`noise.simplex_targets`: one-hot targets make the Jacobian rank-deficient above N = 49). The point: float32 Adam,
+float64 CG Gauss-Newton (`build_point(method="cg")`, zeta cached in OUT/zeta.pt), then the one Gram
+eigendecomposition at zeta (`reading_mf.with_eigendecomposition`), whose memory is checked before anything starts.
+The rules come from the point (`plan`): SGD (batch B), Local SGD with K = 4 and 8 at the beta that puts
+2 beta lambda = 1 at the trace-weighted median Hessian eigenvalue (`sde.analysis.spectrum_beta`: both sides of 1
+over the spectrum), and QSR (K = 4) whose beta = alpha^2 / eta equals that beta at the middle eta; the etas are
+eta_lambda / lambda_max. Every (rule, eta) is measured by `compare` matrix-free; OUT gets plan.json, rows.jsonl
+(after every row) and summary.json (`summary.summarize`), each with provenance, written atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from experiments.cli import ArgumentParser, run_main
+from experiments.comparison.compare import MODELS, Row, _prepare_out, compare
+from experiments.comparison.noise import GaussianLabelNoise, simplex_targets
+from experiments.comparison.point import Point, build_point
+from experiments.comparison.projection import GramPreconditioner, physical_memory
+from experiments.comparison.reading_mf import with_eigendecomposition
+from experiments.comparison.summary import summarize, write_summary
+from sde.analysis import spectrum_beta
+from sde.rules import QSR, SGD, LocalSGD
+
+__all__ = ["plan", "main", "MODEL", "CLASSES"]
+
+MODEL, CLASSES = "cnn-wide", 10
+
+
+def plan(point: Point, *, eta_lambdas=(0.05, 0.1, 0.2), workers=(4, 8), batch: int = 8, qsr_workers: int = 4,
+         quantile: float = 0.5) -> dict:
+    """The rules and etas for a point with its Gram eigendecomposition attached (module docstring):
+    {"rules": [SGD, LocalSGD per K, QSR], "etas": [...], "beta", "alpha", "lambda_max", "trace", "rank"}. Hessian
+    eigenvalues = Gram eigenvalues / N (slow time t = eta^2 x steps)."""
+    eigen = point.preconditioner
+    if not isinstance(eigen, GramPreconditioner):
+        raise ValueError("plan needs the point's Gram eigendecomposition: pass with_eigendecomposition(point)")
+    n = len(point.targets)
+    lam = eigen.values[:eigen.rank] / n
+    lambda_max = float(lam[0])
+    etas = sorted(float(x) / lambda_max for x in eta_lambdas)
+    beta = spectrum_beta(lam, quantile=quantile)
+    alpha = (beta * etas[len(etas) // 2]) ** 0.5                     # QSR's beta = alpha^2 / eta = beta at mid eta
+    for k in (*workers, qsr_workers):
+        if batch % k:
+            raise ValueError(f"total batch {batch} is not divisible by K = {k}")
+    rules = [SGD(batch), *(LocalSGD(k, batch // k, beta) for k in workers), QSR(qsr_workers, batch // qsr_workers,
+                                                                               alpha=alpha)]
+    return dict(rules=rules, etas=etas, beta=beta, alpha=alpha, lambda_max=lambda_max,
+                trace=float(lam.sum()), rank=int(eigen.rank))
+
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m experiments.comparison.full_resolution", description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--n", type=int, default=2000, help="class-balanced CIFAR-10 training images at 32x32")
+    add("--sigma", type=float, default=0.1, help="Gaussian label noise std")
+    add("--eta-lambda", type=float, nargs="+", default=[0.05, 0.1, 0.2], help="the etas as eta x lambda_max")
+    add("--seeds", type=int, default=3)
+    add("--checkpoints", type=int, default=4, help="readings per run after t = 0")
+    add("--slow-time", type=float, default=0.05, help="slow time eta^2 x steps of every run")
+    add("--batch", type=int, default=8, help="total batch B of every rule")
+    add("--seed", type=int, default=0)
+    add("--data-dir", default=None, help="CIFAR-10 folder (default: CIFAR10_DIR, else a search)")
+    add("--out", required=True)
+    add("--overwrite", action="store_true", help="move a non-empty --out aside first")
+    add("--quiet", action="store_true")
+    add("--debug", action="store_true")
+    return p
+
+
+def _main(argv: list[str] | None) -> int:
+    from experiments.data import cifar_subset, resolve_cifar10_dir
+    from experiments.metrics import atomic_write_bytes, finite_or_none, provenance
+    args = _parser().parse_args(argv)
+    noise = GaussianLabelNoise(args.sigma)
+    for name in ("n", "seeds", "checkpoints", "batch"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    rows = args.n * (CLASSES - 1)
+    dim = sum(p.numel() for p in MODELS[MODEL](image_size=32, classes=CLASSES - 1).parameters())
+    need, have = GramPreconditioner.bytes_needed(rows, CLASSES - 1, dim), physical_memory()
+    if need > have:
+        raise ValueError(f"N = {args.n} needs about {need / 2 ** 30:.1f} GiB for the Gram eigendecomposition at zeta "
+                         f"(2 (N m)^2 float64 numbers, N m = {rows}) > this machine's {have / 2 ** 30:.1f} GiB")
+    out = Path(args.out)
+    say = None if args.quiet else (lambda line: print(line, flush=True))
+    record = provenance({k: v for k, v in vars(args).items() if k not in ("debug", "quiet", "overwrite")})
+    images, labels = cifar_subset(resolve_cifar10_dir(args.data_dir, search=True), args.n, image_size=32)
+    resumable = out.is_dir() and {p.name for p in out.iterdir()} <= {"zeta.pt", "plan.json"}   # keep a built point
+    moved = None if resumable else _prepare_out(out, args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    if moved is not None and say:
+        say(f"moved the previous contents of {out} aside to {moved}")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    start = time.perf_counter()
+    point = build_point(lambda *, image_size: MODELS[MODEL](image_size=image_size, classes=CLASSES - 1), images,
+                        simplex_targets(labels, CLASSES), noise=noise, method="cg", seed=args.seed,
+                        fit_dtype=torch.float32, cache=out / "zeta.pt", progress=say,
+                        generator=torch.Generator().manual_seed(args.seed))
+    point = with_eigendecomposition(point)
+    chosen = plan(point, eta_lambdas=args.eta_lambda, batch=args.batch)
+    setup = {**{k: v for k, v in chosen.items() if k != "rules"}, "rules": [repr(r) for r in chosen["rules"]],
+             "D": point.objective.dim, "point_seconds": time.perf_counter() - start}
+    atomic_write_bytes(out / "plan.json", (json.dumps({**setup, "provenance": record}, indent=1) + "\n").encode())
+    if say:
+        say(f"plan: lambda_max = {chosen['lambda_max']:.4g}, tr H = {chosen['trace']:.6g}, beta = {chosen['beta']:.4g}, "
+            f"alpha = {chosen['alpha']:.4g}, etas = {', '.join(f'{e:.3g}' for e in chosen['etas'])}")
+    lines: list[str] = []
+
+    def write(row: Row) -> None:
+        lines.append(json.dumps(finite_or_none({**dataclasses.asdict(row), "config": record["config"],
+                                                "git_revision": record["git_revision"], "date": record["written"]}),
+                                sort_keys=True))
+        atomic_write_bytes(out / "rows.jsonl", ("\n".join(lines) + "\n").encode())
+
+    measured = compare(None, point=point, noise=noise, rules=chosen["rules"], etas=chosen["etas"], seeds=args.seeds,
+                       seed=args.seed, slow_time=args.slow_time, checkpoints=args.checkpoints, method="cg",
+                       progress=say, on_row=write)
+    summary = summarize(measured, n=args.n, image_size=32, dim=point.objective.dim)
+    write_summary(out / "summary.json", summary, provenance=record)
+    for r in summary["rules"]:
+        print(f"{r['rule']:46s} measured / predicted at eta -> 0: {r['ratio_eta0']:.4f} +- {r['ratio_eta0_se']:.2g} "
+              f"({r['fit']})")
+    for rule, r in summary["local_over_sgd_eta0"].items():
+        print(f"{rule:46s} (Local / SGD) measured / predicted: {r['value']:.4f} +- {r['se']:.2g}")
+    print(f"wrote {out / 'rows.jsonl'} and {out / 'summary.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code (`experiments.cli`)."""
+    return run_main(lambda: _main(argv), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

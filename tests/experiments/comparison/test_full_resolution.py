@@ -1,0 +1,59 @@
+"""experiments.comparison.full_resolution: the full-resolution study's command line end to end at a tiny N (20 real
+CIFAR-10 images at 32x32, the D = 51,033 CNN), its plan checked against a dense reference at the point it built
+(Hessian spectrum from the dense Jacobian), and its memory check before any work."""
+import json
+
+import pytest
+import torch
+
+from dynamics.jacobian import output_jacobian
+from experiments.comparison import full_resolution
+from experiments.comparison.full_resolution import main
+from experiments.comparison.point import objective
+from experiments.comparison.noise import GaussianLabelNoise, simplex_targets
+from experiments.comparison.compare import MODELS
+from experiments.comparison.projection import GramPreconditioner
+from experiments.data import cifar_subset
+
+
+def test_full_resolution_study_plans_from_the_point_and_writes_rows_and_summary(cifar10_dir, tmp_path, capsys):
+    out = tmp_path / "fr"
+    args = ["--n", "20", "--eta-lambda", "0.2", "--seeds", "2", "--checkpoints", "2", "--slow-time", "0.001",
+            "--data-dir", str(cifar10_dir), "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    # dense reference at the point it built: Hessian eigenvalues = eig(J J^T) / N on Gamma (squared loss)
+    x, y = cifar_subset(cifar10_dir, 20, image_size=32)
+    net = MODELS["cnn-wide"](image_size=32, classes=9)
+    obj = objective(net, x, simplex_targets(y, 10), GaussianLabelNoise(0.1))
+    zeta = torch.load(out / "zeta.pt", weights_only=True)["zeta"]
+    jac = output_jacobian(obj, zeta)[1].reshape(-1, obj.dim)
+    lam = torch.linalg.eigvalsh(jac @ jac.T).flip(0) / 20
+    assert plan["D"] == obj.dim == 51033 and plan["rank"] == 180
+    assert plan["lambda_max"] == pytest.approx(float(lam[0]), rel=1e-9)
+    assert plan["trace"] == pytest.approx(float(lam.sum()), rel=1e-9)
+    assert plan["etas"] == [pytest.approx(0.2 / float(lam[0]), rel=1e-9)]
+    star = 1 / (2 * plan["beta"])                  # 2 beta lambda = 1 at the trace-weighted median eigenvalue
+    assert float(lam[lam <= star * (1 + 1e-9)].sum() / lam.sum()) >= 0.5 > float(lam[lam < star * (1 - 1e-9)].sum()
+                                                                                  / lam.sum())
+    assert plan["alpha"] ** 2 / plan["etas"][0] == pytest.approx(plan["beta"], rel=1e-12)   # QSR's beta at mid eta
+    assert [r["rule"] for r in rows] == plan["rules"] and [r["workers"] for r in rows] == [1, 4, 8, 4]
+    assert all(r["seeds"] == 2 and r["dim"] == 51033 for r in rows)
+    for got, row in zip(summary["rules"], rows):
+        assert got["ratio_eta0"] == pytest.approx(row["measured"] / row["predicted"], rel=1e-12)
+    assert set(summary["local_over_sgd_eta0"]) == set(plan["rules"][1:])
+    assert "measured / predicted at eta -> 0" in capsys.readouterr().out
+    assert main(args) == 2 and "is not empty" in capsys.readouterr().err     # the results are never overwritten
+
+
+def test_a_study_that_cannot_fit_in_memory_is_refused_before_any_work(monkeypatch, tmp_path, capsys):
+    """N = 2,000: the Gram eigendecomposition needs 2 (18,000)^2 x 8 B plus Jacobian chunks; with 4 GiB of RAM the
+    study stops with that estimate before reading data (the data folder does not exist) or creating --out."""
+    need = GramPreconditioner.bytes_needed(18000, 9, 51033)
+    assert 2 * 18000 ** 2 * 8 < need < 2 * 18000 ** 2 * 8 + 2 ** 30
+    monkeypatch.setattr(full_resolution, "physical_memory", lambda: 4 * 2 ** 30)
+    code = main(["--n", "2000", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert code == 2 and f"needs about {need / 2 ** 30:.1f} GiB" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
