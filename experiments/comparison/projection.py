@@ -49,6 +49,24 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _eigh_descending(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending) and eigenvectors of the symmetric gram (n, n), which is overwritten. eigh of -K lists
+    K's eigenpairs in descending order, so no flipped copy of the eigenvectors is made. On CPU through LAPACK's
+    MRRR driver (scipy `evr`, O(n) workspace): peak K + eigenvectors = 2 n^2 numbers, where torch's divide and
+    conquer (`evd`) adds a 2 n^2 workspace (measured 10.5 GB at n = 18,000)."""
+    gram = gram.neg_()
+    if gram.device.type == "cpu":
+        import scipy.linalg
+        # gram.T is the same symmetric matrix in Fortran order, so LAPACK works in it without a copy
+        values, vectors = scipy.linalg.eigh(gram.numpy().T, driver="evr", overwrite_a=True, check_finite=False)
+        del gram
+        values, vectors = torch.from_numpy(values), torch.from_numpy(vectors)
+    else:
+        values, vectors = torch.linalg.eigh(gram)
+        del gram
+    return values.neg_(), vectors
+
+
 @dataclass(frozen=True)
 class GramPreconditioner:
     """Eigendecomposition Jt0 Jt0^T = V diag(values) V^T (N m, N m) at a reference point of Gamma: preconditions the
@@ -85,10 +103,7 @@ class GramPreconditioner:
                              f"and Jacobian chunks) > the memory limit {limit / 2 ** 30:.1f} GiB")
         block = min(n, chunk_size + (limit - need) // 2 // (item * m * obj.dim))
         gram = gram_matrix(obj, theta, chunk_size=chunk_size, block_samples=block, reduce=metric.reduce_chunk)
-        # eigh of -K lists K's eigenpairs in descending order: no flipped copy of the (N m)^2 eigenvectors
-        values, vectors = torch.linalg.eigh(gram.neg_())
-        del gram
-        values = values.neg_()
+        values, vectors = _eigh_descending(gram)
         return cls(values=values.clamp_min(values[0].abs() * 1e-13 + 1e-300), vectors=vectors)
 
     def truncated(self, rank_tol: float = 1e-12) -> "GramPreconditioner":
