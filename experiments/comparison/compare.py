@@ -52,7 +52,7 @@ from experiments.comparison.summary import summarize, write_summary
 from experiments.models import build_small_cnn, build_small_mlp
 from sde.rules import QSR, SGD, LocalSGD
 
-__all__ = ["Row", "compare", "parse_rule", "predict_row", "MODELS", "main"]
+__all__ = ["Row", "compare", "parse_rule", "predict_row", "prepare_out", "MODELS", "main"]
 
 Progress = Callable[[str], None] | None
 NAN = float("nan")
@@ -311,7 +311,7 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
 
 
 # ---------------------------------------------------------------------- command line
-def _prepare_out(out: Path, overwrite: bool) -> Path | None:
+def prepare_out(out: Path, overwrite: bool) -> Path | None:
     """Refuse an existing non-empty --out unless `overwrite`, which moves it aside (returns where to)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a folder")
@@ -412,7 +412,7 @@ def _main(argv: list[str] | None) -> int:
             rule.local_steps(eta)               # bad eta or rule settings: an error now
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        _prepare_out(out, False)                # the refusal, before the data and the model
+        prepare_out(out, False)                # the refusal, before the data and the model
     model = _model_from_args(args)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     x, y = cifar_subset(resolve_cifar10_dir(args.data_dir, search=True), args.n, image_size=args.image_size)
@@ -420,7 +420,7 @@ def _main(argv: list[str] | None) -> int:
         y = simplex_targets(y, 10)
     record = provenance({k: v for k, v in vars(args).items() if k not in ("debug", "quiet", "overwrite")})
     say = None if args.quiet else (lambda line: print(line, flush=True))
-    moved = _prepare_out(out, args.overwrite)
+    moved = prepare_out(out, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if moved is not None and say:
         say(f"moved the previous contents of {out} aside to {moved}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from experiments.cli import ArgumentParser, run_main
-from experiments.comparison.compare import MODELS, Row, _prepare_out, compare
+from experiments.comparison.compare import MODELS, Row, prepare_out, compare
 from experiments.comparison.noise import GaussianLabelNoise, simplex_targets
 from experiments.comparison.point import Point, build_point
 from experiments.comparison.projection import GramPreconditioner, physical_memory
@@ -99,7 +99,7 @@ def _main(argv: list[str] | None) -> int:
     record = provenance({k: v for k, v in vars(args).items() if k not in ("debug", "quiet", "overwrite")})
     images, labels = cifar_subset(resolve_cifar10_dir(args.data_dir, search=True), args.n, image_size=32)
     resumable = out.is_dir() and {p.name for p in out.iterdir()} <= {"zeta.pt", "plan.json"}   # keep a built point
-    moved = None if resumable else _prepare_out(out, args.overwrite)
+    moved = None if resumable else prepare_out(out, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if moved is not None and say:
         say(f"moved the previous contents of {out} aside to {moved}")
