@@ -48,11 +48,11 @@ from experiments.comparison.continuation import ContinuationConfig, RegimeWarnin
 from experiments.comparison.noise import LabelNoise, parse_noise, simplex_targets
 from experiments.comparison.point import Point, build_point
 from experiments.comparison.reading_mf import with_eigendecomposition
-from experiments.comparison.summary import summarize, write_summary
+from experiments.comparison.summary import summarize, summary_lines, write_summary
 from experiments.models import build_small_cnn, build_small_mlp
 from sde.rules import QSR, SGD, LocalSGD
 
-__all__ = ["Row", "compare", "parse_rule", "predict_row", "prepare_out", "MODELS", "main"]
+__all__ = ["Row", "compare", "parse_rule", "predict_row", "prepare_out", "rows_writer", "MODELS", "main"]
 
 Progress = Callable[[str], None] | None
 NAN = float("nan")
@@ -328,6 +328,20 @@ def prepare_out(out: Path, overwrite: bool) -> Path | None:
     return moved
 
 
+def rows_writer(path: Path, record: dict) -> Callable[[Row], None]:
+    """compare's `on_row` for a command line: every row so far, with the run's provenance (`metrics.provenance`
+    record), rewritten atomically to `path` as JSON lines after each row."""
+    from experiments.metrics import atomic_write_bytes, finite_or_none
+    lines: list[str] = []
+
+    def write(row: Row) -> None:
+        lines.append(json.dumps(finite_or_none({**dataclasses.asdict(row), "config": record["config"],
+                                                "git_revision": record["git_revision"], "date": record["written"],
+                                                "torch": record["torch"]}), sort_keys=True))
+        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return write
+
+
 def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n\n")[0])
     add = p.add_argument
@@ -394,7 +408,7 @@ def _model_from_args(args):
 
 def _main(argv: list[str] | None) -> int:
     from experiments.data import cifar_subset, resolve_cifar10_dir
-    from experiments.metrics import atomic_write_bytes, finite_or_none, provenance
+    from experiments.metrics import provenance
     args = _parser().parse_args(argv)
     noise = parse_noise(args.noise)
     rules = [parse_rule(r, batch=args.batch, local_batch=args.local_batch) for r in args.rules]
@@ -424,14 +438,7 @@ def _main(argv: list[str] | None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if moved is not None and say:
         say(f"moved the previous contents of {out} aside to {moved}")
-    lines: list[str] = []
-
-    def write(row: Row) -> None:
-        lines.append(json.dumps(finite_or_none({**dataclasses.asdict(row), "config": record["config"],
-                                                "git_revision": record["git_revision"], "date": record["written"],
-                                                "torch": record["torch"]}), sort_keys=True))
-        atomic_write_bytes(out / "rows.jsonl", ("\n".join(lines) + "\n").encode())
-
+    write = rows_writer(out / "rows.jsonl", record)
     rows = compare(model, x, y, noise=noise, rules=rules, etas=args.eta, seeds=args.seeds, seed=args.seed,
                    slow_time=args.slow_time, checkpoints=args.checkpoints, path_dt=args.path_dt,
                    train_steps=args.train_steps, lr=args.lr, method="cg" if args.matrix_free else "dense",
@@ -447,9 +454,7 @@ def _main(argv: list[str] | None) -> int:
     if not args.predict_only:
         summary = summarize(rows, n=args.n, image_size=args.image_size, dim=rows[0].dim)
         write_summary(out / "summary.json", summary, provenance=record)
-        for r in summary["rules"]:
-            print(f"{r['rule']:42s} measured / predicted at eta -> 0: {r['ratio_eta0']:.4f} +- "
-                  f"{r['ratio_eta0_se']:.2g} ({r['fit']})")
+        print("\n".join(summary_lines(summary)))
         print(f"wrote {out / 'summary.json'}")
     return 0
 

@@ -15,7 +15,6 @@ eta_lambda / lambda_max. Every (rule, eta) is measured by `compare` matrix-free;
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -24,12 +23,12 @@ from pathlib import Path
 import torch
 
 from experiments.cli import ArgumentParser, run_main
-from experiments.comparison.compare import MODELS, Row, prepare_out, compare
+from experiments.comparison.compare import MODELS, compare, prepare_out, rows_writer
 from experiments.comparison.noise import GaussianLabelNoise, simplex_targets
 from experiments.comparison.point import Point, build_point
 from experiments.comparison.projection import GramPreconditioner, physical_memory
 from experiments.comparison.reading_mf import with_eigendecomposition
-from experiments.comparison.summary import summarize, write_summary
+from experiments.comparison.summary import summarize, summary_lines, write_summary
 from sde.analysis import spectrum_beta
 from sde.rules import QSR, SGD, LocalSGD
 
@@ -82,7 +81,7 @@ def _parser() -> ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     from experiments.data import cifar_subset, resolve_cifar10_dir
-    from experiments.metrics import atomic_write_bytes, finite_or_none, provenance
+    from experiments.metrics import atomic_write_bytes, provenance
     args = _parser().parse_args(argv)
     noise = GaussianLabelNoise(args.sigma)
     for name in ("n", "seeds", "checkpoints", "batch"):
@@ -90,10 +89,7 @@ def _main(argv: list[str] | None) -> int:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     rows = args.n * (CLASSES - 1)
     dim = sum(p.numel() for p in MODELS[MODEL](image_size=32, classes=CLASSES - 1).parameters())
-    need, have = GramPreconditioner.bytes_needed(rows, CLASSES - 1, dim), physical_memory()
-    if need > have:
-        raise ValueError(f"N = {args.n} needs about {need / 2 ** 30:.1f} GiB for the Gram eigendecomposition at zeta "
-                         f"(2 (N m)^2 float64 numbers, N m = {rows}) > this machine's {have / 2 ** 30:.1f} GiB")
+    GramPreconditioner.check_memory(rows, CLASSES - 1, dim, limit=physical_memory())   # before any work
     out = Path(args.out)
     say = None if args.quiet else (lambda line: print(line, flush=True))
     record = provenance({k: v for k, v in vars(args).items() if k not in ("debug", "quiet", "overwrite")})
@@ -117,24 +113,12 @@ def _main(argv: list[str] | None) -> int:
     if say:
         say(f"plan: lambda_max = {chosen['lambda_max']:.4g}, tr H = {chosen['trace']:.6g}, beta = {chosen['beta']:.4g}, "
             f"alpha = {chosen['alpha']:.4g}, etas = {', '.join(f'{e:.3g}' for e in chosen['etas'])}")
-    lines: list[str] = []
-
-    def write(row: Row) -> None:
-        lines.append(json.dumps(finite_or_none({**dataclasses.asdict(row), "config": record["config"],
-                                                "git_revision": record["git_revision"], "date": record["written"]}),
-                                sort_keys=True))
-        atomic_write_bytes(out / "rows.jsonl", ("\n".join(lines) + "\n").encode())
-
     measured = compare(None, point=point, noise=noise, rules=chosen["rules"], etas=chosen["etas"], seeds=args.seeds,
                        seed=args.seed, slow_time=args.slow_time, checkpoints=args.checkpoints, method="cg",
-                       progress=say, on_row=write)
+                       progress=say, on_row=rows_writer(out / "rows.jsonl", record))
     summary = summarize(measured, n=args.n, image_size=32, dim=point.objective.dim)
     write_summary(out / "summary.json", summary, provenance=record)
-    for r in summary["rules"]:
-        print(f"{r['rule']:46s} measured / predicted at eta -> 0: {r['ratio_eta0']:.4f} +- {r['ratio_eta0_se']:.2g} "
-              f"({r['fit']})")
-    for rule, r in summary["local_over_sgd_eta0"].items():
-        print(f"{rule:46s} (Local / SGD) measured / predicted: {r['value']:.4f} +- {r['se']:.2g}")
+    print("\n".join(summary_lines(summary)))
     print(f"wrote {out / 'rows.jsonl'} and {out / 'summary.json'}")
     return 0
 

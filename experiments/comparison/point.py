@@ -160,8 +160,8 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: in
                 tol: float = 1e-10, seed: int = 0, method: str = "dense", progress: Callable[[str], None] | None = None,
                 cache: str | Path | None = None, fit_dtype: torch.dtype | None = None, **projection) -> Point:
     """Train `model` (a module, or a factory called with image_size, torch seeded by `seed`) toward Gamma by
-    full-batch Adam (`train_steps`, 0 for none; in `fit_dtype` if given, e.g. torch.float32), project onto Gamma (distance <= tol; `projection` kwargs go to
-    `project`, e.g. cg_rtol) and build the point there (`point_at`). Images (N, 3, s, s) and the model in
+    full-batch Adam (`train_steps`, 0 for none; in `fit_dtype` if given, e.g. torch.float32), project onto Gamma
+    (distance <= tol; `projection` kwargs go to `project`, e.g. cg_rtol) and build the point there (`point_at`). Images (N, 3, s, s) and the model in
     float64; labels integer (N,) or float (N, C) (`LabelNoise.targets`). noise: a model or "gaussian:0.1".
     cache: a file keeping zeta between runs, keyed by the setup (noise, options, data and start sizes; atomic)."""
     noise = parse_noise(noise) if isinstance(noise, str) else noise

@@ -53,18 +53,15 @@ def _eigh_descending(gram: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (descending) and eigenvectors of the symmetric gram (n, n), which is overwritten. eigh of -K lists
     K's eigenpairs in descending order, so no flipped copy of the eigenvectors is made. On CPU through LAPACK's
     MRRR driver (scipy `evr`, O(n) workspace): peak K + eigenvectors = 2 n^2 numbers, where torch's divide and
-    conquer (`evd`) adds a 2 n^2 workspace (measured 10.5 GB at n = 18,000)."""
+    conquer (`evd`) adds a 2 n^2 workspace (the 2,000-image bench peaked at 15.2 GB with it, n = 18,000)."""
     gram = gram.neg_()
-    if gram.device.type == "cpu":
-        import scipy.linalg
-        # gram.T is the same symmetric matrix in Fortran order, so LAPACK works in it without a copy
-        values, vectors = scipy.linalg.eigh(gram.numpy().T, driver="evr", overwrite_a=True, check_finite=False)
-        del gram
-        values, vectors = torch.from_numpy(values), torch.from_numpy(vectors)
-    else:
+    if gram.device.type != "cpu":
         values, vectors = torch.linalg.eigh(gram)
-        del gram
-    return values.neg_(), vectors
+        return values.neg_(), vectors
+    import scipy.linalg
+    # gram.T is the same symmetric matrix in Fortran order, so LAPACK works in it without a copy
+    values, vectors = scipy.linalg.eigh(gram.numpy().T, driver="evr", overwrite_a=True, check_finite=False)
+    return torch.from_numpy(values).neg_(), torch.from_numpy(vectors)
 
 
 @dataclass(frozen=True)
@@ -77,11 +74,18 @@ class GramPreconditioner:
     rank: int | None = None   # solve on the top `rank` eigenvectors only (`truncated`); None: all
 
     @staticmethod
-    def bytes_needed(rows: int, outputs: int, dim: int, *, chunk_size: int = 64, itemsize: int = 8) -> int:
+    def check_memory(rows: int, outputs: int, dim: int, *, limit: int | None = None, chunk_size: int = 64,
+                     itemsize: int = 8) -> int:
         """The least memory `at` needs for rows = N m equations of m outputs each and D = dim: the Gram matrix and
-        its eigenvectors (2 rows^2 numbers, eigh's measured peak) and Jacobian chunks. Callers can check it against
-        `physical_memory()` before any long work (as `at` does)."""
-        return gram_matrix_bytes(rows // outputs, outputs, dim, chunk_size, chunk_size, itemsize) + itemsize * rows ** 2
+        its eigenvectors (2 rows^2 numbers, the in-place eigensolver's peak) and Jacobian chunks; ValueError naming
+        the estimate if it exceeds `limit` bytes (default the machine's RAM). Call it before any long work."""
+        limit = physical_memory() if limit is None else limit
+        need = gram_matrix_bytes(rows // outputs, outputs, dim, chunk_size, chunk_size, itemsize) + itemsize * rows ** 2
+        if need > limit:
+            raise ValueError(f"the Gram eigendecomposition at N m = {rows} equations, D = {dim} needs about "
+                             f"{need / 2 ** 30:.1f} GiB (Gram matrix and its eigenvectors, 2 (N m)^2 x {itemsize} B, "
+                             f"and Jacobian chunks) > the memory limit {limit / 2 ** 30:.1f} GiB")
+        return need
 
     @classmethod
     def at(cls, obj: Objective, noise, theta: Tensor, *, chunk_size: int = 64,
@@ -96,11 +100,7 @@ class GramPreconditioner:
         n, rows = len(targets), noise.equations(*targets.shape)
         m, item = rows // n, theta.element_size()
         limit = physical_memory() if memory_limit is None else memory_limit
-        need = cls.bytes_needed(rows, m, obj.dim, chunk_size=chunk_size, itemsize=item)
-        if need > limit:
-            raise ValueError(f"the Gram eigendecomposition at N m = {rows} ({noise}), D = {obj.dim} needs about "
-                             f"{need / 2 ** 30:.1f} GiB (Gram matrix and its eigenvectors, 2 (N m)^2 x {item} B, "
-                             f"and Jacobian chunks) > the memory limit {limit / 2 ** 30:.1f} GiB")
+        need = cls.check_memory(rows, m, obj.dim, limit=limit, chunk_size=chunk_size, itemsize=item)
         block = min(n, chunk_size + (limit - need) // 2 // (item * m * obj.dim))
         gram = gram_matrix(obj, theta, chunk_size=chunk_size, block_samples=block, reduce=metric.reduce_chunk)
         values, vectors = _eigh_descending(gram)

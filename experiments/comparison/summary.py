@@ -21,7 +21,7 @@ from scipy.stats import chi2 as chi2_law
 
 from sde.analysis import extrapolate_to_zero
 
-__all__ = ["ZeroEtaFit", "fit_to_zero_eta", "summarize", "write_summary", "ACCEPT_P"]
+__all__ = ["ZeroEtaFit", "fit_to_zero_eta", "summarize", "summary_lines", "write_summary", "ACCEPT_P"]
 
 ACCEPT_P = 0.05      # a weighted line is accepted when P(chi^2 >= its chi^2) >= ACCEPT_P
 
@@ -111,6 +111,14 @@ def summarize(rows, *, n: int, image_size: int, dim: int, accept_p: float = ACCE
                                              sgd["ratio_eta0_se"] / sgd["ratio_eta0"])
                 local_over_sgd[r["rule"]] = dict(value=value, se=se, sgd=sgd["rule"])
     return dict(rules=rules, local_over_sgd_eta0=local_over_sgd)
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The summary as printed by the command lines: one line per rule, one per Local / SGD ratio."""
+    lines = [f"{r['rule']:46s} measured / predicted at eta -> 0: {r['ratio_eta0']:.4f} +- {r['ratio_eta0_se']:.2g} "
+             f"({r['fit']})" for r in summary["rules"]]
+    return lines + [f"{rule:46s} (Local / SGD) measured / predicted: {r['value']:.4f} +- {r['se']:.2g}"
+                    for rule, r in summary["local_over_sgd_eta0"].items()]
 
 
 def write_summary(path: str | Path, summary: dict, *, provenance: dict | None = None) -> None:

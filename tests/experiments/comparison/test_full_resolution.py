@@ -51,7 +51,7 @@ def test_full_resolution_study_plans_from_the_point_and_writes_rows_and_summary(
 def test_a_study_that_cannot_fit_in_memory_is_refused_before_any_work(monkeypatch, tmp_path, capsys):
     """N = 2,000: the Gram eigendecomposition needs 2 (18,000)^2 x 8 B plus Jacobian chunks; with 4 GiB of RAM the
     study stops with that estimate before reading data (the data folder does not exist) or creating --out."""
-    need = GramPreconditioner.bytes_needed(18000, 9, 51033)
+    need = GramPreconditioner.check_memory(18000, 9, 51033, limit=2 ** 60)
     assert 2 * 18000 ** 2 * 8 < need < 2 * 18000 ** 2 * 8 + 2 ** 30
     monkeypatch.setattr(full_resolution, "physical_memory", lambda: 4 * 2 ** 30)
     code = main(["--n", "2000", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
