@@ -51,7 +51,8 @@ def one(n: int) -> dict:
     start = time.perf_counter()
     point = build_point(lambda *, image_size: MODELS["cnn-wide"](image_size=image_size, classes=9), images,
                         simplex_targets(labels, 10), noise=GaussianLabelNoise(SIGMA), method="cg", tol=1e-10,
-                        fit_dtype=torch.float32, cache=ROOT / "runs" / "bench_points" / f"cnn-wide-{n}.pt",
+                        fit_dtype=torch.float32, exact_preconditioner=True,
+                        cache=ROOT / "runs" / "bench_points" / f"cnn-wide-{n}.pt",
                         progress=lines.append, generator=torch.Generator().manual_seed(0))
     point_seconds = time.perf_counter() - start
     start = time.perf_counter()

@@ -244,7 +244,7 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
     model: an `nn.Module` or a function returning one (ignored when `point`, a `build_point` result, is
     given). rules: `sde` rules or strings (`parse_rule`, with `batch` / `local_batch`). `seeds` runs stacked,
     drawn from torch.Generator().manual_seed(seed). method="cg": the point by CG projections (Nystrom rank
-    `nystrom_rank`) and the predictions matrix-free (one `_projector(point, cg_rtol=, curvature_floor=)`;
+    `nystrom_rank` on the way to Gamma) and the predictions matrix-free (one `_projector(point, cg_rtol=, curvature_floor=)`;
     `mf_options`, e.g. num_probes, go to `predict_rates_matrix_free`); its runs are read at Phi matrix-free
     (`reading_mf`, on one exact Gram eigendecomposition at zeta built here: it also preconditions the
     predictions' tangent projections). Every input
@@ -275,7 +275,8 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
             raise ValueError("give images and labels, or a prebuilt point")
         point = build_point(model, images, labels, noise=noise, train_steps=train_steps, lr=lr, seed=seed,
                             method=method, progress=progress, cache=cache, fit_dtype=fit_dtype,
-                            **({"preconditioner_rank": nystrom_rank} if method == "cg" else {}))
+                            **({"preconditioner_rank": nystrom_rank, "exact_preconditioner": measure}
+                               if method == "cg" else {}))
     elif str(point.noise) != str(noise):
         raise ValueError(f"the point was built for {point.noise}, not {noise}")
     elif point.geometry is None and method == "dense":

@@ -103,7 +103,7 @@ def _main(argv: list[str] | None) -> int:
     start = time.perf_counter()
     point = build_point(lambda *, image_size: MODELS[MODEL](image_size=image_size, classes=CLASSES - 1), images,
                         simplex_targets(labels, CLASSES), noise=noise, method="cg", seed=args.seed,
-                        fit_dtype=torch.float32, cache=out / "zeta.pt", progress=say,
+                        fit_dtype=torch.float32, exact_preconditioner=True, cache=out / "zeta.pt", progress=say,
                         generator=torch.Generator().manual_seed(args.seed))
     point = with_eigendecomposition(point)
     chosen = plan(point, eta_lambdas=args.eta_lambda, batch=args.batch)

@@ -7,7 +7,7 @@ from torch import nn
 
 from experiments.comparison.noise import FlippedLabels, GaussianLabelNoise
 from experiments.comparison.point import build_point, check_model, fit, objective, point_at
-from experiments.comparison.projection import GramPreconditionerMF, project, sharpness_at
+from experiments.comparison.projection import GramPreconditioner, GramPreconditionerMF, project, sharpness_at
 from experiments.data import cifar_subset
 from tests.experiments.comparison.test_projection import GAUSS, tiny_mlp
 
@@ -93,6 +93,9 @@ def test_matrix_free_point_equals_the_dense_one(data):
     flip = build_point(tiny_mlp(), x, y, noise=FlippedLabels(0.1), train_steps=300, method="cg", cg_rtol=1e-6,
                        preconditioner_rank=40)
     assert flip.residual <= 1e-10 and flip.preconditioner.vectors.shape[0] == 90     # N (C - 1) rows
+    exact = point_at(mf.objective, GAUSS, mf.zeta, method="cg", exact_preconditioner=True)
+    assert isinstance(exact.preconditioner, GramPreconditioner)     # the eigendecomposition, no Nystrom sketch
+    torch.testing.assert_close(exact.preconditioner.values, dense.preconditioner.values, rtol=1e-9, atol=0)
     with pytest.raises(ValueError, match="method"):
         point_at(dense.objective, GAUSS, dense.zeta, method="lanczos")
     assert objective(tiny_mlp(), x, dense.targets.float(), GAUSS).data[0][1].dtype == torch.float64
