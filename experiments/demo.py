@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     record_provenance(out, "experiments.demo", [p.name for p in figures] + [RESULTS_NAME],
                       command=results["command"], quick=args.quick)
     say(f"wrote {out / RESULTS_NAME} and {len(figures)} figure files; wall time {results['wall_seconds']:.0f} s")
+    from experiments.comparison.full_resolution import result_lines
+    say("\n".join(["the large result (committed, not re-run here):", *result_lines()]))
     return 0
 
 

@@ -32,9 +32,11 @@ from experiments.comparison.summary import summarize, summary_lines, write_summa
 from sde.analysis import spectrum_beta
 from sde.rules import QSR, SGD, LocalSGD
 
-__all__ = ["plan", "main", "MODEL", "CLASSES"]
+__all__ = ["plan", "main", "MODEL", "CLASSES", "RESULT_DIR", "result_lines"]
 
 MODEL, CLASSES = "cnn-wide", 10
+# the committed study (plan.json, rows.jsonl, summary.json with provenance) that RESULTS.md 2d quotes
+RESULT_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "full_resolution_n500"
 
 
 def plan(point: Point, *, eta_lambdas=(0.05, 0.1, 0.2), workers=(4, 8), batch: int = 8, qsr_workers: int = 4,
@@ -58,6 +60,19 @@ def plan(point: Point, *, eta_lambdas=(0.05, 0.1, 0.2), workers=(4, 8), batch: i
                                                                                alpha=alpha)]
     return dict(rules=rules, etas=etas, beta=beta, alpha=alpha, lambda_max=lambda_max,
                 trace=float(lam.sum()), rank=int(eigen.rank))
+
+
+def result_lines(folder: Path = RESULT_DIR) -> list[str]:
+    """Where the committed full-resolution result lives (relative to the repository) and its summary, as
+    printed by `make demo`; one line saying it is missing if the folder has no summary.json."""
+    where = folder.relative_to(RESULT_DIR.parents[2]) if folder.is_relative_to(RESULT_DIR.parents[2]) else folder
+    if not (folder / "summary.json").is_file():
+        return [f"the full-resolution result is not in {where} (run python -m experiments.comparison.full_resolution)"]
+    summary = json.loads((folder / "summary.json").read_text())
+    first = summary["rules"][0]
+    return [f"full resolution (RESULTS.md 2d): N = {first['n']} CIFAR-10 images at {first['image_size']}x"
+            f"{first['image_size']}, D = {first['D']:,}, {first['noise']}; rows and summary in {where}",
+            *summary_lines(summary)]
 
 
 def _parser() -> ArgumentParser:

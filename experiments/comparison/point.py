@@ -47,11 +47,18 @@ class Point:
 
     @property
     def trace(self) -> float:
-        return float(self.geometry.trace) if self.geometry is not None else math.nan
+        """tr H at zeta: from the geometry, or from the exact Gram eigenvalues / N; NaN with a Nystrom sketch."""
+        if self.geometry is not None:
+            return float(self.geometry.trace)
+        exact = isinstance(self.preconditioner, GramPreconditioner)
+        return float(self.preconditioner.values.sum()) / len(self.targets) if exact else math.nan
 
     @property
     def lambda_max(self) -> float:
-        return float(self.geometry.lambda_max) if self.geometry is not None else math.nan
+        if self.geometry is not None:
+            return float(self.geometry.lambda_max)
+        exact = isinstance(self.preconditioner, GramPreconditioner)
+        return float(self.preconditioner.values[0]) / len(self.targets) if exact else math.nan
 
     @property
     def reference(self) -> Tensor:

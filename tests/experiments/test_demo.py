@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from experiments import demo
+from experiments.comparison.full_resolution import result_lines
 
 RULES = ("SGD", "Local", "QSR")
 
@@ -46,9 +47,10 @@ def test_results_carry_predicted_and_measured_rates_for_every_rule(with_data):
         assert len(r["per_seed"]) == demo.QUICK_CIFAR.seeds and r["seeds"] == demo.QUICK_CIFAR.seeds
         assert r["measured"] == pytest.approx(np.mean(r["per_seed"]), rel=1e-12)
         assert r["max_projection_residual"] <= 1e-10 and r["warnings"] == []
-    # every row of the printed table is there
+    # every row of the printed table is there, and where the committed full-resolution result lives
     for name in RULES:
         assert any(line.startswith(name) for line in printed.splitlines())
+    assert "\n".join(result_lines()) in printed and "benchmarks/results/full_resolution_n500" in printed
 
 
 def test_toy_sgd_rate_extrapolates_to_the_slow_sde(with_data):

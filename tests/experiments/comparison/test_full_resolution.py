@@ -13,6 +13,7 @@ from experiments.comparison.point import objective
 from experiments.comparison.noise import GaussianLabelNoise, simplex_targets
 from experiments.comparison.compare import MODELS
 from experiments.comparison.projection import GramPreconditioner
+from experiments.comparison.summary import summary_lines
 from experiments.data import cifar_subset
 
 
@@ -45,6 +46,9 @@ def test_full_resolution_study_plans_from_the_point_and_writes_rows_and_summary(
         assert got["ratio_eta0"] == pytest.approx(row["measured"] / row["predicted"], rel=1e-12)
     assert set(summary["local_over_sgd_eta0"]) == set(plan["rules"][1:])
     assert "measured / predicted at eta -> 0" in capsys.readouterr().out
+    assert full_resolution.result_lines(out)[1:] == summary_lines(summary)       # what `make demo` prints
+    assert "N = 20 CIFAR-10 images at 32x32, D = 51,033" in full_resolution.result_lines(out)[0]
+    assert "is not in" in full_resolution.result_lines(tmp_path / "nothing")[0]
     assert main(args) == 2 and "is not empty" in capsys.readouterr().err     # the results are never overwritten
 
 

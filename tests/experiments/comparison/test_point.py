@@ -1,6 +1,8 @@
 """experiments.comparison.point: bad input refused before any work, and points of Gamma built for both noise models
 (dense and matrix-free). Settings of test_projection; references: the noise model's distance, `sharpness_at`,
 the dense projection."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -96,6 +98,9 @@ def test_matrix_free_point_equals_the_dense_one(data):
     exact = point_at(mf.objective, GAUSS, mf.zeta, method="cg", exact_preconditioner=True)
     assert isinstance(exact.preconditioner, GramPreconditioner)     # the eigendecomposition, no Nystrom sketch
     torch.testing.assert_close(exact.preconditioner.values, dense.preconditioner.values, rtol=1e-9, atol=0)
+    assert exact.trace == pytest.approx(dense.trace, rel=1e-9) and exact.lambda_max == pytest.approx(dense.lambda_max,
+                                                                                                     rel=1e-9)
+    assert math.isnan(mf.trace) and math.isnan(mf.lambda_max)     # a Nystrom sketch does not know them
     with pytest.raises(ValueError, match="method"):
         point_at(dense.objective, GAUSS, dense.zeta, method="lanczos")
     assert objective(tiny_mlp(), x, dense.targets.float(), GAUSS).data[0][1].dtype == torch.float64
