@@ -130,16 +130,26 @@ def integrate_drift_path(zeta: Tensor, evaluate: Callable[[Tensor], NodeRates],
 def predicted_path(point: Point, rule, *, t1: float, dt: float = 0.016, eta: float | None = None,
                    tol: float = 1e-12) -> PredictedPath:
     """The path of `rule` from point.zeta under the point's noise (drift -(c/4B) P d3L[w(H)], `sde.label_noise`;
-    `eta` as in `drift_weights`), stages projected by `project` (distance <= tol, preconditioned at zeta)."""
+    `eta` as in `drift_weights`), stages projected by `project` (distance <= tol, preconditioned at zeta).
+
+    At a matrix-free point (no geometry) the projections are CG ones, and a rule whose drift vector is exact
+    matrix-free (no psi term: SGD, QSR's eta -> 0 limit) gets its rates and drift from `predict_rates_matrix_free`
+    (tangent projector preconditioned by the point's preconditioner): no (N m, D) Jacobian. A rule with a psi term
+    (Local SGD, QSR at finite eta) has only a stochastic trace there, no drift vector, so its nodes are evaluated
+    on the dense Jacobian (8 N m D bytes per node)."""
     check_rule(rule)
     obj, noise, c = point.objective, point.noise, point.noise.noise_scale
     metric = noise.metric(point.targets)
+    method = "dense" if point.geometry is not None else "cg"
 
-    def geometry(z: Tensor):
+    def on_gamma(z: Tensor) -> float:
         distance = noise.distance(*outputs_and_targets(obj, z))
         if not distance <= 1e-8:
             raise ValueError(f"a path node left Gamma ({noise}: distance {distance:.2e} > 1e-8)")
-        return gauss_newton_geometry(obj, z, metric=metric, residual=distance)
+        return distance
+
+    def geometry(z: Tensor):
+        return gauss_newton_geometry(obj, z, metric=metric, residual=on_gamma(z))
 
     def evaluate(z: Tensor) -> NodeRates:
         geo = geometry(z)
@@ -147,6 +157,30 @@ def predicted_path(point: Point, rule, *, t1: float, dt: float = 0.016, eta: flo
         return NodeRates(trace=rates.trace, lambda_max=rates.lambda_max, trace_rate=rates.trace_rate,
                          lambda_max_rate=rates.lambda_max_rate, drift=rates.drift, residual=geo.residual)
 
-    return integrate_drift_path(
-        point.zeta, evaluate, lambda z: project(obj, noise, z, tol=tol, preconditioner=point.preconditioner)[0],
-        t1=t1, dt=dt, drift=lambda z: label_noise_drift(obj, geometry(z), rule, noise_scale=c, eta=eta), rule=rule)
+    def to_gamma(z: Tensor) -> Tensor:
+        return project(obj, noise, z, tol=tol, method=method, preconditioner=point.preconditioner,
+                       **({"cg_rtol": 1e-10, "refresh_after": None} if method == "cg" else {}))[0]
+
+    if method == "cg" and rule.drift_coefficients(eta)[2] is None:
+        return integrate_drift_path(point.zeta, _matrix_free_evaluate(point, rule, eta, on_gamma), to_gamma, t1=t1,
+                                    dt=dt, rule=rule)
+    return integrate_drift_path(point.zeta, evaluate, to_gamma, t1=t1, dt=dt, rule=rule,
+                                drift=lambda z: label_noise_drift(obj, geometry(z), rule, noise_scale=c, eta=eta))
+
+
+def _matrix_free_evaluate(point: Point, rule, eta: float | None, on_gamma: Callable[[Tensor], float]):
+    """evaluate(z) -> `NodeRates` at a matrix-free point for a rule without a psi term (`predicted_path`)."""
+    from sde.label_noise_mf import TangentProjector, predict_rates_matrix_free
+    obj, noise = point.objective, point.noise
+    metric = noise.metric(point.targets)
+
+    def evaluate(z: Tensor) -> NodeRates:
+        residual = on_gamma(z)
+        projector = TangentProjector(obj, z, point.preconditioner, metric=metric, rtol=1e-10)
+        (rates,) = predict_rates_matrix_free(obj, z, [rule], noise_scale=noise.noise_scale, metric=metric, eta=eta,
+                                             projector=projector, loss_on_gamma=noise.minimum_loss(point.targets),
+                                             generator=torch.Generator().manual_seed(0))
+        return NodeRates(trace=rates.trace, lambda_max=rates.lambda_max, trace_rate=rates.trace_rate,
+                         lambda_max_rate=rates.lambda_max_rate, drift=rates.drift, residual=residual)
+
+    return evaluate

@@ -91,6 +91,31 @@ def test_path_time_rescalings_are_exact(points):
         torch.testing.assert_close(other.lambda_max_rate / factor, base.lambda_max_rate, rtol=1e-8, atol=0)
 
 
+@pytest.mark.parametrize("name", ["gaussian", "flip"])
+def test_matrix_free_path_equals_the_dense_one(points, name):
+    """At a matrix-free point (exact Gram eigendecomposition, no geometry) the path takes the same Heun steps by CG
+    projections and, for SGD, matrix-free rates: nodes, rates and the fitted slope equal the dense path's. Local
+    SGD (a psi term: no drift vector matrix-free) is evaluated densely and projected by CG: the same path too."""
+    from experiments.comparison.point import point_at
+    dense = points[name]
+    mf = point_at(dense.objective, dense.noise, dense.zeta, method="cg", exact_preconditioner=True)
+    assert mf.geometry is None
+    rule = SGD(2)
+    start = predict_rates(dense.objective, dense.geometry, rule, noise_scale=dense.noise.noise_scale)
+    t1 = 0.05 * start.trace / abs(start.trace_rate)
+    want, got = (predicted_path(p, rule, t1=t1, dt=t1 / 2) for p in (dense, mf))
+    torch.testing.assert_close(got.times, want.times, rtol=0, atol=0)
+    for key in ("trace", "lambda_max", "trace_rate", "lambda_max_rate"):
+        torch.testing.assert_close(getattr(got, key), getattr(want, key), rtol=1e-9, atol=0)
+    torch.testing.assert_close(got.end, want.end, rtol=0, atol=1e-8 * float(want.end.norm()))
+    checkpoints = torch.linspace(0, t1, 3, dtype=torch.float64)
+    assert got.fitted_slope(checkpoints) == pytest.approx(want.fitted_slope(checkpoints), rel=1e-9)
+    assert abs(got.fitted_slope(checkpoints) / start.trace_rate - 1) > 0.03     # the path moved the rate (7-10%)
+    want, got = (predicted_path(p, LocalSGD(2, 1, 0.5), t1=t1, dt=t1 / 2) for p in (dense, mf))
+    torch.testing.assert_close(got.trace_rate, want.trace_rate, rtol=1e-9, atol=0)
+    torch.testing.assert_close(got.end, want.end, rtol=0, atol=1e-8 * float(want.end.norm()))
+
+
 def test_path_guards_and_the_generic_integrator(points):
     point = points["gaussian"]
     with pytest.raises(ValueError, match="t1 and dt"):
