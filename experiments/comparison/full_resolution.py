@@ -11,7 +11,9 @@ The rules come from the point (`plan`): SGD (batch B), Local SGD with K = 4 and 
 2 beta lambda = 1 at the trace-weighted median Hessian eigenvalue (`sde.analysis.spectrum_beta`: both sides of 1
 over the spectrum), and QSR (K = 4) whose beta = alpha^2 / eta equals that beta at the middle eta; the etas are
 eta_lambda / lambda_max. Every (rule, eta) is measured by `compare` matrix-free; OUT gets plan.json, rows.jsonl
-(after every row) and summary.json (`summary.summarize`), each with provenance, written atomically.
+(after every row) and summary.json (`summary.summarize`), each with provenance, written atomically. With
+--path-dt each row also gets the predicted path over its window (`path.predicted_path`); --paths-only adds the
+paths to the rows already in OUT without new runs (`add_paths`), rewriting rows.jsonl and summary.json.
 """
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from experiments.cli import ArgumentParser, run_main
 from experiments.comparison.compare import MODELS, compare, prepare_out, rows_writer
+from experiments.comparison.path import predicted_path
 from experiments.comparison.noise import GaussianLabelNoise, simplex_targets
 from experiments.comparison.point import Point, build_point
 from experiments.comparison.projection import GramPreconditioner, physical_memory
@@ -32,7 +36,7 @@ from experiments.comparison.summary import summarize, summary_lines, write_summa
 from sde.analysis import spectrum_beta
 from sde.rules import QSR, SGD, LocalSGD
 
-__all__ = ["plan", "main", "MODEL", "CLASSES", "RESULT_DIR", "result_lines"]
+__all__ = ["plan", "add_paths", "main", "MODEL", "CLASSES", "RESULT_DIR", "result_lines"]
 
 MODEL, CLASSES = "cnn-wide", 10
 # the committed study (plan.json, rows.jsonl, summary.json with provenance) that RESULTS.md 2d quotes
@@ -62,6 +66,31 @@ def plan(point: Point, *, eta_lambdas=(0.05, 0.1, 0.2), workers=(4, 8), batch: i
                 trace=float(lam.sum()), rank=int(eigen.rank))
 
 
+def add_paths(rows: list[dict], point: Point, rules, *, dt: float | None = None,
+              progress: Callable[[str], None] | None = None) -> list[dict]:
+    """rows (JSON dicts of one study, from `rows_writer`) with predicted_path and predicted_lambda_max_path filled:
+    one `predicted_path` per rule as run (rule.at_eta(eta)) from zeta over the longest window of its rows, read at
+    each row's checkpoints by the measurement's fit (`PredictedPath.fitted_slope`). rules: the study's rules
+    (`plan`), matched to the rows by repr; dt the Heun step (None: one step per window). Changes rows in place."""
+    by_repr = {repr(r): r for r in rules}
+    missing = sorted({row["rule"] for row in rows} - set(by_repr))
+    if missing:
+        raise ValueError(f"rows of rules the plan does not have: {missing} (another point, --eta-lambda or --batch?)")
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(by_repr[row["rule"]].at_eta(row["eta"]), []).append(row)
+    for run_rule, group in groups.items():
+        start, t1 = time.perf_counter(), max(row["times"][-1] for row in group)
+        path = predicted_path(point, run_rule, t1=t1, dt=dt or t1)
+        for row in group:
+            row.update(predicted_path=path.fitted_slope(row["times"]),
+                       predicted_lambda_max_path=path.fitted_slope(row["times"], "lambda_max"))
+        if progress:
+            progress(f"path of {run_rule!r} to t = {t1:.4g}: d tr H/dt {path.trace_rate[0]:.5g} at zeta, "
+                     f"{path.trace_rate[-1]:.5g} at the end ({time.perf_counter() - start:.0f} s)")
+    return rows
+
+
 def result_lines(folder: Path = RESULT_DIR) -> list[str]:
     """Where the committed full-resolution result lives (relative to the repository) and its summary, as
     printed by `make demo`; one line saying it is missing if the folder has no summary.json."""
@@ -88,6 +117,10 @@ def _parser() -> ArgumentParser:
     add("--seed", type=int, default=0)
     add("--data-dir", default=None, help="CIFAR-10 folder (default: CIFAR10_DIR, else a search)")
     add("--out", required=True)
+    add("--path-dt", type=float, default=None, help="also fit each row's predicted path (Heun step in slow time; "
+        "matrix-free for SGD, Jacobian nodes for rules with a psi term)")
+    add("--paths-only", action="store_true", help="add the predicted path to the rows already in --out, no runs "
+        "(one path per rule as run; --path-dt, default one Heun step per window); rewrites rows.jsonl and summary.json")
     add("--overwrite", action="store_true", help="move a non-empty --out aside first")
     add("--quiet", action="store_true")
     add("--debug", action="store_true")
@@ -96,7 +129,7 @@ def _parser() -> ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     from experiments.data import cifar_subset, resolve_cifar10_dir
-    from experiments.metrics import atomic_write_bytes, provenance
+    from experiments.metrics import atomic_write_bytes, finite_or_none, provenance
     args = _parser().parse_args(argv)
     noise = GaussianLabelNoise(args.sigma)
     for name in ("n", "seeds", "checkpoints", "batch"):
@@ -108,12 +141,23 @@ def _main(argv: list[str] | None) -> int:
     out = Path(args.out)
     say = None if args.quiet else (lambda line: print(line, flush=True))
     record = provenance({k: v for k, v in vars(args).items() if k not in ("debug", "quiet", "overwrite")})
+    if args.path_dt is not None and not args.path_dt > 0:
+        raise ValueError(f"--path-dt must be positive, got {args.path_dt}")
+    if args.paths_only:
+        rows_path = out / "rows.jsonl"
+        if not rows_path.is_file():
+            raise ValueError(f"--paths-only adds paths to a study's rows: no {rows_path}")
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+        made = {k: rows[0]["config"].get(k) for k in ("n", "sigma", "seed", "eta_lambda", "batch")}
+        if made != {k: getattr(args, k) for k in made}:
+            raise ValueError(f"the rows in {out} were made with {made}, not these options")
     images, labels = cifar_subset(resolve_cifar10_dir(args.data_dir, search=True), args.n, image_size=32)
-    resumable = out.is_dir() and {p.name for p in out.iterdir()} <= {"zeta.pt", "plan.json"}   # keep a built point
-    moved = None if resumable else prepare_out(out, args.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    if moved is not None and say:
-        say(f"moved the previous contents of {out} aside to {moved}")
+    if not args.paths_only:
+        resumable = out.is_dir() and {p.name for p in out.iterdir()} <= {"zeta.pt", "plan.json"}   # a built point
+        moved = None if resumable else prepare_out(out, args.overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        if moved is not None and say:
+            say(f"moved the previous contents of {out} aside to {moved}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     start = time.perf_counter()
     point = build_point(lambda *, image_size: MODELS[MODEL](image_size=image_size, classes=CLASSES - 1), images,
@@ -122,6 +166,13 @@ def _main(argv: list[str] | None) -> int:
                         generator=torch.Generator().manual_seed(args.seed))
     point = with_eigendecomposition(point)
     chosen = plan(point, eta_lambdas=args.eta_lambda, batch=args.batch)
+    if args.paths_only:
+        add_paths(rows, point, chosen["rules"], dt=args.path_dt, progress=say)
+        lines = [json.dumps(finite_or_none({**row, "path_added": {"date": record["written"], "path_dt": args.path_dt,
+                                                                   "git_revision": record["git_revision"]}}),
+                            sort_keys=True) for row in rows]
+        atomic_write_bytes(rows_path, ("\n".join(lines) + "\n").encode())
+        return _finish(out, rows, args.n, point.objective.dim, record)
     setup = {**{k: v for k, v in chosen.items() if k != "rules"}, "rules": [repr(r) for r in chosen["rules"]],
              "D": point.objective.dim, "point_seconds": time.perf_counter() - start}
     atomic_write_bytes(out / "plan.json", (json.dumps({**setup, "provenance": record}, indent=1) + "\n").encode())
@@ -130,8 +181,13 @@ def _main(argv: list[str] | None) -> int:
             f"alpha = {chosen['alpha']:.4g}, etas = {', '.join(f'{e:.3g}' for e in chosen['etas'])}")
     measured = compare(None, point=point, noise=noise, rules=chosen["rules"], etas=chosen["etas"], seeds=args.seeds,
                        seed=args.seed, slow_time=args.slow_time, checkpoints=args.checkpoints, method="cg",
-                       progress=say, on_row=rows_writer(out / "rows.jsonl", record))
-    summary = summarize(measured, n=args.n, image_size=32, dim=point.objective.dim)
+                       path_dt=args.path_dt, progress=say, on_row=rows_writer(out / "rows.jsonl", record))
+    return _finish(out, measured, args.n, point.objective.dim, record)
+
+
+def _finish(out: Path, rows, n: int, dim: int, record: dict) -> int:
+    """summary.json beside the rows, printed."""
+    summary = summarize(rows, n=n, image_size=32, dim=dim)
     write_summary(out / "summary.json", summary, provenance=record)
     print("\n".join(summary_lines(summary)))
     print(f"wrote {out / 'rows.jsonl'} and {out / 'summary.json'}")

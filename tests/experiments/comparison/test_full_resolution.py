@@ -9,12 +9,14 @@ import torch
 from dynamics.jacobian import output_jacobian
 from experiments.comparison import full_resolution
 from experiments.comparison.full_resolution import main
-from experiments.comparison.point import objective
+from experiments.comparison.path import predicted_path
+from experiments.comparison.point import objective, point_at
 from experiments.comparison.noise import GaussianLabelNoise, simplex_targets
 from experiments.comparison.compare import MODELS
 from experiments.comparison.projection import GramPreconditioner
 from experiments.comparison.summary import summary_lines
 from experiments.data import cifar_subset
+from sde.rules import SGD, LocalSGD
 
 
 def test_full_resolution_study_plans_from_the_point_and_writes_rows_and_summary(cifar10_dir, tmp_path, capsys):
@@ -50,6 +52,20 @@ def test_full_resolution_study_plans_from_the_point_and_writes_rows_and_summary(
     assert "N = 20 CIFAR-10 images at 32x32, D = 51,033" in full_resolution.result_lines(out)[0]
     assert "is not in" in full_resolution.result_lines(tmp_path / "nothing")[0]
     assert main(args) == 2 and "is not empty" in capsys.readouterr().err     # the results are never overwritten
+    # --paths-only: the predicted path of every row, no new runs; SGD's matrix-free, Local SGD's on Jacobian nodes
+    assert main(args + ["--paths-only"]) == 0
+    with_paths = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["measured"] for r in with_paths] == [r["measured"] for r in rows]              # nothing re-run
+    dense = point_at(obj, GaussianLabelNoise(0.1), zeta)
+    for row, rule in zip(with_paths[:2], (SGD(8), LocalSGD(4, 2, plan["beta"]))):
+        times = torch.tensor(row["times"], dtype=torch.float64)
+        want = predicted_path(dense, rule, t1=float(times[-1]), dt=float(times[-1])).fitted_slope(times)
+        assert row["predicted_path"] == pytest.approx(want, rel=1e-8) and row["predicted_path"] != row["predicted"]
+    for got, row in zip(summary["rules"], with_paths):
+        assert got["ratio_eta0"] == pytest.approx(row["measured"] / row["predicted_path"], rel=1e-12)
+    (out / "rows.jsonl").unlink()
+    assert main(args + ["--paths-only"]) == 2 and "no " in capsys.readouterr().err
 
 
 def test_a_study_that_cannot_fit_in_memory_is_refused_before_any_work(monkeypatch, tmp_path, capsys):
