@@ -55,6 +55,12 @@ class NodeRates:
     drift: Tensor
     residual: float
 
+    @classmethod
+    def of(cls, rates, residual: float) -> "NodeRates":
+        """From a `PredictedRates` (either route) and the node's distance to Gamma."""
+        return cls(trace=rates.trace, lambda_max=rates.lambda_max, trace_rate=rates.trace_rate,
+                   lambda_max_rate=rates.lambda_max_rate, drift=rates.drift, residual=residual)
+
 
 @dataclass(frozen=True)
 class PredictedPath:
@@ -153,9 +159,7 @@ def predicted_path(point: Point, rule, *, t1: float, dt: float = 0.016, eta: flo
 
     def evaluate(z: Tensor) -> NodeRates:
         geo = geometry(z)
-        rates = predict_rates(obj, geo, rule, noise_scale=c, eta=eta)
-        return NodeRates(trace=rates.trace, lambda_max=rates.lambda_max, trace_rate=rates.trace_rate,
-                         lambda_max_rate=rates.lambda_max_rate, drift=rates.drift, residual=geo.residual)
+        return NodeRates.of(predict_rates(obj, geo, rule, noise_scale=c, eta=eta), geo.residual)
 
     def to_gamma(z: Tensor) -> Tensor:
         return project(obj, noise, z, tol=tol, method=method, preconditioner=point.preconditioner,
@@ -180,7 +184,6 @@ def _matrix_free_evaluate(point: Point, rule, eta: float | None, on_gamma: Calla
         (rates,) = predict_rates_matrix_free(obj, z, [rule], noise_scale=noise.noise_scale, metric=metric, eta=eta,
                                              projector=projector, loss_on_gamma=noise.minimum_loss(point.targets),
                                              generator=torch.Generator().manual_seed(0))
-        return NodeRates(trace=rates.trace, lambda_max=rates.lambda_max, trace_rate=rates.trace_rate,
-                         lambda_max_rate=rates.lambda_max_rate, drift=rates.drift, residual=residual)
+        return NodeRates.of(rates, residual)
 
     return evaluate

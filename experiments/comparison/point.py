@@ -50,15 +50,19 @@ class Point:
         """tr H at zeta: from the geometry, or from the exact Gram eigenvalues / N; NaN with a Nystrom sketch."""
         if self.geometry is not None:
             return float(self.geometry.trace)
-        exact = isinstance(self.preconditioner, GramPreconditioner)
-        return float(self.preconditioner.values.sum()) / len(self.targets) if exact else math.nan
+        return float(self._gram_eigenvalues().sum()) / len(self.targets)
 
     @property
     def lambda_max(self) -> float:
         if self.geometry is not None:
             return float(self.geometry.lambda_max)
-        exact = isinstance(self.preconditioner, GramPreconditioner)
-        return float(self.preconditioner.values[0]) / len(self.targets) if exact else math.nan
+        return float(self._gram_eigenvalues()[0]) / len(self.targets)
+
+    def _gram_eigenvalues(self) -> Tensor:
+        """The exact Gram eigenvalues (descending) of a matrix-free point, or [NaN] where only a sketch is held."""
+        if isinstance(self.preconditioner, GramPreconditioner):
+            return self.preconditioner.values
+        return torch.tensor([math.nan], dtype=torch.float64)
 
     @property
     def reference(self) -> Tensor:
