@@ -237,7 +237,7 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
             train_steps: int = 3000, lr: float = 3e-3, point: Point | None = None, method: str = "dense",
             max_eta_lambda: float = 0.5, max_relative_change: float = 0.2, measure: bool = True,
             nystrom_rank: int = 200, cg_rtol: float = 1e-10, curvature_floor: float = 0.0, cache=None,
-            fit_dtype: torch.dtype | None = None,
+            fit_dtype: torch.dtype | None = None, measured: Callable[[object, float], bool] | None = None,
             progress: Progress = None, on_row: Callable[[Row], None] | None = None, **mf_options) -> list[Row]:
     """Predicted vs measured d tr H / dt for every rule at every eta (see the module docstring).
 
@@ -251,6 +251,8 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
     is checked before the point is built, every eta against the regime (eta lambda_max <= max_eta_lambda)
     before any run; a run whose tr H moves by more than `max_relative_change` gets a RegimeWarning named in
     its row. measure=False: predictions only. `on_row(row)`: called as each row is done (e.g. to write it).
+    measured(rule, eta) -> True for the pairs a resumed study already has: skipped (every run's seeds are drawn
+    from `seed` alone, so the rows made are the ones an uninterrupted call makes).
     cache: a file keeping zeta between calls (`build_point`'s, keyed by the setup). fit_dtype: the dtype of the
     Adam stage (`point.fit`; e.g. torch.float32), the projection is float64."""
     noise = parse_noise(noise) if isinstance(noise, str) else noise
@@ -293,6 +295,8 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
     if method == "cg" and "projector" not in mf_options:             # one projector: its solves are reused
         mf_options["projector"] = _projector(point, cg_rtol=cg_rtol, curvature_floor=curvature_floor)
     for (rule, eta), schedule in schedules.items():
+        if measured is not None and measured(rule, eta):
+            continue
         if measure:
             config = ContinuationConfig(rule=rule, eta=eta, max_eta_lambda=max_eta_lambda,
                                         max_relative_change=max_relative_change, **schedule)
@@ -329,11 +333,12 @@ def prepare_out(out: Path, overwrite: bool) -> Path | None:
     return moved
 
 
-def rows_writer(path: Path, record: dict) -> Callable[[Row], None]:
+def rows_writer(path: Path, record: dict, previous: Sequence[str] = ()) -> Callable[[Row], None]:
     """compare's `on_row` for a command line: every row so far, with the run's provenance (`metrics.provenance`
-    record), rewritten atomically to `path` as JSON lines after each row."""
+    record), rewritten atomically to `path` as JSON lines after each row; `previous` (JSON lines of a study being
+    resumed) are kept first, verbatim."""
     from experiments.metrics import atomic_write_bytes, finite_or_none
-    lines: list[str] = []
+    lines: list[str] = list(previous)
 
     def write(row: Row) -> None:
         lines.append(json.dumps(finite_or_none({**dataclasses.asdict(row), "config": record["config"],

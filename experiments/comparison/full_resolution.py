@@ -14,10 +14,14 @@ eta_lambda / lambda_max. Every (rule, eta) is measured by `compare` matrix-free;
 (after every row) and summary.json (`summary.summarize`), each with provenance, written atomically. With
 --path-dt each row also gets the predicted path over its window (`path.predicted_path`); --paths-only adds the
 paths to the rows already in OUT without new runs (`add_paths`), rewriting rows.jsonl and summary.json.
+--resume measures only the (rule, eta) rows OUT lacks (an interrupted study, or one given more --eta-lambda),
+keeping its rows verbatim and its plan (beta from the same point, QSR's alpha as planned); the rows it makes are
+the ones an uninterrupted study makes (every run's seeds come from --seed alone).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -44,10 +48,11 @@ RESULT_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "f
 
 
 def plan(point: Point, *, eta_lambdas=(0.05, 0.1, 0.2), workers=(4, 8), batch: int = 8, qsr_workers: int = 4,
-         quantile: float = 0.5) -> dict:
+         quantile: float = 0.5, alpha: float | None = None) -> dict:
     """The rules and etas for a point with its Gram eigendecomposition attached (module docstring):
     {"rules": [SGD, LocalSGD per K, QSR], "etas": [...], "beta", "alpha", "lambda_max", "trace", "rank"}. Hessian
-    eigenvalues = Gram eigenvalues / N (slow time t = eta^2 x steps)."""
+    eigenvalues = Gram eigenvalues / N (slow time t = eta^2 x steps). alpha: QSR's (default: the one whose
+    beta = alpha^2 / eta is Local SGD's at the middle eta; a resumed study keeps its own)."""
     eigen = point.preconditioner
     if not isinstance(eigen, GramPreconditioner):
         raise ValueError("plan needs the point's Gram eigendecomposition: pass with_eigendecomposition(point)")
@@ -56,7 +61,10 @@ def plan(point: Point, *, eta_lambdas=(0.05, 0.1, 0.2), workers=(4, 8), batch: i
     lambda_max = float(lam[0])
     etas = sorted(float(x) / lambda_max for x in eta_lambdas)
     beta = spectrum_beta(lam, quantile=quantile)
-    alpha = (beta * etas[len(etas) // 2]) ** 0.5                     # QSR's beta = alpha^2 / eta = beta at mid eta
+    if alpha is None:
+        alpha = (beta * etas[len(etas) // 2]) ** 0.5                 # QSR's beta = alpha^2 / eta = beta at mid eta
+    elif not alpha > 0:
+        raise ValueError(f"QSR's alpha must be positive, got {alpha}")
     for k in (*workers, qsr_workers):
         if batch % k:
             raise ValueError(f"total batch {batch} is not divisible by K = {k}")
@@ -121,10 +129,39 @@ def _parser() -> ArgumentParser:
         "matrix-free for SGD, Jacobian nodes for rules with a psi term)")
     add("--paths-only", action="store_true", help="add the predicted path to the rows already in --out, no runs "
         "(one path per rule as run; --path-dt, default one Heun step per window); rewrites rows.jsonl and summary.json")
+    add("--resume", action="store_true", help="measure only the (rule, eta) rows missing from --out's rows.jsonl "
+        "(an interrupted study, or more --eta-lambda); the study's plan (beta, alpha) and rows are kept")
     add("--overwrite", action="store_true", help="move a non-empty --out aside first")
     add("--quiet", action="store_true")
     add("--debug", action="store_true")
     return p
+
+
+# what a resumed study (or one given paths) must share with the rows it already has
+STUDY_OPTIONS = ("n", "sigma", "seed", "batch")
+MEASUREMENT_OPTIONS = ("seeds", "slow_time", "checkpoints")
+
+
+def _study_rows(out: Path, args, keys) -> tuple[list[str], dict]:
+    """(the JSON lines of OUT's rows.jsonl, OUT's plan.json) for --resume / --paths-only; ValueError if either is
+    missing or the rows were made with other values of `keys` than these options."""
+    rows_path, plan_path = out / "rows.jsonl", out / "plan.json"
+    for path in (rows_path, plan_path):
+        if not path.is_file():
+            raise ValueError(f"--resume and --paths-only work on a study's rows and plan: no {path}")
+    lines = [line for line in rows_path.read_text().splitlines() if line.strip()]
+    for line in lines:
+        made = {k: json.loads(line)["config"].get(k) for k in keys}
+        if made != {k: getattr(args, k) for k in keys}:
+            raise ValueError(f"the rows in {out} were made with {made}, not these options")
+    return lines, json.loads(plan_path.read_text())
+
+
+def _measured(rows: list[dict]) -> Callable[[object, float], bool]:
+    """compare's `measured(rule, eta)`: whether `rows` (a study's JSON rows) hold that rule as run at that eta."""
+    def measured(rule, eta: float) -> bool:
+        return any(row["rule"] == repr(rule) and math.isclose(row["eta"], eta, rel_tol=1e-12) for row in rows)
+    return measured
 
 
 def _main(argv: list[str] | None) -> int:
@@ -135,6 +172,8 @@ def _main(argv: list[str] | None) -> int:
     for name in ("n", "seeds", "checkpoints", "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.resume and args.paths_only:
+        raise ValueError("--resume measures the missing rows, --paths-only adds paths to rows: pick one")
     rows = args.n * (CLASSES - 1)
     dim = sum(p.numel() for p in MODELS[MODEL](image_size=32, classes=CLASSES - 1).parameters())
     GramPreconditioner.check_memory(rows, CLASSES - 1, dim, limit=physical_memory())   # before any work
@@ -143,16 +182,11 @@ def _main(argv: list[str] | None) -> int:
     record = provenance({k: v for k, v in vars(args).items() if k not in ("debug", "quiet", "overwrite")})
     if args.path_dt is not None and not args.path_dt > 0:
         raise ValueError(f"--path-dt must be positive, got {args.path_dt}")
-    if args.paths_only:
-        rows_path = out / "rows.jsonl"
-        if not rows_path.is_file():
-            raise ValueError(f"--paths-only adds paths to a study's rows: no {rows_path}")
-        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
-        made = {k: rows[0]["config"].get(k) for k in ("n", "sigma", "seed", "eta_lambda", "batch")}
-        if made != {k: getattr(args, k) for k in made}:
-            raise ValueError(f"the rows in {out} were made with {made}, not these options")
+    lines, saved = [], None
+    if args.resume or args.paths_only:
+        lines, saved = _study_rows(out, args, STUDY_OPTIONS + (MEASUREMENT_OPTIONS if args.resume else ()))
     images, labels = cifar_subset(resolve_cifar10_dir(args.data_dir, search=True), args.n, image_size=32)
-    if not args.paths_only:
+    if not (args.paths_only or args.resume):
         resumable = out.is_dir() and {p.name for p in out.iterdir()} <= {"zeta.pt", "plan.json"}   # a built point
         moved = None if resumable else prepare_out(out, args.overwrite)
         out.mkdir(parents=True, exist_ok=True)
@@ -165,24 +199,39 @@ def _main(argv: list[str] | None) -> int:
                         fit_dtype=torch.float32, exact_preconditioner=True, cache=out / "zeta.pt", progress=say,
                         generator=torch.Generator().manual_seed(args.seed))
     point = with_eigendecomposition(point)
-    chosen = plan(point, eta_lambdas=args.eta_lambda, batch=args.batch)
+    chosen = plan(point, eta_lambdas=args.eta_lambda, batch=args.batch,
+                  alpha=None if saved is None else saved["alpha"])
+    if saved is not None and not math.isclose(chosen["beta"], saved["beta"], rel_tol=1e-9):
+        raise ValueError(f"this point's beta {chosen['beta']:.10g} is not the study's {saved['beta']:.10g}: "
+                         f"{out / 'zeta.pt'} is not the point its rows were measured at")
+    rows = [json.loads(line) for line in lines]
     if args.paths_only:
         add_paths(rows, point, chosen["rules"], dt=args.path_dt, progress=say)
         lines = [json.dumps(finite_or_none({**row, "path_added": {"date": record["written"], "path_dt": args.path_dt,
                                                                    "git_revision": record["git_revision"]}}),
                             sort_keys=True) for row in rows]
-        atomic_write_bytes(rows_path, ("\n".join(lines) + "\n").encode())
+        atomic_write_bytes(out / "rows.jsonl", ("\n".join(lines) + "\n").encode())
         return _finish(out, rows, args.n, point.objective.dim, record)
     setup = {**{k: v for k, v in chosen.items() if k != "rules"}, "rules": [repr(r) for r in chosen["rules"]],
              "D": point.objective.dim, "point_seconds": time.perf_counter() - start}
-    atomic_write_bytes(out / "plan.json", (json.dumps({**setup, "provenance": record}, indent=1) + "\n").encode())
+    if saved is not None:              # the study's own plan and provenance stay; the etas are the union
+        setup = {**saved, "etas": sorted({*saved["etas"], *chosen["etas"]}),
+                 "resumed": [*saved.get("resumed", []), record]}
+    else:
+        setup["provenance"] = record
+    atomic_write_bytes(out / "plan.json", (json.dumps(setup, indent=1) + "\n").encode())
     if say:
         say(f"plan: lambda_max = {chosen['lambda_max']:.4g}, tr H = {chosen['trace']:.6g}, beta = {chosen['beta']:.4g}, "
             f"alpha = {chosen['alpha']:.4g}, etas = {', '.join(f'{e:.3g}' for e in chosen['etas'])}")
-    measured = compare(None, point=point, noise=noise, rules=chosen["rules"], etas=chosen["etas"], seeds=args.seeds,
-                       seed=args.seed, slow_time=args.slow_time, checkpoints=args.checkpoints, method="cg",
-                       path_dt=args.path_dt, progress=say, on_row=rows_writer(out / "rows.jsonl", record))
-    return _finish(out, measured, args.n, point.objective.dim, record)
+    done = _measured(rows)
+    if say and args.resume:
+        left = sum(not done(r, e) for r in chosen["rules"] for e in chosen["etas"])
+        say(f"resuming {out}: {len(rows)} rows kept, {left} to measure")
+    made = compare(None, point=point, noise=noise, rules=chosen["rules"], etas=chosen["etas"], seeds=args.seeds,
+                   seed=args.seed, slow_time=args.slow_time, checkpoints=args.checkpoints, method="cg",
+                   path_dt=args.path_dt, measured=done, progress=say,
+                   on_row=rows_writer(out / "rows.jsonl", record, previous=lines))
+    return _finish(out, rows + made, args.n, point.objective.dim, record)
 
 
 def _finish(out: Path, rows, n: int, dim: int, record: dict) -> int:

@@ -2,6 +2,7 @@
 CIFAR-10 images at 32x32, the D = 51,033 CNN), its plan checked against a dense reference at the point it built
 (Hessian spectrum from the dense Jacobian), and its memory check before any work."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -19,11 +20,22 @@ from experiments.data import cifar_subset
 from sde.rules import SGD, LocalSGD
 
 
-def test_full_resolution_study_plans_from_the_point_and_writes_rows_and_summary(cifar10_dir, tmp_path, capsys):
+OPTIONS = ["--n", "20", "--seeds", "2", "--checkpoints", "2", "--slow-time", "0.001", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(cifar10_dir, tmp_path_factory):
+    """A finished study at N = 20 (one eta, 4 rules), made once: each test works on its own copy."""
+    out = tmp_path_factory.mktemp("study") / "fr"
+    assert main(OPTIONS + ["--eta-lambda", "0.2", "--data-dir", str(cifar10_dir), "--out", str(out)]) == 0
+    return out
+
+
+def test_full_resolution_study_plans_from_the_point_and_writes_rows_and_summary(cifar10_dir, tiny_study, tmp_path,
+                                                                                capsys):
     out = tmp_path / "fr"
-    args = ["--n", "20", "--eta-lambda", "0.2", "--seeds", "2", "--checkpoints", "2", "--slow-time", "0.001",
-            "--data-dir", str(cifar10_dir), "--out", str(out), "--quiet"]
-    assert main(args) == 0
+    shutil.copytree(tiny_study, out)
+    args = OPTIONS + ["--eta-lambda", "0.2", "--data-dir", str(cifar10_dir), "--out", str(out)]
     plan = json.loads((out / "plan.json").read_text())
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
@@ -47,13 +59,13 @@ def test_full_resolution_study_plans_from_the_point_and_writes_rows_and_summary(
     for got, row in zip(summary["rules"], rows):
         assert got["ratio_eta0"] == pytest.approx(row["measured"] / row["predicted"], rel=1e-12)
     assert set(summary["local_over_sgd_eta0"]) == set(plan["rules"][1:])
-    assert "measured / predicted at eta -> 0" in capsys.readouterr().out
     assert full_resolution.result_lines(out)[1:] == summary_lines(summary)       # what `make demo` prints
     assert "N = 20 CIFAR-10 images at 32x32, D = 51,033" in full_resolution.result_lines(out)[0]
     assert "is not in" in full_resolution.result_lines(tmp_path / "nothing")[0]
     assert main(args) == 2 and "is not empty" in capsys.readouterr().err     # the results are never overwritten
     # --paths-only: the predicted path of every row, no new runs; SGD's matrix-free, Local SGD's on Jacobian nodes
     assert main(args + ["--paths-only"]) == 0
+    assert "measured / predicted at eta -> 0" in capsys.readouterr().out
     with_paths = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     assert [r["measured"] for r in with_paths] == [r["measured"] for r in rows]              # nothing re-run
@@ -77,3 +89,38 @@ def test_a_study_that_cannot_fit_in_memory_is_refused_before_any_work(monkeypatc
     code = main(["--n", "2000", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     assert code == 2 and f"needs about {need / 2 ** 30:.1f} GiB" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_resumed_study_measures_only_what_it_lacks_with_its_own_plan(cifar10_dir, tiny_study, tmp_path, capsys):
+    """--resume after an interruption (the last row lost) and with one more eta: the lost row comes back as it was,
+    the new eta's rows use the study's QSR alpha (not the one a fresh plan of these etas picks), kept rows stay
+    verbatim; options that change the measurement are refused."""
+    out = tmp_path / "fr"
+    shutil.copytree(tiny_study, out)
+    common = OPTIONS + ["--data-dir", str(cifar10_dir), "--out", str(out)]
+    study = (out / "rows.jsonl").read_text().splitlines()
+    first_plan = json.loads((out / "plan.json").read_text())
+    (out / "rows.jsonl").write_text("\n".join(study[:-1]) + "\n")              # interrupted before QSR's row
+    assert main(common + ["--eta-lambda", "0.2", "0.4", "--resume"]) == 0
+    lines = (out / "rows.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert lines[:3] == study[:3] and len(rows) == 8
+    lost, again = json.loads(study[-1]), rows[3]
+    assert again["rule"] == lost["rule"] and again["eta"] == lost["eta"]
+    assert again["per_seed"] == pytest.approx(lost["per_seed"], rel=1e-9)      # the same runs and readings
+    assert again["predicted"] == pytest.approx(lost["predicted"], rel=1e-9)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["alpha"] == first_plan["alpha"] and plan["provenance"] == first_plan["provenance"]
+    assert len(plan["etas"]) == 2 and plan["etas"][0] == first_plan["etas"][0] and len(plan["resumed"]) == 1
+    assert [r["eta"] for r in rows[4:]] == [plan["etas"][1]] * 4
+    assert [r["rule"] for r in rows[4:]] == first_plan["rules"]                  # QSR with the study's alpha
+    fresh_alpha = (first_plan["beta"] * plan["etas"][1]) ** 0.5
+    assert abs(fresh_alpha / plan["alpha"] - 1) > 0.3                            # what a fresh plan would have used
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(len(r["etas"]) == 2 and r["fit"] == "richardson" for r in summary["rules"])
+    before = (out / "rows.jsonl").read_bytes()
+    assert main(common + ["--eta-lambda", "0.2", "0.4", "--resume"]) == 0          # nothing left to measure
+    assert (out / "rows.jsonl").read_bytes() == before
+    capsys.readouterr()
+    assert main(common + ["--eta-lambda", "0.2", "--resume", "--seeds", "3"]) == 2
+    assert "were made with" in capsys.readouterr().err and (out / "rows.jsonl").read_bytes() == before
