@@ -4,7 +4,8 @@
 
 The setting: N class-balanced training images at 32x32, the GELU CNN `cnn-wide` (`experiments.models.
 build_small_cnn`, hidden 48, 9 outputs: D = 51,033), squared loss with Gaussian label noise on simplex targets
-(`noise.simplex_targets`: one-hot targets make the Jacobian rank-deficient above N = 49). The point: float32 Adam,
+(`noise.simplex_targets`: one-hot targets make the Jacobian rank-deficient above N = 49); or, with --noise flip:P,
+cross-entropy with flipped labels on 10 outputs (D = 51,082; N m = 9 N either way). The point: float32 Adam,
 float64 CG Gauss-Newton (`build_point(method="cg")`, zeta cached in OUT/zeta.pt), then the one Gram
 eigendecomposition at zeta (`reading_mf.with_eigendecomposition`), whose memory is checked before anything starts.
 The rules come from the point (`plan`): SGD (batch B), Local SGD with K = 4 and 8 at the beta that puts
@@ -32,7 +33,7 @@ import torch
 from experiments.cli import ArgumentParser, run_main
 from experiments.comparison.compare import MODELS, compare, prepare_out, rows_writer
 from experiments.comparison.path import predicted_path
-from experiments.comparison.noise import GaussianLabelNoise, simplex_targets
+from experiments.comparison.noise import GaussianLabelNoise, LabelNoise, parse_noise, simplex_targets
 from experiments.comparison.point import Point, build_point
 from experiments.comparison.projection import GramPreconditioner, physical_memory
 from experiments.comparison.reading_mf import with_eigendecomposition
@@ -116,7 +117,8 @@ def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m experiments.comparison.full_resolution", description=__doc__.split("\n\n")[0])
     add = p.add_argument
     add("--n", type=int, default=2000, help="class-balanced CIFAR-10 training images at 32x32")
-    add("--sigma", type=float, default=0.1, help="Gaussian label noise std")
+    add("--noise", default="gaussian:0.1", help="gaussian:SIGMA (squared loss on simplex targets, 9 outputs) or "
+        "flip:P (cross-entropy on 10 outputs, every drawn label flipped with probability P)")
     add("--eta-lambda", type=float, nargs="+", default=[0.05, 0.1, 0.2], help="the etas as eta x lambda_max")
     add("--seeds", type=int, default=3)
     add("--checkpoints", type=int, default=4, help="readings per run after t = 0")
@@ -137,8 +139,14 @@ def _parser() -> ArgumentParser:
     return p
 
 
+def network_outputs(noise: LabelNoise) -> int:
+    """The network's outputs under `noise`: the squared loss fits simplex targets on C - 1 outputs (one-hot ones
+    make Jt rank-deficient above N = 49), cross-entropy the C class logits."""
+    return CLASSES - 1 if isinstance(noise, GaussianLabelNoise) else CLASSES
+
+
 # what a resumed study (or one given paths) must share with the rows it already has
-STUDY_OPTIONS = ("n", "sigma", "seed", "batch")
+STUDY_OPTIONS = ("n", "seed", "batch")      # and the rows' noise
 MEASUREMENT_OPTIONS = ("seeds", "slow_time", "checkpoints")
 
 
@@ -151,8 +159,9 @@ def _study_rows(out: Path, args, keys) -> tuple[list[str], dict]:
             raise ValueError(f"--resume and --paths-only work on a study's rows and plan: no {path}")
     lines = [line for line in rows_path.read_text().splitlines() if line.strip()]
     for line in lines:
-        made = {k: json.loads(line)["config"].get(k) for k in keys}
-        if made != {k: getattr(args, k) for k in keys}:
+        row = json.loads(line)
+        made = {"noise": row["noise"], **{k: row["config"].get(k) for k in keys}}
+        if made != {"noise": str(parse_noise(args.noise)), **{k: getattr(args, k) for k in keys}}:
             raise ValueError(f"the rows in {out} were made with {made}, not these options")
     return lines, json.loads(plan_path.read_text())
 
@@ -168,15 +177,16 @@ def _main(argv: list[str] | None) -> int:
     from experiments.data import cifar_subset, resolve_cifar10_dir
     from experiments.metrics import atomic_write_bytes, finite_or_none, provenance
     args = _parser().parse_args(argv)
-    noise = GaussianLabelNoise(args.sigma)
+    noise = parse_noise(args.noise)
     for name in ("n", "seeds", "checkpoints", "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.resume and args.paths_only:
         raise ValueError("--resume measures the missing rows, --paths-only adds paths to rows: pick one")
-    rows = args.n * (CLASSES - 1)
-    dim = sum(p.numel() for p in MODELS[MODEL](image_size=32, classes=CLASSES - 1).parameters())
-    GramPreconditioner.check_memory(rows, CLASSES - 1, dim, limit=physical_memory())   # before any work
+    outputs = network_outputs(noise)
+    dim = sum(p.numel() for p in MODELS[MODEL](image_size=32, classes=outputs).parameters())
+    GramPreconditioner.check_memory(noise.equations(args.n, outputs), noise.equations(1, outputs), dim,
+                                    limit=physical_memory())                      # before any work
     out = Path(args.out)
     say = None if args.quiet else (lambda line: print(line, flush=True))
     record = provenance({k: v for k, v in vars(args).items() if k not in ("debug", "quiet", "overwrite")})
@@ -194,8 +204,9 @@ def _main(argv: list[str] | None) -> int:
             say(f"moved the previous contents of {out} aside to {moved}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     start = time.perf_counter()
-    point = build_point(lambda *, image_size: MODELS[MODEL](image_size=image_size, classes=CLASSES - 1), images,
-                        simplex_targets(labels, CLASSES), noise=noise, method="cg", seed=args.seed,
+    targets = simplex_targets(labels, CLASSES) if outputs < CLASSES else labels
+    point = build_point(lambda *, image_size: MODELS[MODEL](image_size=image_size, classes=outputs), images,
+                        targets, noise=noise, method="cg", seed=args.seed,
                         fit_dtype=torch.float32, exact_preconditioner=True, cache=out / "zeta.pt", progress=say,
                         generator=torch.Generator().manual_seed(args.seed))
     point = with_eigendecomposition(point)

@@ -21,7 +21,7 @@ from scipy.stats import chi2 as chi2_law
 
 from sde.analysis import extrapolate_to_zero
 
-__all__ = ["ZeroEtaFit", "fit_to_zero_eta", "summarize", "summary_lines", "write_summary", "ACCEPT_P"]
+__all__ = ["ZeroEtaFit", "fit_to_zero_eta", "compared_with", "summarize", "summary_lines", "write_summary", "ACCEPT_P"]
 
 ACCEPT_P = 0.05      # a weighted line is accepted when P(chi^2 >= its chi^2) >= ACCEPT_P
 
@@ -67,11 +67,19 @@ def _as_dict(row) -> dict:
     return dataclasses.asdict(row) if dataclasses.is_dataclass(row) else dict(row)
 
 
+def compared_with(row, key: str = "trace") -> float:
+    """What a row's measured rate is compared with: the predicted path's fitted slope where one was integrated,
+    else the rate at zeta. key: "trace" (d tr H/dt) or "lambda_max"."""
+    r = _as_dict(row)
+    suffix = "" if key == "trace" else "_lambda_max"
+    path = r.get("predicted" + suffix + "_path")
+    return r["predicted" + suffix] if path is None or not math.isfinite(path) else path
+
+
 def _ratio_points(rows: list[dict]) -> tuple[list, list, list]:
     etas, ratios, errors = [], [], []
     for r in rows:
-        predicted = r["predicted_path"]
-        predicted = r["predicted"] if predicted is None or not math.isfinite(predicted) else predicted
+        predicted = compared_with(r)
         etas.append(r["eta"])
         ratios.append(r["measured"] / predicted)
         errors.append(r["stderr"] / abs(predicted))

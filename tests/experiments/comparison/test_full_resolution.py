@@ -89,6 +89,12 @@ def test_a_study_that_cannot_fit_in_memory_is_refused_before_any_work(monkeypatc
     code = main(["--n", "2000", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     assert code == 2 and f"needs about {need / 2 ** 30:.1f} GiB" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # cross-entropy: 10 logits, N m = 9 N reduced equations, the same Gram matrix (D = 51,082)
+    need = GramPreconditioner.check_memory(18000, 9, 51082, limit=2 ** 60)
+    code = main(["--n", "2000", "--noise", "flip:0.1", "--data-dir", str(tmp_path / "nowhere"), "--out",
+                 str(tmp_path / "o")])
+    assert code == 2 and f"N m = 18000 equations, D = 51082 needs about {need / 2 ** 30:.1f} GiB" in \
+        capsys.readouterr().err
 
 
 def test_a_resumed_study_measures_only_what_it_lacks_with_its_own_plan(cifar10_dir, tiny_study, tmp_path, capsys):
@@ -122,5 +128,6 @@ def test_a_resumed_study_measures_only_what_it_lacks_with_its_own_plan(cifar10_d
     assert main(common + ["--eta-lambda", "0.2", "0.4", "--resume"]) == 0          # nothing left to measure
     assert (out / "rows.jsonl").read_bytes() == before
     capsys.readouterr()
-    assert main(common + ["--eta-lambda", "0.2", "--resume", "--seeds", "3"]) == 2
-    assert "were made with" in capsys.readouterr().err and (out / "rows.jsonl").read_bytes() == before
+    for other in (["--seeds", "3"], ["--noise", "gaussian:0.2"], ["--noise", "flip:0.1"]):
+        assert main(common + ["--eta-lambda", "0.2", "--resume", *other]) == 2
+        assert "were made with" in capsys.readouterr().err and (out / "rows.jsonl").read_bytes() == before
