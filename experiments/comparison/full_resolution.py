@@ -181,8 +181,9 @@ def _main(argv: list[str] | None) -> int:
     for name in ("n", "seeds", "checkpoints", "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.resume and args.paths_only:
-        raise ValueError("--resume measures the missing rows, --paths-only adds paths to rows: pick one")
+    if args.resume and (args.paths_only or args.overwrite):
+        raise ValueError(f"--resume continues the study in --out; it excludes "
+                         f"{'--paths-only (adds paths to its rows)' if args.paths_only else '--overwrite (moves it aside)'}")
     outputs = network_outputs(noise)
     dim = sum(p.numel() for p in MODELS[MODEL](image_size=32, classes=outputs).parameters())
     GramPreconditioner.check_memory(noise.equations(args.n, outputs), noise.equations(1, outputs), dim,

@@ -131,3 +131,6 @@ def test_a_resumed_study_measures_only_what_it_lacks_with_its_own_plan(cifar10_d
     for other in (["--seeds", "3"], ["--noise", "gaussian:0.2"], ["--noise", "flip:0.1"]):
         assert main(common + ["--eta-lambda", "0.2", "--resume", *other]) == 2
         assert "were made with" in capsys.readouterr().err and (out / "rows.jsonl").read_bytes() == before
+    for other in ("--overwrite", "--paths-only"):
+        assert main(common + ["--resume", other]) == 2 and f"excludes {other}" in capsys.readouterr().err
+    assert (out / "rows.jsonl").read_bytes() == before and not list(tmp_path.glob("fr.replaced-*"))
