@@ -97,24 +97,49 @@ def test_a_study_that_cannot_fit_in_memory_is_refused_before_any_work(monkeypatc
         capsys.readouterr().err
 
 
-def test_a_resumed_study_measures_only_what_it_lacks_with_its_own_plan(cifar10_dir, tiny_study, tmp_path, capsys):
-    """--resume after an interruption (the last row lost) and with one more eta: the lost row comes back as it was,
-    the new eta's rows use the study's QSR alpha (not the one a fresh plan of these etas picks), kept rows stay
-    verbatim; options that change the measurement are refused."""
+def test_a_resumed_study_measures_only_the_rows_it_lacks(cifar10_dir, tiny_study, tmp_path, capsys):
+    """--resume after a row was lost: exactly that row is measured again and comes back as it was (every run's
+    seeds come from --seed alone), the kept rows stay verbatim, a second resume measures nothing, and options that
+    change the measurement (or --overwrite / --paths-only beside it) are refused before any work."""
     out = tmp_path / "fr"
     shutil.copytree(tiny_study, out)
-    common = OPTIONS + ["--data-dir", str(cifar10_dir), "--out", str(out)]
+    common = OPTIONS + ["--eta-lambda", "0.2", "--data-dir", str(cifar10_dir), "--out", str(out)]
     study = (out / "rows.jsonl").read_text().splitlines()
-    first_plan = json.loads((out / "plan.json").read_text())
-    (out / "rows.jsonl").write_text("\n".join(study[:-1]) + "\n")              # interrupted before QSR's row
-    assert main(common + ["--eta-lambda", "0.2", "0.4", "--resume"]) == 0
+    (out / "rows.jsonl").write_text("\n".join(study[1:]) + "\n")               # SGD's row lost
+    assert main(common + ["--resume"]) == 0
     lines = (out / "rows.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
-    assert lines[:3] == study[:3] and len(rows) == 8
-    lost, again = json.loads(study[-1]), rows[3]
+    assert lines[:3] == study[1:] and len(lines) == 4
+    lost, again = json.loads(study[0]), json.loads(lines[3])
     assert again["rule"] == lost["rule"] and again["eta"] == lost["eta"]
     assert again["per_seed"] == pytest.approx(lost["per_seed"], rel=1e-9)      # the same runs and readings
     assert again["predicted"] == pytest.approx(lost["predicted"], rel=1e-9)
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["rule"] for r in summary["rules"]} == {json.loads(line)["rule"] for line in study}
+    before = (out / "rows.jsonl").read_bytes()
+    assert main(common + ["--resume"]) == 0                                      # nothing left to measure
+    assert (out / "rows.jsonl").read_bytes() == before
+    capsys.readouterr()
+    for other in (["--seeds", "3"], ["--noise", "gaussian:0.2"], ["--noise", "flip:0.1"]):
+        assert main(common + ["--resume", *other]) == 2
+        assert "were made with" in capsys.readouterr().err and (out / "rows.jsonl").read_bytes() == before
+    for other in ("--overwrite", "--paths-only"):
+        assert main(common + ["--resume", other]) == 2 and f"excludes {other}" in capsys.readouterr().err
+    assert (out / "rows.jsonl").read_bytes() == before and not list(tmp_path.glob("fr.replaced-*"))
+
+
+@pytest.mark.slow
+def test_a_study_resumed_with_one_more_eta_keeps_its_own_plan(cifar10_dir, tiny_study, tmp_path):
+    """--resume with one more eta (4 new rows, ~4 min): the new rows use the study's QSR alpha, not the one a fresh
+    plan of these etas picks; plan.json keeps the study's provenance and gains the eta and a `resumed` record."""
+    out = tmp_path / "fr"
+    shutil.copytree(tiny_study, out)
+    study = (out / "rows.jsonl").read_text().splitlines()
+    first_plan = json.loads((out / "plan.json").read_text())
+    assert main(OPTIONS + ["--eta-lambda", "0.2", "0.4", "--resume", "--data-dir", str(cifar10_dir), "--out",
+                           str(out)]) == 0
+    lines = (out / "rows.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert lines[:4] == study and len(rows) == 8
     plan = json.loads((out / "plan.json").read_text())
     assert plan["alpha"] == first_plan["alpha"] and plan["provenance"] == first_plan["provenance"]
     assert len(plan["etas"]) == 2 and plan["etas"][0] == first_plan["etas"][0] and len(plan["resumed"]) == 1
@@ -124,13 +149,3 @@ def test_a_resumed_study_measures_only_what_it_lacks_with_its_own_plan(cifar10_d
     assert abs(fresh_alpha / plan["alpha"] - 1) > 0.3                            # what a fresh plan would have used
     summary = json.loads((out / "summary.json").read_text())
     assert all(len(r["etas"]) == 2 and r["fit"] == "richardson" for r in summary["rules"])
-    before = (out / "rows.jsonl").read_bytes()
-    assert main(common + ["--eta-lambda", "0.2", "0.4", "--resume"]) == 0          # nothing left to measure
-    assert (out / "rows.jsonl").read_bytes() == before
-    capsys.readouterr()
-    for other in (["--seeds", "3"], ["--noise", "gaussian:0.2"], ["--noise", "flip:0.1"]):
-        assert main(common + ["--eta-lambda", "0.2", "--resume", *other]) == 2
-        assert "were made with" in capsys.readouterr().err and (out / "rows.jsonl").read_bytes() == before
-    for other in ("--overwrite", "--paths-only"):
-        assert main(common + ["--resume", other]) == 2 and f"excludes {other}" in capsys.readouterr().err
-    assert (out / "rows.jsonl").read_bytes() == before and not list(tmp_path.glob("fr.replaced-*"))
