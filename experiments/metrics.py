@@ -79,6 +79,12 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n").encode())
 
 
+def atomic_write_json_lines(path: str | os.PathLike, records) -> None:
+    """Dicts, or lines already JSON-encoded (kept verbatim), as one JSON line each (non-finite -> null), atomically."""
+    lines = [r if isinstance(r, str) else json.dumps(finite_or_none(r), sort_keys=True) for r in records]
+    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
+
+
 def git_revision(root: Path = ROOT) -> str:
     """`git rev-parse HEAD` of the code (+ "-dirty" if modified), or "unknown" outside git."""
     try:

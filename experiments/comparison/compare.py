@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import datetime
-import json
 import math
 import os
 import time
@@ -337,14 +336,13 @@ def rows_writer(path: Path, record: dict, previous: Sequence[str] = ()) -> Calla
     """compare's `on_row` for a command line: every row so far, with the run's provenance (`metrics.provenance`
     record), rewritten atomically to `path` as JSON lines after each row; `previous` (JSON lines of a study being
     resumed) are kept first, verbatim."""
-    from experiments.metrics import atomic_write_bytes, finite_or_none
-    lines: list[str] = list(previous)
+    from experiments.metrics import atomic_write_json_lines
+    lines: list = list(previous)
 
     def write(row: Row) -> None:
-        lines.append(json.dumps(finite_or_none({**dataclasses.asdict(row), "config": record["config"],
-                                                "git_revision": record["git_revision"], "date": record["written"],
-                                                "torch": record["torch"]}), sort_keys=True))
-        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+        lines.append({**dataclasses.asdict(row), "config": record["config"], "git_revision": record["git_revision"],
+                      "date": record["written"], "torch": record["torch"]})
+        atomic_write_json_lines(path, lines)
     return write
 
 

@@ -150,9 +150,9 @@ STUDY_OPTIONS = ("n", "seed", "batch")      # and the rows' noise
 MEASUREMENT_OPTIONS = ("seeds", "slow_time", "checkpoints")
 
 
-def _study_rows(out: Path, args, keys) -> tuple[list[str], dict]:
+def _study_rows(out: Path, noise: LabelNoise, args, keys) -> tuple[list[str], dict]:
     """(the JSON lines of OUT's rows.jsonl, OUT's plan.json) for --resume / --paths-only; ValueError if either is
-    missing or the rows were made with other values of `keys` than these options."""
+    missing or the rows were made with another noise or other values of `keys` than these options."""
     rows_path, plan_path = out / "rows.jsonl", out / "plan.json"
     for path in (rows_path, plan_path):
         if not path.is_file():
@@ -161,7 +161,7 @@ def _study_rows(out: Path, args, keys) -> tuple[list[str], dict]:
     for line in lines:
         row = json.loads(line)
         made = {"noise": row["noise"], **{k: row["config"].get(k) for k in keys}}
-        if made != {"noise": str(parse_noise(args.noise)), **{k: getattr(args, k) for k in keys}}:
+        if made != {"noise": str(noise), **{k: getattr(args, k) for k in keys}}:
             raise ValueError(f"the rows in {out} were made with {made}, not these options")
     return lines, json.loads(plan_path.read_text())
 
@@ -175,15 +175,15 @@ def _measured(rows: list[dict]) -> Callable[[object, float], bool]:
 
 def _main(argv: list[str] | None) -> int:
     from experiments.data import cifar_subset, resolve_cifar10_dir
-    from experiments.metrics import atomic_write_bytes, finite_or_none, provenance
+    from experiments.metrics import atomic_write_bytes, atomic_write_json_lines, provenance
     args = _parser().parse_args(argv)
     noise = parse_noise(args.noise)
     for name in ("n", "seeds", "checkpoints", "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.resume and (args.paths_only or args.overwrite):
-        raise ValueError(f"--resume continues the study in --out; it excludes "
-                         f"{'--paths-only (adds paths to its rows)' if args.paths_only else '--overwrite (moves it aside)'}")
+        other = "--paths-only" if args.paths_only else "--overwrite"
+        raise ValueError(f"--resume continues the study in --out; it excludes {other}")
     outputs = network_outputs(noise)
     dim = sum(p.numel() for p in MODELS[MODEL](image_size=32, classes=outputs).parameters())
     GramPreconditioner.check_memory(noise.equations(args.n, outputs), noise.equations(1, outputs), dim,
@@ -195,7 +195,7 @@ def _main(argv: list[str] | None) -> int:
         raise ValueError(f"--path-dt must be positive, got {args.path_dt}")
     lines, saved = [], None
     if args.resume or args.paths_only:
-        lines, saved = _study_rows(out, args, STUDY_OPTIONS + (MEASUREMENT_OPTIONS if args.resume else ()))
+        lines, saved = _study_rows(out, noise, args, STUDY_OPTIONS + (MEASUREMENT_OPTIONS if args.resume else ()))
     images, labels = cifar_subset(resolve_cifar10_dir(args.data_dir, search=True), args.n, image_size=32)
     if not (args.paths_only or args.resume):
         resumable = out.is_dir() and {p.name for p in out.iterdir()} <= {"zeta.pt", "plan.json"}   # a built point
@@ -219,18 +219,15 @@ def _main(argv: list[str] | None) -> int:
     rows = [json.loads(line) for line in lines]
     if args.paths_only:
         add_paths(rows, point, chosen["rules"], dt=args.path_dt, progress=say)
-        lines = [json.dumps(finite_or_none({**row, "path_added": {"date": record["written"], "path_dt": args.path_dt,
-                                                                   "git_revision": record["git_revision"]}}),
-                            sort_keys=True) for row in rows]
-        atomic_write_bytes(out / "rows.jsonl", ("\n".join(lines) + "\n").encode())
+        added = {"date": record["written"], "path_dt": args.path_dt, "git_revision": record["git_revision"]}
+        atomic_write_json_lines(out / "rows.jsonl", [{**row, "path_added": added} for row in rows])
         return _finish(out, rows, args.n, point.objective.dim, record)
-    setup = {**{k: v for k, v in chosen.items() if k != "rules"}, "rules": [repr(r) for r in chosen["rules"]],
-             "D": point.objective.dim, "point_seconds": time.perf_counter() - start}
-    if saved is not None:              # the study's own plan and provenance stay; the etas are the union
+    if saved is None:
+        setup = {**{k: v for k, v in chosen.items() if k != "rules"}, "rules": [repr(r) for r in chosen["rules"]],
+                 "D": point.objective.dim, "point_seconds": time.perf_counter() - start, "provenance": record}
+    else:                              # the study's own plan and provenance stay; the etas are the union
         setup = {**saved, "etas": sorted({*saved["etas"], *chosen["etas"]}),
                  "resumed": [*saved.get("resumed", []), record]}
-    else:
-        setup["provenance"] = record
     atomic_write_bytes(out / "plan.json", (json.dumps(setup, indent=1) + "\n").encode())
     if say:
         say(f"plan: lambda_max = {chosen['lambda_max']:.4g}, tr H = {chosen['trace']:.6g}, beta = {chosen['beta']:.4g}, "

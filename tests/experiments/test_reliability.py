@@ -326,3 +326,21 @@ def test_a_final_file_without_a_digest_loads_tensors_only_with_a_warning(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), net.state_dict().values()))
     with pytest.raises(CheckpointFileError, match="carries no SHA-256"):   # a checkpoint must have one
         load_verified(tmp_path / "s.pt")
+
+
+def test_json_lines_are_written_whole_with_kept_lines_verbatim_and_non_finite_as_null(tmp_path, monkeypatch):
+    """`atomic_write_json_lines`: a kept line stays byte for byte, a dict becomes one sorted JSON line with NaN and
+    inf as null; a write that fails midway leaves the previous file whole and no temporary file behind."""
+    from experiments import metrics
+    path = tmp_path / "rows.jsonl"
+    kept = '{"b": 1, "a": NaN}'
+    metrics.atomic_write_json_lines(path, [kept, {"z": float("nan"), "y": [1.5, float("inf")]}])
+    assert path.read_text() == kept + "\n" + '{"y": [1.5, null], "z": null}\n'
+    before = path.read_bytes()
+
+    def fail(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(metrics.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        metrics.atomic_write_json_lines(path, [{"a": 2}])
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
