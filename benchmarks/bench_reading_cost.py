@@ -2,6 +2,9 @@
 
 Run: `python -m benchmarks.bench_reading_cost [N ...]` (default 200 500 1000 2000; 2 torch threads). Writes
 benchmarks/results/bench_reading_cost.md and .json after every N (atomically), so a long run keeps what it measured.
+`python -m benchmarks.bench_reading_cost --eigen N GIB`: only the Gram build and eigendecomposition at N under a
+memory limit of GIB GiB (the study's `--memory-gib`), at the network's initial parameters (the cost and memory do
+not depend on where it is built), appended to benchmarks/results/bench_reading_cost_eigen.md and .json.
 
 Setting: full resolution, the GELU CNN `cnn-wide` (`experiments.models.build_small_cnn`, hidden 48, 9 outputs: D =
 51,033) on N class-balanced real CIFAR-10 training images at 32x32, squared loss with Gaussian label noise sigma =
@@ -74,6 +77,44 @@ def one(n: int) -> dict:
                 trace_start=float(result.trace[0, 0]), trace_end=[float(t) for t in result.trace[-1]])
 
 
+def eigen_only(n: int, gib: float) -> dict:
+    """Time and peak resident memory of `GramPreconditioner.at` at N = n under a limit of `gib` GiB (this process)."""
+    torch.set_num_threads(2)
+    from experiments.comparison.compare import MODELS
+    from experiments.comparison.noise import GaussianLabelNoise, simplex_targets
+    from experiments.comparison.point import objective
+    from experiments.comparison.projection import GramPreconditioner
+    from experiments.data import cifar_subset, resolve_cifar10_dir
+    from experiments.probe import build_from_factory
+
+    images, labels = cifar_subset(resolve_cifar10_dir(search=True), n, image_size=32)
+    noise = GaussianLabelNoise(SIGMA)
+    net = build_from_factory(lambda *, image_size: MODELS["cnn-wide"](image_size=image_size, classes=9),
+                             image_size=32, seed=0).to(torch.float64)
+    obj = objective(net, images.to(torch.float64), simplex_targets(labels, 10), noise)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    limit = int(gib * 2 ** 30)
+    need = GramPreconditioner.check_memory(n * 9, 9, obj.dim, limit=limit)
+    start = time.perf_counter()
+    eigen = GramPreconditioner.at(obj, noise, obj.params, memory_limit=limit)
+    return dict(n=n, rows=n * 9, D=obj.dim, limit_gib=gib, need_gb=need / 1e9, seconds=time.perf_counter() - start,
+                rss_before_gb=before, peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                top=float(eigen.values[0]), date=datetime.date.today().isoformat(), load=os.getloadavg()[0])
+
+
+def eigen_table(rows: list[dict]) -> str:
+    lines = ["What: `projection.GramPreconditioner.at` alone (Gram matrix Jt Jt^T by Jacobian row blocks, then the "
+             "in-place MRRR eigendecomposition) on `cnn-wide` at 32x32 at its initial parameters, N real CIFAR-10 "
+             "images, 9 outputs, under the memory limit given (the Jacobian row block takes half of what the Gram "
+             "matrix and its eigenvectors leave). Peak: the process's maximum resident set, Python, torch and the "
+             "data included. 2 torch threads, each N in its own process.", "",
+             "| N | N m | limit GiB | need (Gram + eigenvectors + chunks) GB | seconds | RSS before GB | peak GB | "
+             "date, load |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['n']:,} | {r['rows']:,} | {r['limit_gib']:g} | {r['need_gb']:.2f} | {r['seconds']:.0f} | "
+              f"{r['rss_before_gb']:.2f} | {r['peak_gb']:.2f} | {r['date']}, {r['load']:.1f} |" for r in rows]
+    return "\n".join(lines + ["", "Command: `python -m benchmarks.bench_reading_cost --eigen N GIB`."])
+
+
 def slope(ns, values) -> float:
     """Least-squares slope of log(values) on log(ns)."""
     lx, ly = torch.tensor(ns, dtype=torch.float64).log(), torch.tensor(values, dtype=torch.float64).log()
@@ -121,6 +162,19 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(one(int(args[1]))))
         return
     from experiments.metrics import atomic_write_bytes
+    if args[:1] == ["--eigen-one"]:
+        print(json.dumps(eigen_only(int(args[1]), float(args[2]))))
+        return
+    if args[:1] == ["--eigen"]:
+        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_reading_cost", "--eigen-one", *args[1:3]],
+                             cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
+        where = RESULTS.with_name(RESULTS.name + "_eigen")
+        rows = json.loads(where.with_suffix(".json").read_text()) if where.with_suffix(".json").exists() else []
+        rows = sorted(rows + [json.loads(out.strip().splitlines()[-1])], key=lambda r: (r["n"], r["limit_gib"]))
+        atomic_write_bytes(where.with_suffix(".json"), (json.dumps(rows, indent=1) + "\n").encode())
+        atomic_write_bytes(where.with_suffix(".md"), (eigen_table(rows) + "\n").encode())
+        print(eigen_table(rows))
+        return
     rows = []
     for n in [int(a) for a in args] or SIZES:
         out = subprocess.run([sys.executable, "-m", "benchmarks.bench_reading_cost", "--one", str(n)],

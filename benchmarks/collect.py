@@ -15,6 +15,8 @@ BENCHMARKS = {
     "bench_noise": "gradient-noise probe: JVP path against per-sample gradients",
     "bench_drift_cost": "one matrix-free slow-SDE drift on ResNet-20, in gradient-equivalents",
     "bench_reading_cost": "the matrix-free reading at Phi (issue 13) as N grows: time, memory, growth exponent",
+    "bench_reading_cost_eigen": "the Gram eigendecomposition alone at N = 2,000 under a memory limit "
+                                "(`bench_reading_cost --eigen`): time and peak memory",
     "bench_sde_em": "Euler-Maruyama core against torchsde",
     "bench_loader": "data loading and augmentation as a share of a training step",
     "bench_trainer": "Local SGD throughput against single-model SGD; serial against vmap workers",

@@ -127,6 +127,9 @@ def _parser() -> ArgumentParser:
     add("--seed", type=int, default=0)
     add("--data-dir", default=None, help="CIFAR-10 folder (default: CIFAR10_DIR, else a search)")
     add("--out", required=True)
+    add("--memory-gib", type=float, default=None, help="memory for the Gram eigendecomposition at zeta (its matrix, "
+        "eigenvectors and Jacobian row blocks; default the machine's RAM): a smaller limit streams the Jacobian "
+        "in more row blocks (slower Gram build, lower peak)")
     add("--path-dt", type=float, default=None, help="also fit each row's predicted path (Heun step in slow time; "
         "matrix-free for SGD, Jacobian nodes for rules with a psi term)")
     add("--paths-only", action="store_true", help="add the predicted path to the rows already in --out, no runs "
@@ -186,8 +189,14 @@ def _main(argv: list[str] | None) -> int:
         raise ValueError(f"--resume continues the study in --out; it excludes {other}")
     outputs = network_outputs(noise)
     dim = sum(p.numel() for p in MODELS[MODEL](image_size=32, classes=outputs).parameters())
+    memory = physical_memory()
+    if args.memory_gib is not None:
+        if not 0 < args.memory_gib * 2 ** 30 <= memory:
+            raise ValueError(f"--memory-gib must be in (0, {memory / 2 ** 30:.1f}] (this machine's RAM), "
+                             f"got {args.memory_gib}")
+        memory = int(args.memory_gib * 2 ** 30)
     GramPreconditioner.check_memory(noise.equations(args.n, outputs), noise.equations(1, outputs), dim,
-                                    limit=physical_memory())                      # before any work
+                                    limit=memory)                                 # before any work
     out = Path(args.out)
     say = None if args.quiet else (lambda line: print(line, flush=True))
     record = provenance({k: v for k, v in vars(args).items() if k not in ("debug", "quiet", "overwrite")})
@@ -208,7 +217,8 @@ def _main(argv: list[str] | None) -> int:
     targets = simplex_targets(labels, CLASSES) if outputs < CLASSES else labels
     point = build_point(lambda *, image_size: MODELS[MODEL](image_size=image_size, classes=outputs), images,
                         targets, noise=noise, method="cg", seed=args.seed,
-                        fit_dtype=torch.float32, exact_preconditioner=True, cache=out / "zeta.pt", progress=say,
+                        fit_dtype=torch.float32, exact_preconditioner=True, memory_limit=memory,
+                        cache=out / "zeta.pt", progress=say,
                         generator=torch.Generator().manual_seed(args.seed))
     point = with_eigendecomposition(point)
     chosen = plan(point, eta_lambdas=args.eta_lambda, batch=args.batch,

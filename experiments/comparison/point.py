@@ -145,11 +145,12 @@ def fit(obj: Objective, noise, *, steps: int = 3000, lr: float = 3e-3, gap: floa
 
 def point_at(obj: Objective, noise, zeta: Tensor, *, method: str = "dense", labels: Tensor | None = None,
              preconditioner=None, tol: float | None = None, seconds: float = 0.0, exact_preconditioner: bool = False,
-             **mf) -> Point:
+             memory_limit: int | None = None, **mf) -> Point:
     """The `Point` at zeta (ValueError if its distance to Gamma exceeds tol, default noise.on_gamma): dense,
     geometry, gradients, `GramPreconditioner` and `PhiCorrection`; "cg", a `GramPreconditionerMF` (kwargs `mf`), or
     with exact_preconditioner the exact Gram eigendecomposition (`GramPreconditioner.at` by Jacobian row blocks,
-    memory checked first), which the matrix-free readings need anyway (`reading_mf.with_eigendecomposition`)."""
+    within `memory_limit` bytes, default the machine's RAM, checked first), which the matrix-free readings need
+    anyway (`reading_mf.with_eigendecomposition`)."""
     start = time.perf_counter()
     zeta = zeta.detach()
     residual = check_on_gamma(obj, noise, zeta, tol)
@@ -159,10 +160,10 @@ def point_at(obj: Objective, noise, zeta: Tensor, *, method: str = "dense", labe
         geometry = gauss_newton_geometry(obj, zeta, metric=noise.metric(targets), residual=residual)
         gradients = sharpness_gradients(obj, geometry)
         correction = PhiCorrection.at(obj, geometry, gradients)
-        preconditioner = preconditioner or GramPreconditioner.at(obj, noise, zeta)
+        preconditioner = preconditioner or GramPreconditioner.at(obj, noise, zeta, memory_limit=memory_limit)
     elif method == "cg":
         if preconditioner is None and exact_preconditioner:
-            preconditioner = GramPreconditioner.at(obj, noise, zeta)
+            preconditioner = GramPreconditioner.at(obj, noise, zeta, memory_limit=memory_limit)
         elif preconditioner is None:
             rank = min(mf.pop("rank", 200), noise.equations(*targets.shape) - 1)
             preconditioner = GramPreconditionerMF.at(obj, noise, zeta, rank=rank, **mf)
@@ -176,14 +177,14 @@ def point_at(obj: Objective, noise, zeta: Tensor, *, method: str = "dense", labe
 def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: int = 3000, lr: float = 3e-3,
                 tol: float = 1e-10, seed: int = 0, method: str = "dense", progress: Callable[[str], None] | None = None,
                 cache: str | Path | None = None, fit_dtype: torch.dtype | None = None,
-                exact_preconditioner: bool = False, **projection) -> Point:
+                exact_preconditioner: bool = False, memory_limit: int | None = None, **projection) -> Point:
     """Train `model` (a module, or a factory called with image_size, torch seeded by `seed`) toward Gamma by
     full-batch Adam (`train_steps`, 0 for none; in `fit_dtype` if given, e.g. torch.float32), project onto Gamma
     (distance <= tol; `projection` kwargs go to `project`, e.g. cg_rtol) and build the point there (`point_at`). Images (N, 3, s, s) and the model in
     float64; labels integer (N,) or float (N, C) (`LabelNoise.targets`). noise: a model or "gaussian:0.1".
     cache: a file keeping zeta between runs, keyed by the setup (noise, options, data and start sizes; atomic).
     exact_preconditioner ("cg"): the point's preconditioner is the exact Gram eigendecomposition at zeta, not a
-    Nystrom one (`point_at`)."""
+    Nystrom one (`point_at`, within `memory_limit` bytes)."""
     noise = parse_noise(noise) if isinstance(noise, str) else noise
     start = time.perf_counter()
     images = images.to(torch.float64)
@@ -223,7 +224,7 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: in
             atomic_write_bytes(cache, buffer.getvalue())
     say("point: on Gamma; geometry, Phi correction and preconditioner")
     point = point_at(obj, noise, zeta, method=method, labels=labels, tol=tol, seconds=time.perf_counter() - start,
-                     exact_preconditioner=exact_preconditioner,
+                     exact_preconditioner=exact_preconditioner, memory_limit=memory_limit,
                      **({"rank": projection.get("preconditioner_rank", 200), "generator": projection.get("generator")}
                         if method == "cg" else {}))
     say(f"point: tr H = {point.trace:.6g}, lambda_max = {point.lambda_max:.6g} ({point.seconds:.0f} s)")

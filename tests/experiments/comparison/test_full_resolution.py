@@ -95,6 +95,15 @@ def test_a_study_that_cannot_fit_in_memory_is_refused_before_any_work(monkeypatc
                  str(tmp_path / "o")])
     assert code == 2 and f"N m = 18000 equations, D = 51082 needs about {need / 2 ** 30:.1f} GiB" in \
         capsys.readouterr().err
+    # --memory-gib: a limit below the need is refused by the same check; one above the machine's RAM by name
+    monkeypatch.setattr(full_resolution, "physical_memory", lambda: 64 * 2 ** 30)
+    code = main(["--n", "2000", "--memory-gib", "5", "--data-dir", str(tmp_path / "nowhere"), "--out",
+                 str(tmp_path / "o")])
+    assert code == 2 and "> the memory limit 5.0 GiB" in capsys.readouterr().err
+    code = main(["--n", "2000", "--memory-gib", "65", "--data-dir", str(tmp_path / "nowhere"), "--out",
+                 str(tmp_path / "o")])
+    assert code == 2 and "--memory-gib must be in (0, 64.0]" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_resumed_study_measures_only_the_rows_it_lacks(cifar10_dir, tiny_study, tmp_path, capsys):
