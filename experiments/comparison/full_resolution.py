@@ -17,7 +17,9 @@ eta_lambda / lambda_max. Every (rule, eta) is measured by `compare` matrix-free;
 paths to the rows already in OUT without new runs (`add_paths`), rewriting rows.jsonl and summary.json.
 --resume measures only the (rule, eta) rows OUT lacks (an interrupted study, or one given more --eta-lambda),
 keeping its rows verbatim and its plan (beta from the same point, QSR's alpha as planned); the rows it makes are
-the ones an uninterrupted study makes (every run's seeds come from --seed alone).
+the ones an uninterrupted study makes (every run's seeds come from --seed alone). Both need OUT/zeta.pt: a point
+built again lands elsewhere on Gamma (float32 Adam differs across machines), so a committed study keeps its zeta.pt.
+--qsr-alpha gives a new study another study's QSR (e.g. more etas at a point rebuilt elsewhere).
 """
 from __future__ import annotations
 
@@ -125,6 +127,8 @@ def _parser() -> ArgumentParser:
     add("--slow-time", type=float, default=0.05, help="slow time eta^2 x steps of every run")
     add("--batch", type=int, default=8, help="total batch B of every rule")
     add("--seed", type=int, default=0)
+    add("--qsr-alpha", type=float, default=None, help="QSR's alpha for a new study (default: beta = alpha^2 / eta "
+        "equals Local SGD's beta at the middle eta), e.g. another study's, to measure its QSR at other etas")
     add("--data-dir", default=None, help="CIFAR-10 folder (default: CIFAR10_DIR, else a search)")
     add("--out", required=True)
     add("--memory-gib", type=float, default=None, help="memory for the Gram eigendecomposition at zeta (its matrix, "
@@ -184,9 +188,11 @@ def _main(argv: list[str] | None) -> int:
     for name in ("n", "seeds", "checkpoints", "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.resume and (args.paths_only or args.overwrite):
-        other = "--paths-only" if args.paths_only else "--overwrite"
+    if args.resume and (args.paths_only or args.overwrite or args.qsr_alpha is not None):
+        other = "--paths-only" if args.paths_only else "--overwrite" if args.overwrite else "--qsr-alpha"
         raise ValueError(f"--resume continues the study in --out; it excludes {other}")
+    if args.qsr_alpha is not None and not args.qsr_alpha > 0:
+        raise ValueError(f"--qsr-alpha must be positive, got {args.qsr_alpha}")
     outputs = network_outputs(noise)
     dim = sum(p.numel() for p in MODELS[MODEL](image_size=32, classes=outputs).parameters())
     memory = physical_memory()
@@ -205,6 +211,9 @@ def _main(argv: list[str] | None) -> int:
     lines, saved = [], None
     if args.resume or args.paths_only:
         lines, saved = _study_rows(out, noise, args, STUDY_OPTIONS + (MEASUREMENT_OPTIONS if args.resume else ()))
+        if not (out / "zeta.pt").is_file():
+            raise ValueError(f"--resume and --paths-only need the point the rows were measured at: no {out / 'zeta.pt'} "
+                             "(a point built again lands elsewhere on Gamma: float32 Adam differs across machines)")
     images, labels = cifar_subset(resolve_cifar10_dir(args.data_dir, search=True), args.n, image_size=32)
     if not (args.paths_only or args.resume):
         resumable = out.is_dir() and {p.name for p in out.iterdir()} <= {"zeta.pt", "plan.json"}   # a built point
@@ -222,7 +231,7 @@ def _main(argv: list[str] | None) -> int:
                         generator=torch.Generator().manual_seed(args.seed))
     point = with_eigendecomposition(point)
     chosen = plan(point, eta_lambdas=args.eta_lambda, batch=args.batch,
-                  alpha=None if saved is None else saved["alpha"])
+                  alpha=args.qsr_alpha if saved is None else saved["alpha"])
     if saved is not None and not math.isclose(chosen["beta"], saved["beta"], rel_tol=1e-9):
         raise ValueError(f"this point's beta {chosen['beta']:.10g} is not the study's {saved['beta']:.10g}: "
                          f"{out / 'zeta.pt'} is not the point its rows were measured at")

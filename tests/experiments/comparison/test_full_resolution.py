@@ -131,9 +131,36 @@ def test_a_resumed_study_measures_only_the_rows_it_lacks(cifar10_dir, tiny_study
     for other in (["--seeds", "3"], ["--noise", "gaussian:0.2"], ["--noise", "flip:0.1"]):
         assert main(common + ["--resume", *other]) == 2
         assert "were made with" in capsys.readouterr().err and (out / "rows.jsonl").read_bytes() == before
-    for other in ("--overwrite", "--paths-only"):
-        assert main(common + ["--resume", other]) == 2 and f"excludes {other}" in capsys.readouterr().err
+    for other in (["--overwrite"], ["--paths-only"], ["--qsr-alpha", "0.1"]):
+        assert main(common + ["--resume", *other]) == 2 and f"excludes {other[0]}" in capsys.readouterr().err
     assert (out / "rows.jsonl").read_bytes() == before and not list(tmp_path.glob("fr.replaced-*"))
+    # without the study's zeta a point built again lands elsewhere on Gamma: refused before reading any data
+    (out / "zeta.pt").unlink()
+    for other in ("--resume", "--paths-only"):
+        assert main(common[:-4] + ["--data-dir", str(tmp_path / "nowhere"), "--out", str(out), other]) == 2
+        assert f"no {out / 'zeta.pt'}" in capsys.readouterr().err
+    assert (out / "rows.jsonl").read_bytes() == before
+
+
+def test_qsr_alpha_sets_a_new_studys_qsr(cifar10_dir, tiny_study, tmp_path, monkeypatch, capsys):
+    """--qsr-alpha: a new study (here at the tiny study's zeta) measures QSR at the alpha given, not the one its
+    own plan picks (beta at the middle eta); a non-positive alpha is refused before any work."""
+    out = tmp_path / "fr"
+    out.mkdir()
+    shutil.copy(tiny_study / "zeta.pt", out)
+    measured = {}
+
+    def compare(*args, rules, **kwargs):                                 # no runs: the rules planned are the point
+        measured["rules"] = rules
+        return []
+    monkeypatch.setattr(full_resolution, "compare", compare)
+    monkeypatch.setattr(full_resolution, "_finish", lambda *a, **kw: 0)
+    args = OPTIONS + ["--eta-lambda", "0.2", "--data-dir", str(cifar10_dir), "--out", str(out)]
+    assert main(args + ["--qsr-alpha", "0.0123"]) == 0
+    assert measured["rules"][-1].alpha == 0.0123 and json.loads((out / "plan.json").read_text())["alpha"] == 0.0123
+    own = json.loads((tiny_study / "plan.json").read_text())["alpha"]
+    assert abs(own / 0.0123 - 1) > 0.1                                   # what the plan alone would have used
+    assert main(args + ["--qsr-alpha", "0"]) == 2 and "--qsr-alpha must be positive" in capsys.readouterr().err
 
 
 @pytest.mark.slow
