@@ -18,7 +18,8 @@ paths to the rows already in OUT without new runs (`add_paths`), rewriting rows.
 --resume measures only the (rule, eta) rows OUT lacks (an interrupted study, or one given more --eta-lambda),
 keeping its rows verbatim and its plan (beta from the same point, QSR's alpha as planned); the rows it makes are
 the ones an uninterrupted study makes (every run's seeds come from --seed alone). Both need OUT/zeta.pt: a point
-built again lands elsewhere on Gamma (float32 Adam differs across machines), so a committed study keeps its zeta.pt.
+built again can land elsewhere on Gamma (the float32 fit is not bitwise reproducible across machines), so a
+committed study keeps its zeta.pt.
 --qsr-alpha gives a new study another study's QSR (e.g. more etas at a point rebuilt elsewhere).
 """
 from __future__ import annotations
@@ -213,7 +214,7 @@ def _main(argv: list[str] | None) -> int:
         lines, saved = _study_rows(out, noise, args, STUDY_OPTIONS + (MEASUREMENT_OPTIONS if args.resume else ()))
         if not (out / "zeta.pt").is_file():
             raise ValueError(f"--resume and --paths-only need the point the rows were measured at: no {out / 'zeta.pt'} "
-                             "(a point built again lands elsewhere on Gamma: float32 Adam differs across machines)")
+                             "(a point built again can land elsewhere on Gamma: the float32 fit differs across machines)")
     images, labels = cifar_subset(resolve_cifar10_dir(args.data_dir, search=True), args.n, image_size=32)
     if not (args.paths_only or args.resume):
         resumable = out.is_dir() and {p.name for p in out.iterdir()} <= {"zeta.pt", "plan.json"}   # a built point
