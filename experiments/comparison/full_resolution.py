@@ -213,8 +213,9 @@ def _main(argv: list[str] | None) -> int:
     if args.resume or args.paths_only:
         lines, saved = _study_rows(out, noise, args, STUDY_OPTIONS + (MEASUREMENT_OPTIONS if args.resume else ()))
         if not (out / "zeta.pt").is_file():
-            raise ValueError(f"--resume and --paths-only need the point the rows were measured at: no {out / 'zeta.pt'} "
-                             "(a point built again can land elsewhere on Gamma: the float32 fit differs across machines)")
+            raise ValueError(f"--resume and --paths-only need the point the rows were measured at: no "
+                             f"{out / 'zeta.pt'} (a point built again can land elsewhere on Gamma: the float32 fit "
+                             "differs across machines)")
     images, labels = cifar_subset(resolve_cifar10_dir(args.data_dir, search=True), args.n, image_size=32)
     if not (args.paths_only or args.resume):
         resumable = out.is_dir() and {p.name for p in out.iterdir()} <= {"zeta.pt", "plan.json"}   # a built point
