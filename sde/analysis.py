@@ -56,7 +56,7 @@ def effective_beta(eta: float, *, local_steps: float | None = None, beta: float 
 
 @dataclass(frozen=True)
 class Extrapolation:
-    """value: the fitted value at eta = 0; stderr: its standard error propagated from the
+    """value: the fitted value at eta = 0 (or where asked); stderr: its standard error propagated from the
     per-eta standard errors (independent runs); coefficients: (degree + 1,) from the constant up;
     residual_chi2: sum of squared weighted residuals of the fit (about len(etas) - degree - 1
     when the model and the standard errors are right)."""
@@ -66,12 +66,13 @@ class Extrapolation:
     residual_chi2: float
 
 
-def extrapolate_to_zero(etas, values, stderrs, *, degree: int = 1) -> Extrapolation:
+def extrapolate_to_zero(etas, values, stderrs, *, degree: int = 1, at: float = 0.0) -> Extrapolation:
     """Weighted least-squares fit value(eta) = r0 + c1 eta + ... + c_degree eta^degree.
 
     etas, values, stderrs: (n,) with n >= degree + 2 and stderrs > 0 (weights 1 / stderr).
     The fit is `sde.discrete.richardson`; r0 is linear in the values, r0 = a . values, so its
-    standard error is sqrt(sum a_k^2 stderr_k^2).
+    standard error is sqrt(sum a_k^2 stderr_k^2). at: read the fit there instead of at eta = 0
+    (value and stderr; e.g. to hold a fit against an eta it did not see).
     """
     etas, values, stderrs = (np.asarray(a, dtype=float) for a in (etas, values, stderrs))
     if not (etas.shape == values.shape == stderrs.shape and etas.ndim == 1):
@@ -84,8 +85,10 @@ def extrapolate_to_zero(etas, values, stderrs, *, degree: int = 1) -> Extrapolat
     weights = 1.0 / stderrs
     value, coef = richardson(etas, values, degree=degree, weights=weights)
     design = np.vander(etas, degree + 1, increasing=True) * weights[:, None]
-    linear_map = np.linalg.pinv(design)[0] * weights          # r0 = linear_map . values
+    row = np.vander([float(at)], degree + 1, increasing=True)[0]
+    linear_map = row @ np.linalg.pinv(design) * weights          # value(at) = linear_map . values
     stderr = float(np.sqrt(np.sum(linear_map ** 2 * stderrs ** 2)))
+    value = value if at == 0 else float(row @ coef)
     fitted = np.vander(etas, degree + 1, increasing=True) @ coef
     chi2 = float(np.sum(((values - fitted) / stderrs) ** 2))
     return Extrapolation(value=value, stderr=stderr, coefficients=coef, residual_chi2=chi2)

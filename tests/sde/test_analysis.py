@@ -59,6 +59,12 @@ def test_extrapolation_stderr_matches_monte_carlo():
         r0s.append(out.value)
         chi2s.append(out.residual_chi2)
     predicted = extrapolate_to_zero(etas, 2.0 + 1.5 * etas, stderrs).stderr
+    # the fit read at an eta it did not see (0.005, below the four): its value's sample std across the draws
+    at = [extrapolate_to_zero(etas, 2.0 + 1.5 * etas + stderrs * z, stderrs, at=0.005).value
+          for z in np.random.default_rng(1).standard_normal((reps, 4))]
+    held_out = extrapolate_to_zero(etas, 2.0 + 1.5 * etas, stderrs, at=0.005)
+    assert held_out.value == pytest.approx(2.0075, abs=1e-12) and held_out.stderr < predicted
+    assert np.std(at, ddof=1) == pytest.approx(held_out.stderr, rel=0.05)
     # the sample std of 4000 Gaussian draws has relative standard error 1/sqrt(2 x 4000) = 1.1%: 5% is > 4 sigma
     assert np.std(r0s, ddof=1) == pytest.approx(predicted, rel=0.05)
     assert np.mean(r0s) == pytest.approx(2.0, abs=5 * predicted / math.sqrt(reps))
