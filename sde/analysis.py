@@ -83,12 +83,12 @@ def extrapolate_to_zero(etas, values, stderrs, *, degree: int = 1, at: float = 0
     if not bool(np.all(etas > 0)):
         raise ValueError("learning rates must be positive")
     weights = 1.0 / stderrs
-    value, coef = richardson(etas, values, degree=degree, weights=weights)
+    _, coef = richardson(etas, values, degree=degree, weights=weights)
     design = np.vander(etas, degree + 1, increasing=True) * weights[:, None]
     row = np.vander([float(at)], degree + 1, increasing=True)[0]
     linear_map = row @ np.linalg.pinv(design) * weights          # value(at) = linear_map . values
     stderr = float(np.sqrt(np.sum(linear_map ** 2 * stderrs ** 2)))
-    value = value if at == 0 else float(row @ coef)
+    value = float(row @ coef)
     fitted = np.vander(etas, degree + 1, increasing=True) @ coef
     chi2 = float(np.sum(((values - fitted) / stderrs) ** 2))
     return Extrapolation(value=value, stderr=stderr, coefficients=coef, residual_chi2=chi2)

@@ -189,9 +189,10 @@ def _main(argv: list[str] | None) -> int:
     for name in ("n", "seeds", "checkpoints", "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.resume and (args.paths_only or args.overwrite or args.qsr_alpha is not None):
-        other = "--paths-only" if args.paths_only else "--overwrite" if args.overwrite else "--qsr-alpha"
-        raise ValueError(f"--resume continues the study in --out; it excludes {other}")
+    excluded = [flag for flag, given in (("--paths-only", args.paths_only), ("--overwrite", args.overwrite),
+                                         ("--qsr-alpha", args.qsr_alpha is not None)) if given]
+    if args.resume and excluded:
+        raise ValueError(f"--resume continues the study in --out; it excludes {excluded[0]}")
     if args.qsr_alpha is not None and not args.qsr_alpha > 0:
         raise ValueError(f"--qsr-alpha must be positive, got {args.qsr_alpha}")
     outputs = network_outputs(noise)

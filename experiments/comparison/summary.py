@@ -21,7 +21,8 @@ from scipy.stats import chi2 as chi2_law
 
 from sde.analysis import extrapolate_to_zero
 
-__all__ = ["ZeroEtaFit", "fit_to_zero_eta", "compared_with", "summarize", "summary_lines", "write_summary", "ACCEPT_P"]
+__all__ = ["ZeroEtaFit", "fit_to_zero_eta", "compared_with", "ratio_points", "fit_quotient", "summarize",
+           "summary_lines", "write_summary", "ACCEPT_P"]
 
 ACCEPT_P = 0.05      # a weighted line is accepted when P(chi^2 >= its chi^2) >= ACCEPT_P
 
@@ -76,14 +77,22 @@ def compared_with(row, key: str = "trace") -> float:
     return r["predicted" + suffix] if path is None or not math.isfinite(path) else path
 
 
-def _ratio_points(rows: list[dict]) -> tuple[list, list, list]:
+def ratio_points(rows) -> tuple[list, list, list]:
+    """(etas, measured / compared_with, stderr / |compared_with|) of rows (`compare.Row`s or JSON dicts), in order."""
     etas, ratios, errors = [], [], []
-    for r in rows:
+    for r in map(_as_dict, rows):
         predicted = compared_with(r)
         etas.append(r["eta"])
         ratios.append(r["measured"] / predicted)
         errors.append(r["stderr"] / abs(predicted))
     return etas, ratios, errors
+
+
+def fit_quotient(fit: ZeroEtaFit, baseline: ZeroEtaFit) -> tuple[float, float]:
+    """fit.value / baseline.value and its standard error (independent runs: relative errors in quadrature),
+    e.g. (Local / SGD) measured over predicted at eta -> 0."""
+    value = fit.value / baseline.value
+    return value, abs(value) * math.hypot(fit.stderr / fit.value, baseline.stderr / baseline.value)
 
 
 def summarize(rows, *, n: int, image_size: int, dim: int, accept_p: float = ACCEPT_P) -> dict:
@@ -100,10 +109,10 @@ def summarize(rows, *, n: int, image_size: int, dim: int, accept_p: float = ACCE
     by_rule: dict[str, list[dict]] = {}
     for r in rows:
         by_rule.setdefault(r["rule"], []).append(r)
-    rules = []
+    rules, fits = [], {}
     for rule, group in by_rule.items():
-        etas, ratios, errors = _ratio_points(sorted(group, key=lambda r: r["eta"]))
-        fit = fit_to_zero_eta(etas, ratios, errors, accept_p=accept_p)
+        etas, ratios, errors = ratio_points(sorted(group, key=lambda r: r["eta"]))
+        fit = fits[rule] = fit_to_zero_eta(etas, ratios, errors, accept_p=accept_p)
         rules.append(dict(rule=rule, n=n, image_size=image_size, D=dim, noise=rows[0]["noise"],
                           workers=group[0].get("workers", 1), etas=etas, ratio_per_eta=ratios,
                           ratio_per_eta_se=errors, ratio_eta0=fit.value, ratio_eta0_se=fit.stderr, fit=fit.fit,
@@ -114,9 +123,7 @@ def summarize(rows, *, n: int, image_size: int, dim: int, accept_p: float = ACCE
         sgd = baseline[0]
         for r in rules:
             if r["workers"] > 1:
-                value = r["ratio_eta0"] / sgd["ratio_eta0"]
-                se = abs(value) * math.hypot(r["ratio_eta0_se"] / r["ratio_eta0"],
-                                             sgd["ratio_eta0_se"] / sgd["ratio_eta0"])
+                value, se = fit_quotient(fits[r["rule"]], fits[sgd["rule"]])
                 local_over_sgd[r["rule"]] = dict(value=value, se=se, sgd=sgd["rule"])
     return dict(rules=rules, local_over_sgd_eta0=local_over_sgd)
 
