@@ -5,6 +5,9 @@ benchmarks/results/bench_reading_cost.md and .json after every N (atomically), s
 `python -m benchmarks.bench_reading_cost --eigen N GIB`: only the Gram build and eigendecomposition at N under a
 memory limit of GIB GiB (the study's `--memory-gib`), at the network's initial parameters (the cost and memory do
 not depend on where it is built), appended to benchmarks/results/bench_reading_cost_eigen.md and .json.
+`python -m benchmarks.bench_reading_cost --passes N`: the same SGD measurement read with float64 and with float32
+Jacobian passes side by side (speed-up, CG iterations, how much the readings and slopes differ), appended to
+benchmarks/results/bench_reading_cost_passes.md and .json.
 
 Setting: full resolution, the GELU CNN `cnn-wide` (`experiments.models.build_small_cnn`, hidden 48, 9 outputs: D =
 51,033) on N class-balanced real CIFAR-10 training images at 32x32, squared loss with Gaussian label noise sigma =
@@ -32,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_reading_cost"
@@ -39,11 +43,10 @@ SIZES = (200, 500, 1000, 2000)
 ETA_LAMBDA, STEPS, SEEDS, BATCH, SIGMA = 0.2, 1000, 2, 8, 0.1
 
 
-def one(n: int) -> dict:
-    """Build the point at N = n, then time the eigendecomposition and one measurement (this process only)."""
+def _point(n: int):
+    """(the point at N = n with its Gram eigendecomposition, its seconds, the eigendecomposition's, its log)."""
     torch.set_num_threads(2)
-    from experiments.comparison.compare import MODELS, parse_rule
-    from experiments.comparison.continuation import ContinuationConfig, run_continuation
+    from experiments.comparison.compare import MODELS
     from experiments.comparison.noise import GaussianLabelNoise, simplex_targets
     from experiments.comparison.point import build_point
     from experiments.comparison.reading_mf import with_eigendecomposition
@@ -60,21 +63,85 @@ def one(n: int) -> dict:
     point_seconds = time.perf_counter() - start
     start = time.perf_counter()
     point = with_eigendecomposition(point)
-    eigen_seconds = time.perf_counter() - start
-    eigen = point.preconditioner
-    eta = ETA_LAMBDA * n / float(eigen.values[0])                   # lambda_max = kappa_1 / N
+    return point, point_seconds, time.perf_counter() - start, lines
+
+
+def _measure(point, pass_dtype=None):
+    """(one SGD measurement's `ContinuationResult` read with Jacobian passes in pass_dtype, its seconds)."""
+    from experiments.comparison.compare import parse_rule
+    from experiments.comparison.continuation import ContinuationConfig, run_continuation
+    eta = ETA_LAMBDA * len(point.targets) / float(point.preconditioner.values[0])     # lambda_max = kappa_1 / N
     config = ContinuationConfig(rule=parse_rule("sgd", batch=BATCH), eta=eta, rounds=2, seeds=SEEDS,
-                                steps_per_round_sgd=STEPS)
+                                steps_per_round_sgd=STEPS, pass_dtype=pass_dtype)
     start = time.perf_counter()
     result = run_continuation(point, config, generator=torch.Generator().manual_seed(0))
+    return result, time.perf_counter() - start
+
+
+def one(n: int) -> dict:
+    """Build the point at N = n, then time the eigendecomposition and one measurement (this process only)."""
+    point, point_seconds, eigen_seconds, lines = _point(n)
+    eigen = point.preconditioner
+    result, seconds = _measure(point)
     cost = result.reading_cost
-    return dict(n=n, D=point.objective.dim, eta=eta, rows=n * point.classes, point_seconds=point_seconds,
-                point_log=lines, eigen_seconds=eigen_seconds, kept_rank=eigen.rank,
+    return dict(n=n, D=point.objective.dim, eta=result.config.eta, rows=n * point.classes,
+                point_seconds=point_seconds, point_log=lines, eigen_seconds=eigen_seconds, kept_rank=eigen.rank,
                 condition=float(eigen.values[0] / eigen.values[eigen.rank - 1]),
                 reading_seconds=cost["seconds"], projection_cg=cost["projection_cg"], flow_ranks=cost["flow_ranks"],
-                eigen_matvecs=cost["eigen_matvecs"], measurement_seconds=time.perf_counter() - start,
+                eigen_matvecs=cost["eigen_matvecs"], measurement_seconds=seconds,
                 peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                 trace_start=float(result.trace[0, 0]), trace_end=[float(t) for t in result.trace[-1]])
+
+
+def _slopes(result) -> Tensor:
+    """Least-squares slopes (seeds,) of the readings at Phi on slow time, tr H then lambda_max (2, seeds)."""
+    t = result.times.to(torch.float64) - result.times.to(torch.float64).mean()
+    return torch.stack([(t[:, None] * (s - s.mean(0))).sum(0) / (t * t).sum()
+                        for s in (result.trace, result.lambda_max)])
+
+
+def passes_one(n: int) -> dict:
+    """At N = n: the same SGD runs (same seeds) read with float64 and with float32 Jacobian passes, side by side."""
+    point, *_ = _point(n)
+    out = dict(n=n, rows=n * point.classes, date=datetime.date.today().isoformat(), load=os.getloadavg()[0])
+    results = {}
+    for name, dtype in (("float64", None), ("float32", torch.float32)):
+        results[name], seconds = _measure(point, dtype)
+        cost = results[name].reading_cost
+        out[name] = dict(measurement_seconds=seconds, reading_seconds=cost["seconds"],
+                         projection_cg=cost["projection_cg"], eigen_matvecs=cost["eigen_matvecs"],
+                         flow_ranks=cost["flow_ranks"])
+    high, low = results["float64"], results["float32"]
+    out["max_relative_difference"] = {
+        name: float(((a - b).abs() / b.abs()).max())
+        for name, a, b in (("trace", low.trace, high.trace), ("lambda_max", low.lambda_max, high.lambda_max))}
+    slopes = _slopes(high), _slopes(low)
+    out["slope_relative_difference"] = {name: float(((slopes[1][k] - slopes[0][k]).abs() / slopes[0][k].abs()).max())
+                                        for k, name in enumerate(("trace", "lambda_max"))}
+    out["slope_float64"] = [float(x) for x in slopes[0][0]]
+    return out
+
+
+def passes_table(rows: list[dict]) -> str:
+    lines = ["What: one SGD measurement (as in bench_reading_cost: B = 8, eta lambda_max = 0.2, 2 seeds x 2 "
+             "checkpoints of 1,000 steps) on `cnn-wide` at 32x32, the same runs read twice at Phi matrix-free: with "
+             "every Jacobian pass in float64, and with `MatrixFreeReader(pass_dtype=torch.float32)` (projection CG "
+             "products, flow ranks and Lanczos in float32; residuals, Gauss-Newton steps, tr H and the Rayleigh "
+             "quotient of lambda_max in float64). Differences: the largest relative difference of a reading (tr H, "
+             "lambda_max at Phi) and of a seed's fitted slope. 2 torch threads, float64 first.", "",
+             "| N | N m | s per reading float64 | float32 | speed-up | CG its per projection float64 / float32 | "
+             "Lanczos products float64 / float32 | readings differ (tr H, lambda_max) | slopes differ (tr H, "
+             "lambda_max) | date, load |", "|---:|---:|---:|---:|---:|---|---|---|---|---|"]
+    for r in rows:
+        high, low = r["float64"], r["float32"]
+        per = [sum(x["reading_seconds"]) / len(x["reading_seconds"]) for x in (high, low)]
+        d, sl = r["max_relative_difference"], r["slope_relative_difference"]
+        lines.append(f"| {r['n']:,} | {r['rows']:,} | {per[0]:.1f} | {per[1]:.1f} | {per[0] / per[1]:.2f}x | "
+                     f"{', '.join(map(str, high['projection_cg']))} / {', '.join(map(str, low['projection_cg']))} | "
+                     f"{sum(high['eigen_matvecs'])} / {sum(low['eigen_matvecs'])} | {d['trace']:.1e}, "
+                     f"{d['lambda_max']:.1e} | {sl['trace']:.1e}, {sl['lambda_max']:.1e} | {r['date']}, "
+                     f"{r['load']:.1f} |")
+    return "\n".join(lines + ["", "Command: `python -m benchmarks.bench_reading_cost --passes N`."])
 
 
 def eigen_only(n: int, gib: float) -> dict:
@@ -165,15 +232,21 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["--eigen-one"]:
         print(json.dumps(eigen_only(int(args[1]), float(args[2]))))
         return
-    if args[:1] == ["--eigen"]:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_reading_cost", "--eigen-one", *args[1:3]],
+    if args[:1] == ["--passes-one"]:
+        print(json.dumps(passes_one(int(args[1]))))
+        return
+    appended = {"--eigen": ("_eigen", "--eigen-one", 3, eigen_table, lambda r: (r["n"], r["limit_gib"])),
+                "--passes": ("_passes", "--passes-one", 2, passes_table, lambda r: r["n"])}
+    if args[:1] and args[0] in appended:           # one process, its row added to the section's table
+        suffix, flag, count, render, key = appended[args[0]]
+        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_reading_cost", flag, *args[1:count]],
                              cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
-        where = RESULTS.with_name(RESULTS.name + "_eigen")
+        where = RESULTS.with_name(RESULTS.name + suffix)
         rows = json.loads(where.with_suffix(".json").read_text()) if where.with_suffix(".json").exists() else []
-        rows = sorted(rows + [json.loads(out.strip().splitlines()[-1])], key=lambda r: (r["n"], r["limit_gib"]))
+        rows = sorted(rows + [json.loads(out.strip().splitlines()[-1])], key=key)
         atomic_write_bytes(where.with_suffix(".json"), (json.dumps(rows, indent=1) + "\n").encode())
-        atomic_write_bytes(where.with_suffix(".md"), (eigen_table(rows) + "\n").encode())
-        print(eigen_table(rows))
+        atomic_write_bytes(where.with_suffix(".md"), (render(rows) + "\n").encode())
+        print(render(rows))
         return
     rows = []
     for n in [int(a) for a in args] or SIZES:

@@ -17,6 +17,8 @@ BENCHMARKS = {
     "bench_reading_cost": "the matrix-free reading at Phi (issue 13) as N grows: time, memory, growth exponent",
     "bench_reading_cost_eigen": "the Gram eigendecomposition alone at N = 2,000 under a memory limit "
                                 "(`bench_reading_cost --eigen`): time and peak memory",
+    "bench_reading_cost_passes": "float32 Jacobian passes in the matrix-free reading against float64, the same "
+                                 "runs side by side (`bench_reading_cost --passes`): speed-up and differences",
     "bench_sde_em": "Euler-Maruyama core against torchsde",
     "bench_loader": "data loading and augmentation as a share of a training step",
     "bench_trainer": "Local SGD throughput against single-model SGD; serial against vmap workers",

@@ -221,7 +221,8 @@ class BlockJacobi:
 
 def gram_solve_cg(obj: Objective, theta: Tensor, r: Tensor, preconditioner, *, rtol: float, max_iter: int,
                   x0: Tensor | None = None, shift: float = 0.0,
-                  callback: Callable[[int, float, Tensor], None] | None = None, metric=None) -> tuple[Tensor, int]:
+                  callback: Callable[[int, float, Tensor], None] | None = None, metric=None,
+                  passes: Objective | None = None) -> tuple[Tensor, int]:
     """(a (N, C) with (J J^T + shift I) a = r, CG iterations): preconditioned conjugate gradients on
     Jacobian-vector / vector-Jacobian products, J never formed. metric: None, or an object with
     reduce (N, C) -> (N, m) and its adjoint lift (`sde.label_noise.OutputMetric`): J is then the reduced
@@ -236,17 +237,25 @@ def gram_solve_cg(obj: Objective, theta: Tensor, r: Tensor, preconditioner, *, r
     (Craig's method), so ||v - J^T a||^2 falls monotonically to ||P v||^2 even where the residual does not.
     shift >= 0: Tikhonov shift in Gram units (N x Hessian units); Gram directions of eigenvalue << shift
     then count as tangent, which bounds the condition number by lambda_max / shift.
+    passes: the objective the Jacobian products run on (default obj), e.g. obj.to(torch.float32); the iterates,
+    residuals and preconditioner stay in theta's dtype. Each product is then exact only to the pass dtype, so the
+    true residual levels off near its rounding times the condition number while CG's recurrence goes on: an
+    inexact-Newton caller must recompute its residual in full precision (as `project` does).
     """
     if shift < 0:
         raise ValueError(f"shift must be >= 0, got {shift}")
     if not 0 < rtol < 1 or max_iter < 1:
         raise ValueError(f"need 0 < rtol < 1 and max_iter >= 1, got rtol = {rtol}, max_iter = {max_iter}")
+    passes = obj if passes is None else passes
+    pass_theta = theta.to(passes.dtype)
+
     def times(v: Tensor) -> Tensor:
-        out = jacobian_times(obj, theta, v)
+        out = jacobian_times(passes, pass_theta, v.to(passes.dtype)).to(theta.dtype)
         return out if metric is None else metric.reduce(out)
 
     def transpose_times(a: Tensor) -> Tensor:
-        return jacobian_transpose_times(obj, theta, a if metric is None else metric.lift(a))
+        lifted = a if metric is None else metric.lift(a)
+        return jacobian_transpose_times(passes, pass_theta, lifted.to(passes.dtype)).to(theta.dtype)
 
     norm = getattr(preconditioner, "residual_norm", torch.linalg.norm)
     a, jta = torch.zeros_like(r), torch.zeros_like(theta)

@@ -25,6 +25,7 @@ statistics, so they refuse bn="train" (see DESIGN.md, "Known traps").
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -137,6 +138,16 @@ class Objective:
         # Frozen parameters and buffers enter every call as constants.
         self._fixed = {n: p.detach() for n, p in model.named_parameters() if n not in trainable}
         self._fixed.update({n: b for n, b in model.named_buffers()})
+
+    def to(self, dtype: torch.dtype) -> "Objective":
+        """This objective in `dtype`: a copy of the model, its buffers and the data converted (self when the dtype
+        is already this one). E.g. float32 passes where float64 ones are not needed (5-8x faster CPU convolutions)."""
+        if dtype == self.dtype:
+            return self
+        return Objective(copy.deepcopy(self.model).to(dtype), self.loss_fn,
+                         [(x.to(dtype), y.to(dtype) if y.is_floating_point() else y) for x, y in self.data],
+                         bn=self.bn, hvp_mode=self.hvp_mode, fast_backward=self.fast_backward,
+                         cache_graphs=self.cache_graphs)
 
     # ------------------------------------------------------------------ parameters
     @property

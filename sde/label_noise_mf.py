@@ -113,10 +113,18 @@ class GramOperator:
 
     Its nonzero eigenvalues are those of Hessian(L) on Gamma; one product costs a vector-Jacobian and a
     Jacobian-vector product. `.calls` counts products. Operator interface of `dynamics.lanczos`.
+    passes: the objective the Jacobian passes run on (default obj), e.g. obj.to(torch.float32): vectors in and out
+    stay in theta's dtype, each product is then exact to the pass dtype's rounding (~1e-6 relative in float32).
     """
 
-    def __init__(self, obj: Objective, theta: Tensor, metric: OutputMetric | None = None):
+    def __init__(self, obj: Objective, theta: Tensor, metric: OutputMetric | None = None, *,
+                 passes: Objective | None = None):
         self.obj, self.theta, self.metric = obj, theta.detach(), metric or OutputMetric()
+        self.passes = obj if passes is None else passes
+        if self.passes.dim != obj.dim or self.passes.num_samples != obj.num_samples:
+            raise ValueError(f"passes has D = {self.passes.dim}, N = {self.passes.num_samples}; the objective "
+                             f"D = {obj.dim}, N = {obj.num_samples}: not the same objective")
+        self.pass_theta = self.theta.to(self.passes.dtype)
         self.num_samples = obj.num_samples
         self.outputs = self.metric.size(obj.forward(self.theta, obj.data[0][0][:1]).shape[-1])
         self.dim = self.num_samples * self.outputs
@@ -129,13 +137,22 @@ class GramOperator:
             raise ValueError(f"output-space vectors must have shape ({self.dim},) = N m, got {tuple(a.shape)}")
         return a.reshape(self.num_samples, self.outputs)
 
+    def _lifted(self, a: Tensor) -> Tensor:
+        return self.metric.lift(self.shaped(a)).to(self.passes.dtype)
+
     def transpose_times(self, a: Tensor) -> Tensor:
         """J^T a, (D,), for a flat (N m,) vector a."""
-        return jacobian_transpose_times(self.obj, self.theta, self.metric.lift(self.shaped(a)))
+        return jacobian_transpose_times(self.passes, self.pass_theta, self._lifted(a)).to(self.dtype)
 
     def times(self, v: Tensor) -> Tensor:
         """J v, flat (N m,), for v (D,)."""
-        return self.metric.reduce(jacobian_times(self.obj, self.theta, v)).reshape(-1)
+        out = jacobian_times(self.passes, self.pass_theta, v.to(self.passes.dtype)).to(self.dtype)
+        return self.metric.reduce(out).reshape(-1)
+
+    def derivative_transpose_times(self, u: Tensor, a: Tensor) -> Tensor:
+        """DJ[u]^T a = grad_theta <a, J(theta) u>, (D,), for u (D,) and a flat (N m,) vector a."""
+        return jacobian_derivative_transpose_times(self.passes, self.pass_theta, u.to(self.passes.dtype),
+                                                   self._lifted(a)).to(self.dtype)
 
     def hvp(self, a: Tensor) -> Tensor:
         self.calls += 1
@@ -165,8 +182,7 @@ class GramDerivativeOperator:
         self.calls += 1
         g = self.gram
         first = g.metric.reduce(jacobian_derivative_times(g.obj, g.theta, self.u, g.transpose_times(a)))
-        lifted = g.metric.lift(g.shaped(a))
-        second = g.times(jacobian_derivative_transpose_times(g.obj, g.theta, self.u, lifted))
+        second = g.times(g.derivative_transpose_times(self.u, a))
         return (first.reshape(-1) + second) / g.num_samples
 
 

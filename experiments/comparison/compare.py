@@ -236,7 +236,7 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
             train_steps: int = 3000, lr: float = 3e-3, point: Point | None = None, method: str = "dense",
             max_eta_lambda: float = 0.5, max_relative_change: float = 0.2, measure: bool = True,
             nystrom_rank: int = 200, cg_rtol: float = 1e-10, curvature_floor: float = 0.0, cache=None,
-            fit_dtype: torch.dtype | None = None, measured: Callable[[object, float], bool] | None = None,
+            fit_dtype: torch.dtype | None = None, pass_dtype: torch.dtype | None = None, measured: Callable[[object, float], bool] | None = None,
             progress: Progress = None, on_row: Callable[[Row], None] | None = None, **mf_options) -> list[Row]:
     """Predicted vs measured d tr H / dt for every rule at every eta (see the module docstring).
 
@@ -253,7 +253,8 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
     measured(rule, eta) -> True for the pairs a resumed study already has: skipped (every run's seeds are drawn
     from `seed` alone, so the rows made are the ones an uninterrupted call makes).
     cache: a file keeping zeta between calls (`build_point`'s, keyed by the setup). fit_dtype: the dtype of the
-    Adam stage (`point.fit`; e.g. torch.float32), the projection is float64."""
+    Adam stage (`point.fit`; e.g. torch.float32), the projection is float64. pass_dtype: the dtype of the matrix-free
+    readings' Jacobian passes (`reading_mf.MatrixFreeReader`; e.g. torch.float32)."""
     noise = parse_noise(noise) if isinstance(noise, str) else noise
     rules = [parse_rule(r, batch=batch, local_batch=local_batch) if isinstance(r, str) else r for r in rules]
     etas = [float(e) for e in etas]
@@ -298,7 +299,7 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
             continue
         if measure:
             config = ContinuationConfig(rule=rule, eta=eta, max_eta_lambda=max_eta_lambda,
-                                        max_relative_change=max_relative_change, **schedule)
+                                        max_relative_change=max_relative_change, pass_dtype=pass_dtype, **schedule)
             say(f"{rule!r} at eta = {eta:g}: {config.rounds} rounds of {config.local_steps} steps, {seeds} seeds")
             row = _measured_row(point, config, seed=seed, path_dt=path_dt, progress=progress, method=method,
                                 options=mf_options)

@@ -40,7 +40,8 @@ class ContinuationConfig:
     """`rule` at step `eta` for `rounds` rounds of H = rule.local_steps(eta) steps per worker (SGD:
     `steps_per_round_sgd`), read every `checkpoint_every` rounds; gd_steps: the gradient-descent prefix of the
     projection when phi=False; vectorize: one vmap over seeds x workers (None: when the local batch is < 4);
-    guards eta lambda_max <= max_eta_lambda, relative change of tr H <= max_relative_change."""
+    guards eta lambda_max <= max_eta_lambda, relative change of tr H <= max_relative_change; pass_dtype: the dtype
+    of a matrix-free reading's Jacobian passes (`reading_mf.MatrixFreeReader`; None: the point's)."""
     rule: object
     eta: float
     rounds: int
@@ -51,6 +52,7 @@ class ContinuationConfig:
     vectorize: bool | None = None
     max_eta_lambda: float = 0.5
     max_relative_change: float = 0.2
+    pass_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         check_rule(self.rule)
@@ -113,7 +115,7 @@ def run_continuation(point: Point, config: ContinuationConfig, *, generator: tor
     if method == "dense" and point.reference.shape[0] != noise.equations(*targets.shape):
         raise ValueError(f"the preconditioner has {point.reference.shape[0]} rows, the point has "
                          f"{noise.equations(*targets.shape)} equations: build it at this zeta")
-    reader = MatrixFreeReader(point) if method == "cg" else None
+    reader = MatrixFreeReader(point, pass_dtype=cfg.pass_dtype) if method == "cg" else None
     read = reader.sharpness if reader else lambda z: sharpness_at(obj, noise, z, reference=point.reference)
     trace0, lmax0 = read(zeta)
     if cfg.eta * lmax0 > cfg.max_eta_lambda:

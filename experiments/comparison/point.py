@@ -6,7 +6,6 @@ the Gram preconditioner and the Phi correction. method "cg": no (N m, D) array, 
 """
 from __future__ import annotations
 
-import copy
 import io
 import math
 import time
@@ -128,10 +127,7 @@ def fit(obj: Objective, noise, *, steps: int = 3000, lr: float = 3e-3, gap: floa
     projection that follows, so zeta is as exact)."""
     gap = noise.fit_gap if gap is None else gap
     floor = noise.minimum_loss(objective_targets(obj))
-    work = obj
-    if dtype is not None and dtype != obj.dtype:
-        work = Objective(copy.deepcopy(obj.model).to(dtype), obj.loss_fn, [(x.to(dtype), y.to(dtype))
-                                                                           for x, y in obj.data])
+    work = obj if dtype is None else obj.to(dtype)
     theta = work.params.clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
     for _ in range(steps):
@@ -180,7 +176,7 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: in
                 exact_preconditioner: bool = False, memory_limit: int | None = None, **projection) -> Point:
     """Train `model` (a module, or a factory called with image_size, torch seeded by `seed`) toward Gamma by
     full-batch Adam (`train_steps`, 0 for none; in `fit_dtype` if given, e.g. torch.float32), project onto Gamma
-    (distance <= tol; `projection` kwargs go to `project`, e.g. cg_rtol) and build the point there (`point_at`). Images (N, 3, s, s) and the model in
+    (distance <= tol; `projection` kwargs go to `project`, e.g. cg_rtol, pass_dtype) and build the point there (`point_at`). Images (N, 3, s, s) and the model in
     float64; labels integer (N,) or float (N, C) (`LabelNoise.targets`). noise: a model or "gaussian:0.1".
     cache: a file keeping zeta between runs, keyed by the setup (noise, options, data and start sizes; atomic).
     exact_preconditioner ("cg"): the point's preconditioner is the exact Gram eigendecomposition at zeta, not a
@@ -202,7 +198,8 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: in
     key = {"noise": str(noise), "train_steps": train_steps, "lr": lr, "tol": tol, "method": method, "seed": seed,
            "shape": list(images.shape), "dim": obj.dim, "sizes": [float(images.norm()), float(obj.params.norm()),
                                                                   float(targets.norm())],
-           **({"fit_dtype": str(fit_dtype)} if fit_dtype is not None else {})}
+           **({"fit_dtype": str(fit_dtype)} if fit_dtype is not None else {}),
+           **({"pass_dtype": str(projection["pass_dtype"])} if projection.get("pass_dtype") is not None else {})}
     saved = torch.load(cache, weights_only=True) if cache is not None and Path(cache).exists() else {}
     if saved.get("setup") == key:
         zeta = saved["zeta"]

@@ -227,13 +227,17 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
             gd_steps: int = 0, gd_lr: float | None = None, max_gauss_newton: int = 30, preconditioner=None,
             cg_rtol: float = 1e-4, cg_max_iter: int = 5000, preconditioner_rank: int = 200,
             refresh_after: int | None = 500, generator: torch.Generator | None = None,
-            x0: Tensor | None = None, raise_on_failure: bool = True) -> tuple[Tensor, ProjectionReport]:
+            x0: Tensor | None = None, raise_on_failure: bool = True,
+            pass_dtype: torch.dtype | None = None) -> tuple[Tensor, ProjectionReport]:
     """(theta, default the model's parameters, projected onto Gamma; `ProjectionReport`) (module docstring).
 
     "dense": `preconditioner` a `GramPreconditioner` at a nearby point of Gamma, or None (dense solves). "cg":
     inexact Newton, Gram systems solved to `cg_rtol` under a `GramPreconditionerMF` (None: built at the first step,
     rank min(preconditioner_rank, N m - 1), and again after a step of more than `refresh_after` CG iterations).
-    x0: warm start (N, m) of the first step's CG ("cg"). ValueError if the equations exceed D; RuntimeError naming
+    x0: warm start (N, m) of the first step's CG ("cg"). pass_dtype ("cg"): the dtype of CG's Gram products, e.g.
+    torch.float32 (`dynamics.jacobian.gram_solve_cg`, 5-8x faster CPU convolutions); residuals, distances and each
+    step J^T a stay in obj's dtype, so the steps are normal at their iterate and the end point is on Gamma to tol
+    as before (a less exact solve only slows the Gauss-Newton contraction). ValueError if the equations exceed D; RuntimeError naming
     steps and distance (raise_on_failure) if > tol."""
     theta0 = (obj.params if theta is None else theta).detach().clone()
     if tol <= 0:
@@ -244,6 +248,7 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
         raise ValueError(f"method must be 'dense' or 'cg', got {method!r}")
     if method == "cg" and not 0 < cg_rtol < 1:
         raise ValueError(f"cg_rtol must be in (0, 1), got {cg_rtol}")
+    passes = obj if pass_dtype is None or method != "cg" else obj.to(pass_dtype)
     outputs, targets = outputs_and_targets(obj, theta0)
     metric = noise.metric(targets.to(theta0.dtype))
     equations = noise.equations(*outputs.shape)
@@ -269,7 +274,7 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
                                                          generator=generator)
             r = noise.residual(outputs_and_targets(obj, theta)[0].detach(), targets)
             a, its = gram_solve_cg(obj, theta, r, preconditioner, rtol=cg_rtol, max_iter=cg_max_iter, metric=metric,
-                                   x0=None if steps else x0)
+                                   x0=None if steps else x0, passes=passes)
             first = a if first is None else first
             iterations.append(its)
             if refresh_after is not None and its > refresh_after:

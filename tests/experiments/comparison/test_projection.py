@@ -288,6 +288,30 @@ def test_cg_projection_lands_on_gamma_and_equals_dense_projection(small):
         project(obj, GAUSS, method="cg", max_gauss_newton=1, cg_rtol=1e-3, preconditioner_rank=20)
 
 
+def test_float32_gram_products_still_land_on_gamma_in_float64(small):
+    """pass_dtype=torch.float32: CG's Gram products in float32, residuals and steps in float64. From the start
+    (distance > 1) the projection reaches L <= 1e-20, which float32 residuals cannot (outputs rounded to ~1e-7: L
+    ~ 1e-14), and a kicked point's projection ends where the float64 CG's does (same cg_rtol and preconditioner)
+    to 2e-8, both 1.3e-7 from the exact projection."""
+    obj = small
+    pre = GramPreconditionerMF.at(obj, GAUSS, obj.params, rank=20)
+    far, report = project(obj, GAUSS, obj.params, tol=1e-20, max_gauss_newton=60, method="cg", cg_rtol=1e-3,
+                          preconditioner=pre, pass_dtype=torch.float32)
+    assert report.converged and obj.loss(far).item() <= 1e-20 and report.initial_distance > 1.0
+    kick = 1e-3 * torch.randn(obj.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref, _ = project(obj, GAUSS, far + kick, tol=1e-22, max_gauss_newton=60)
+    ends = []
+    for dtype in (None, torch.float32):
+        got, rep = project(obj, GAUSS, far + kick, tol=1e-22, max_gauss_newton=60, method="cg", cg_rtol=1e-3,
+                           preconditioner=pre, pass_dtype=dtype)
+        assert rep.converged and got.dtype == torch.float64
+        ends.append(got)
+    # each ends ~1.3e-7 from the exact projection (cg_rtol 1e-3 and a preconditioner built off Gamma); the
+    # float32 products move the end point by ~4e-9 more, 30x less than that
+    torch.testing.assert_close(ends[1], ends[0], rtol=0, atol=2e-8)
+    torch.testing.assert_close(ends[1], ref, rtol=0, atol=2e-7)
+
+
 def test_cg_warm_start_and_callback_track_the_tangent_projection(small):
     """r = J v: the callback's J^T a_k is the CG iterate's J^T a, ||v - J^T a_k||^2 decreases monotonically to
     ||P v||^2 (Craig's method), a warm start from a nearby right-hand side saves iterations, and the Tikhonov

@@ -9,10 +9,12 @@ C = [a_i a_j / (kappa_i + kappa_j)]; the rest is exact up to rounding and CG tol
 import pytest
 import torch
 
+from experiments.comparison.continuation import ContinuationConfig, run_continuation
 from experiments.comparison.phi import read_at_phi
 from experiments.comparison.point import point_at
 from experiments.comparison.projection import project, sharpness_at
 from experiments.comparison.reading_mf import MatrixFreeReader, ProjectionNotConverged, lyapunov_factors
+from sde.rules import SGD
 from tests.experiments.comparison.test_projection import tiny_points
 
 TOL = {"gaussian": 1e-22, "flip": 1e-12}       # projection tolerances (Gaussian: L; flip: ||Q^T (f - log q)||)
@@ -142,3 +144,48 @@ def test_a_seed_warm_starts_its_next_projection(points):
     assert sum(warm) < sum(cold) and warm[0] < cold[0]
     for a, b in zip(first.corrected + first.raw, second.corrected + second.raw):
         assert abs(a - b) <= 1e-12 * abs(b)
+
+
+def test_float32_passes_keep_the_reading_in_float64(points):
+    """pass_dtype=torch.float32 (CG products, flow ranks and Lanczos in float32; residuals, steps, tr H and the
+    Rayleigh quotient of lambda_max in float64): the projections still end on Gamma to the float64 tolerance (a
+    float32 residual would stop near its rounding, L ~ 1e-14 here), lambda_max at the projection equals the dense
+    eigvalsh to 1e-10 (a float32 eigenvalue is off by ~1e-7), and the whole reading equals the dense one to 1e-10
+    relative (measured ~1e-11) at the default cg_rtol, its second-order correction to 1e-4 of itself (measured
+    ~7e-6: the float32 flow term)."""
+    dense, _ = points["gaussian"]
+    obj, noise = dense.objective, dense.noise
+    low = MatrixFreeReader(point_at(obj, noise, dense.zeta, method="cg"), tol=TOL["gaussian"],
+                           pass_dtype=torch.float32, flow=dict(flow_rtol=1e-12), max_gauss_newton=60)
+    assert low.passes.dtype == torch.float32 and low.eig_tol == 1e-6
+
+    def dense_projection(theta):
+        z, report = project(obj, noise, theta, tol=TOL["gaussian"], max_gauss_newton=60)
+        return z, report.distance
+    for theta in [dense.zeta + x for x in offsets(dense, 2, 1e-2)]:
+        want = read_at_phi(theta, dense.correction, dense_projection, lambda z: sharpness_at(obj, noise, z))
+        got = low.reading(theta, seed=0)
+        assert got.residual <= TOL["gaussian"]
+        assert abs(got.raw[1] - want.raw[1]) <= 1e-10 * want.raw[1]
+        for g, w in zip(got.corrected + got.raw, want.corrected + want.raw):
+            assert abs(g - w) <= 1e-10 * abs(w)
+        for g, w, g_raw, w_raw in zip(got.corrected, want.corrected, got.raw, want.raw):
+            assert abs((g - g_raw) - (w - w_raw)) <= 1e-4 * abs(w - w_raw)     # the second-order correction
+
+
+def test_a_continuation_config_sets_the_readings_pass_dtype(points):
+    """`ContinuationConfig(pass_dtype=torch.float32)` reaches the matrix-free reader of `run_continuation`: the same
+    runs (same seeds) read with float32 passes give the float64 readings to 1e-9 relative but not bit for bit (the
+    passes did change), and their projections end on Gamma to the same tolerance."""
+    dense, _ = points["gaussian"]
+    cg = point_at(dense.objective, dense.noise, dense.zeta, method="cg")
+    results = []
+    for dtype in (None, torch.float32):
+        config = ContinuationConfig(SGD(8), eta=0.004, rounds=2, seeds=2, steps_per_round_sgd=25, pass_dtype=dtype)
+        results.append(run_continuation(cg, config, generator=torch.Generator().manual_seed(5)))
+    high, low = results
+    assert not torch.equal(high.trace[-1], high.trace[0])                      # the runs moved
+    assert not torch.equal(low.lambda_max, high.lambda_max)                  # and were read another way
+    for a, b in ((low.trace, high.trace), (low.lambda_max, high.lambda_max)):
+        assert float(((a - b).abs() / b.abs()).max()) <= 1e-9
+    assert float(low.projection_residual.max()) <= 1e-10 and float(high.projection_residual.max()) <= 1e-10
