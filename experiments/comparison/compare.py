@@ -236,7 +236,8 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
             train_steps: int = 3000, lr: float = 3e-3, point: Point | None = None, method: str = "dense",
             max_eta_lambda: float = 0.5, max_relative_change: float = 0.2, measure: bool = True,
             nystrom_rank: int = 200, cg_rtol: float = 1e-10, curvature_floor: float = 0.0, cache=None,
-            fit_dtype: torch.dtype | None = None, pass_dtype: torch.dtype | None = None, measured: Callable[[object, float], bool] | None = None,
+            fit_dtype: torch.dtype | None = None, pass_dtype: torch.dtype | None = None,
+            measured: Callable[[object, float], bool] | None = None,
             progress: Progress = None, on_row: Callable[[Row], None] | None = None, **mf_options) -> list[Row]:
     """Predicted vs measured d tr H / dt for every rule at every eta (see the module docstring).
 

@@ -114,10 +114,17 @@ class GramPreconditioner:
         at a distance |x| from Gamma and is removed by the next Gauss-Newton steps)."""
         return dataclasses.replace(self, rank=int((self.values > rank_tol * self.values[0]).sum()))
 
+    def to(self, dtype: torch.dtype) -> "GramPreconditioner":
+        """A copy in `dtype` (self if already): e.g. float32 for CG under float32 Gram products, whose applies then
+        read half the memory (at N m = 18,000 the eigenvectors are 2.6 GB in float64, read twice per apply)."""
+        if dtype == self.vectors.dtype:
+            return self
+        return dataclasses.replace(self, vectors=self.vectors.to(dtype), values=self.values.to(dtype))
+
     def solve(self, r: Tensor) -> Tensor:
-        """(Jt0 Jt0^T)^-1 r (pseudo-inverse when truncated) for flat r (N m,)."""
+        """(Jt0 Jt0^T)^-1 r (pseudo-inverse when truncated) for flat r (N m,), returned in r's dtype."""
         vectors, values = self.vectors[:, :self.rank], self.values[:self.rank]
-        return vectors @ ((vectors.T @ r) / values)
+        return (vectors @ ((vectors.T @ r.to(vectors.dtype)) / values)).to(r.dtype)
 
     def apply(self, r: Tensor) -> Tensor:
         """The same for r (N, m): the preconditioner interface of `dynamics.jacobian.gram_solve_cg`."""
@@ -125,7 +132,9 @@ class GramPreconditioner:
 
     def residual_norm(self, r: Tensor) -> Tensor:
         """|r| on the solved subspace (all of it unless truncated): the norm of `gram_solve_cg`'s stopping test."""
-        return r.norm() if self.rank is None else (self.vectors[:, :self.rank].T @ r.reshape(-1)).norm()
+        if self.rank is None:
+            return r.norm()
+        return (self.vectors[:, :self.rank].T @ r.reshape(-1).to(self.vectors.dtype)).norm().to(r.dtype)
 
 
 def gram_solve(jac: Tensor, r: Tensor, pre: GramPreconditioner | None, *, rtol: float = 1e-11,
@@ -167,14 +176,21 @@ class GramPreconditionerMF:
 
     @classmethod
     def at(cls, obj: Objective, noise, theta: Tensor, *, rank: int = 200, chunk_size: int = 64, block: int = 16,
-           generator: torch.Generator | None = None) -> "GramPreconditionerMF":
-        """Build at theta: one per-sample-Jacobian pass and `rank` Gram products (`block` at a time)."""
+           generator: torch.Generator | None = None, pass_dtype: torch.dtype | None = None) -> "GramPreconditionerMF":
+        """Build at theta: one per-sample-Jacobian pass and `rank` Gram products (`block` at a time), their
+        Jacobian passes in pass_dtype (default obj's; a preconditioner needs no more than float32), the rest in
+        theta's dtype."""
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
         theta, metric = theta.detach(), noise.metric(objective_targets(obj).to(theta.dtype))
-        blocks = metric.reduce_blocks(per_sample_gram_blocks(obj, theta, chunk_size=chunk_size))
-        gram = lambda w: metric.reduce(gram_times_block(obj, theta, metric.lift(w.permute(1, 2, 0))  # noqa: E731
-                                                        .permute(2, 0, 1)).permute(1, 2, 0)).permute(2, 0, 1)
+        passes = obj if pass_dtype is None else obj.to(pass_dtype)
+        low = theta.to(passes.dtype)
+        blocks = metric.reduce_blocks(per_sample_gram_blocks(passes, low, chunk_size=chunk_size).to(theta.dtype))
+
+        def gram(w: Tensor) -> Tensor:                  # (N, m, k) -> (N, m, k)
+            lifted = metric.lift(w.permute(1, 2, 0)).permute(2, 0, 1).to(passes.dtype)
+            product = gram_times_block(passes, low, lifted).to(theta.dtype)
+            return metric.reduce(product.permute(1, 2, 0)).permute(2, 0, 1)
         values, vectors = torch.linalg.eigh(blocks)
         floor = values.amax(-1, keepdim=True) * 1e-12
         inv_sqrt = torch.where(values > floor, values.clamp_min(1e-300).rsqrt(), torch.zeros_like(values))
@@ -234,11 +250,12 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
     "dense": `preconditioner` a `GramPreconditioner` at a nearby point of Gamma, or None (dense solves). "cg":
     inexact Newton, Gram systems solved to `cg_rtol` under a `GramPreconditionerMF` (None: built at the first step,
     rank min(preconditioner_rank, N m - 1), and again after a step of more than `refresh_after` CG iterations).
-    x0: warm start (N, m) of the first step's CG ("cg"). pass_dtype ("cg"): the dtype of CG's Gram products, e.g.
-    torch.float32 (`dynamics.jacobian.gram_solve_cg`, 5-8x faster CPU convolutions); residuals, distances and each
-    step J^T a stay in obj's dtype, so the steps are normal at their iterate and the end point is on Gamma to tol
-    as before (a less exact solve only slows the Gauss-Newton contraction). ValueError if the equations exceed D; RuntimeError naming
-    steps and distance (raise_on_failure) if > tol."""
+    x0: warm start (N, m) of the first step's CG ("cg"). pass_dtype ("cg"): the dtype of CG's Gram products (and of
+    the Nystrom preconditioner's build), e.g. torch.float32 (`dynamics.jacobian.gram_solve_cg`, 5-8x faster CPU
+    convolutions); residuals, distances and each step J^T a stay in obj's dtype, so the steps are normal at their
+    iterate and the end point is on Gamma to tol as before (a less exact solve only slows the Gauss-Newton
+    contraction). ValueError if the equations exceed D; RuntimeError naming steps and distance (raise_on_failure)
+    if > tol."""
     theta0 = (obj.params if theta is None else theta).detach().clone()
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol}")
@@ -271,7 +288,7 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
             if preconditioner is None:
                 preconditioner = GramPreconditionerMF.at(obj, noise, theta, rank=min(preconditioner_rank,
                                                                                      equations - 1),
-                                                         generator=generator)
+                                                         generator=generator, pass_dtype=pass_dtype)
             r = noise.residual(outputs_and_targets(obj, theta)[0].detach(), targets)
             a, its = gram_solve_cg(obj, theta, r, preconditioner, rtol=cg_rtol, max_iter=cg_max_iter, metric=metric,
                                    x0=None if steps else x0, passes=passes)

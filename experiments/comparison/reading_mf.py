@@ -140,11 +140,12 @@ class MatrixFreeReader:
     `build_seconds` the eigendecomposition. `project_options` go to `project`.
 
     pass_dtype (e.g. torch.float32; default the point's): the dtype of the Jacobian passes that dominate a reading,
-    the projection's CG products, the flow ranks and the Lanczos products (5-8x faster CPU convolutions than
-    float64). What sets the reading stays in the point's dtype: the residuals and distance to Gamma and each
-    Gauss-Newton step (so the projection ends on Gamma to `tol` as before), tr H (per-sample Jacobians), and
-    lambda_max as the Rayleigh quotient of the Lanczos vector (error ~ eig_tol^2 lambda^2 / gap). eig_tol: the
-    Lanczos residual, default 1e-10 at the point's dtype, 1e-6 in a lower one (its rounding floor is ~1e-7).
+    the projection's CG products (and a copy of the eigendecomposition preconditioning them), the flow ranks and
+    the Lanczos products (5-8x faster CPU convolutions than float64). What sets the reading stays in the point's
+    dtype: the residuals and distance to Gamma and each Gauss-Newton step (so the projection ends on Gamma to `tol`
+    as before), tr H (per-sample Jacobians), and lambda_max as the Rayleigh quotient of the Lanczos vector (error
+    ~ eig_tol^2 lambda^2 / gap). eig_tol: the Lanczos residual, default 1e-10 at the point's dtype, 1e-6 in a lower
+    one (its rounding floor is ~1e-7).
     """
 
     def __init__(self, point, *, tol: float = 1e-10, cg_rtol: float = 1e-4, cg_max_iter: int = 5000,
@@ -157,6 +158,7 @@ class MatrixFreeReader:
         obj, zeta, self.preconditioner = point.objective, point.zeta, point.preconditioner
         self.point, self.tol, self.cg_rtol, self.cg_max_iter = point, tol, cg_rtol, cg_max_iter
         self.passes = obj if pass_dtype is None else obj.to(pass_dtype)
+        self.solver = self.preconditioner.to(self.passes.dtype)        # the projections' CG preconditioner
         self.eig_tol = eig_tol if eig_tol is not None else 1e-10 if self.passes is obj else 1e-6
         self.chunk_size, self.project_options = chunk_size, project_options
         self.metric = point.noise.metric(point.targets.to(zeta.dtype))
@@ -174,7 +176,7 @@ class MatrixFreeReader:
         pt = self.point
         try:
             z, report = project(pt.objective, pt.noise, theta, tol=self.tol, method="cg",
-                                preconditioner=self.preconditioner, cg_rtol=self.cg_rtol, x0=x0,
+                                preconditioner=self.solver, cg_rtol=self.cg_rtol, x0=x0,
                                 cg_max_iter=self.cg_max_iter, refresh_after=None, raise_on_failure=False,
                                 pass_dtype=self.passes.dtype, **self.project_options)
         except GramSolveNotConverged as exc:

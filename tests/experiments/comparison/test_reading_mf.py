@@ -147,17 +147,17 @@ def test_a_seed_warm_starts_its_next_projection(points):
 
 
 def test_float32_passes_keep_the_reading_in_float64(points):
-    """pass_dtype=torch.float32 (CG products, flow ranks and Lanczos in float32; residuals, steps, tr H and the
-    Rayleigh quotient of lambda_max in float64): the projections still end on Gamma to the float64 tolerance (a
-    float32 residual would stop near its rounding, L ~ 1e-14 here), lambda_max at the projection equals the dense
-    eigvalsh to 1e-10 (a float32 eigenvalue is off by ~1e-7), and the whole reading equals the dense one to 1e-10
-    relative (measured ~1e-11) at the default cg_rtol, its second-order correction to 1e-4 of itself (measured
-    ~7e-6: the float32 flow term)."""
+    """pass_dtype=torch.float32 (CG products and preconditioner, flow ranks and Lanczos in float32; residuals, steps,
+    tr H and the Rayleigh quotient of lambda_max in float64): the projections still end on Gamma to the float64
+    tolerance (a float32 residual would stop near its rounding, L ~ 1e-14 here), lambda_max at the projection
+    equals the dense eigvalsh to 1e-10 (a float32 eigenvalue is off by ~1e-7), and the whole reading equals the
+    dense one to 1e-10 relative (measured ~1e-11) at the default cg_rtol, its second-order correction to 1e-4 of
+    itself (measured ~7e-6: the float32 flow term)."""
     dense, _ = points["gaussian"]
     obj, noise = dense.objective, dense.noise
     low = MatrixFreeReader(point_at(obj, noise, dense.zeta, method="cg"), tol=TOL["gaussian"],
                            pass_dtype=torch.float32, flow=dict(flow_rtol=1e-12), max_gauss_newton=60)
-    assert low.passes.dtype == torch.float32 and low.eig_tol == 1e-6
+    assert low.passes.dtype == low.solver.vectors.dtype == torch.float32 and low.eig_tol == 1e-6
 
     def dense_projection(theta):
         z, report = project(obj, noise, theta, tol=TOL["gaussian"], max_gauss_newton=60)
