@@ -94,10 +94,10 @@ def one(n: int) -> dict:
 
 
 def _slopes(result) -> Tensor:
-    """Least-squares slopes (seeds,) of the readings at Phi on slow time, tr H then lambda_max (2, seeds)."""
-    t = result.times.to(torch.float64) - result.times.to(torch.float64).mean()
-    return torch.stack([(t[:, None] * (s - s.mean(0))).sum(0) / (t * t).sum()
-                        for s in (result.trace, result.lambda_max)])
+    """Per-seed least-squares slopes on slow time of the readings at Phi, t = 0 included (`path.fit_slope`, skip 0):
+    tr H then lambda_max, (2, seeds)."""
+    from experiments.comparison.path import fit_slope
+    return torch.stack([fit_slope(result.times, s, skip=0).per_seed for s in (result.trace, result.lambda_max)])
 
 
 def passes_one(n: int) -> dict:

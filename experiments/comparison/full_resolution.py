@@ -238,7 +238,7 @@ def _main(argv: list[str] | None) -> int:
     point = build_point(lambda *, image_size: MODELS[MODEL](image_size=image_size, classes=outputs), images,
                         targets, noise=noise, method="cg", seed=args.seed,
                         fit_dtype=torch.float32, exact_preconditioner=True, memory_limit=memory,
-                        cache=out / "zeta.pt", progress=say, **({"pass_dtype": pass_dtype} if pass_dtype else {}),
+                        cache=out / "zeta.pt", progress=say, pass_dtype=pass_dtype,
                         generator=torch.Generator().manual_seed(args.seed))
     point = with_eigendecomposition(point)
     chosen = plan(point, eta_lambdas=args.eta_lambda, batch=args.batch,

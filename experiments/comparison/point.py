@@ -173,10 +173,12 @@ def point_at(obj: Objective, noise, zeta: Tensor, *, method: str = "dense", labe
 def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: int = 3000, lr: float = 3e-3,
                 tol: float = 1e-10, seed: int = 0, method: str = "dense", progress: Callable[[str], None] | None = None,
                 cache: str | Path | None = None, fit_dtype: torch.dtype | None = None,
-                exact_preconditioner: bool = False, memory_limit: int | None = None, **projection) -> Point:
+                exact_preconditioner: bool = False, memory_limit: int | None = None,
+                pass_dtype: torch.dtype | None = None, **projection) -> Point:
     """Train `model` (a module, or a factory called with image_size, torch seeded by `seed`) toward Gamma by
     full-batch Adam (`train_steps`, 0 for none; in `fit_dtype` if given, e.g. torch.float32), project onto Gamma
-    (distance <= tol; `projection` kwargs go to `project`, e.g. cg_rtol, pass_dtype) and build the point there (`point_at`). Images (N, 3, s, s) and the model in
+    (distance <= tol; "cg": its Gram products in `pass_dtype` if given, `project`'s passes; `projection` kwargs go to
+    `project`, e.g. cg_rtol) and build the point there (`point_at`). Images (N, 3, s, s) and the model in
     float64; labels integer (N,) or float (N, C) (`LabelNoise.targets`). noise: a model or "gaussian:0.1".
     cache: a file keeping zeta between runs, keyed by the setup (noise, options, data and start sizes; atomic).
     exact_preconditioner ("cg"): the point's preconditioner is the exact Gram eigendecomposition at zeta, not a
@@ -199,7 +201,7 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: in
            "shape": list(images.shape), "dim": obj.dim, "sizes": [float(images.norm()), float(obj.params.norm()),
                                                                   float(targets.norm())],
            **({"fit_dtype": str(fit_dtype)} if fit_dtype is not None else {}),
-           **({"pass_dtype": str(projection["pass_dtype"])} if projection.get("pass_dtype") is not None else {})}
+           **({"pass_dtype": str(pass_dtype)} if pass_dtype is not None else {})}
     saved = torch.load(cache, weights_only=True) if cache is not None and Path(cache).exists() else {}
     if saved.get("setup") == key:
         zeta = saved["zeta"]
@@ -207,7 +209,8 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: in
     else:
         say(f"point: Adam on {noise} for up to {train_steps} steps (N = {len(images)}, D = {obj.dim})")
         theta = fit(obj, noise, steps=train_steps, lr=lr, dtype=fit_dtype) if train_steps else obj.params
-        zeta, report = project(obj, noise, theta, tol=tol, method=method, raise_on_failure=False, **projection)
+        zeta, report = project(obj, noise, theta, tol=tol, method=method, raise_on_failure=False,
+                               passes=None if pass_dtype is None else obj.to(pass_dtype), **projection)
         its = f" (CG iterations {', '.join(map(str, report.cg_iterations))})" if report.cg_iterations else ""
         if not report.converged:
             raise ValueError(f"the point is not on Gamma: distance {report.distance:.3e} > {tol:.0e} after "

@@ -176,14 +176,14 @@ class GramPreconditionerMF:
 
     @classmethod
     def at(cls, obj: Objective, noise, theta: Tensor, *, rank: int = 200, chunk_size: int = 64, block: int = 16,
-           generator: torch.Generator | None = None, pass_dtype: torch.dtype | None = None) -> "GramPreconditionerMF":
+           generator: torch.Generator | None = None, passes: Objective | None = None) -> "GramPreconditionerMF":
         """Build at theta: one per-sample-Jacobian pass and `rank` Gram products (`block` at a time), their
-        Jacobian passes in pass_dtype (default obj's; a preconditioner needs no more than float32), the rest in
+        Jacobian passes on `passes` (default obj; e.g. obj.to(torch.float32): a preconditioner needs no more), the rest in
         theta's dtype."""
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
         theta, metric = theta.detach(), noise.metric(objective_targets(obj).to(theta.dtype))
-        passes = obj if pass_dtype is None else obj.to(pass_dtype)
+        passes = obj if passes is None else passes
         low = theta.to(passes.dtype)
         blocks = metric.reduce_blocks(per_sample_gram_blocks(passes, low, chunk_size=chunk_size).to(theta.dtype))
 
@@ -244,15 +244,15 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
             cg_rtol: float = 1e-4, cg_max_iter: int = 5000, preconditioner_rank: int = 200,
             refresh_after: int | None = 500, generator: torch.Generator | None = None,
             x0: Tensor | None = None, raise_on_failure: bool = True,
-            pass_dtype: torch.dtype | None = None) -> tuple[Tensor, ProjectionReport]:
+            passes: Objective | None = None) -> tuple[Tensor, ProjectionReport]:
     """(theta, default the model's parameters, projected onto Gamma; `ProjectionReport`) (module docstring).
 
     "dense": `preconditioner` a `GramPreconditioner` at a nearby point of Gamma, or None (dense solves). "cg":
     inexact Newton, Gram systems solved to `cg_rtol` under a `GramPreconditionerMF` (None: built at the first step,
     rank min(preconditioner_rank, N m - 1), and again after a step of more than `refresh_after` CG iterations).
-    x0: warm start (N, m) of the first step's CG ("cg"). pass_dtype ("cg"): the dtype of CG's Gram products (and of
-    the Nystrom preconditioner's build), e.g. torch.float32 (`dynamics.jacobian.gram_solve_cg`, 5-8x faster CPU
-    convolutions); residuals, distances and each step J^T a stay in obj's dtype, so the steps are normal at their
+    x0: warm start (N, m) of the first step's CG ("cg"). passes ("cg"): the objective CG's Gram products (and the
+    Nystrom preconditioner's build) run on, e.g. obj.to(torch.float32) (`dynamics.jacobian.gram_solve_cg`, 5-8x
+    faster CPU convolutions); residuals, distances and each step J^T a stay in obj's dtype, so the steps are normal at their
     iterate and the end point is on Gamma to tol as before (a less exact solve only slows the Gauss-Newton
     contraction). ValueError if the equations exceed D; RuntimeError naming steps and distance (raise_on_failure)
     if > tol."""
@@ -265,7 +265,6 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
         raise ValueError(f"method must be 'dense' or 'cg', got {method!r}")
     if method == "cg" and not 0 < cg_rtol < 1:
         raise ValueError(f"cg_rtol must be in (0, 1), got {cg_rtol}")
-    passes = obj if pass_dtype is None or method != "cg" else obj.to(pass_dtype)
     outputs, targets = outputs_and_targets(obj, theta0)
     metric = noise.metric(targets.to(theta0.dtype))
     equations = noise.equations(*outputs.shape)
@@ -288,7 +287,7 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
             if preconditioner is None:
                 preconditioner = GramPreconditionerMF.at(obj, noise, theta, rank=min(preconditioner_rank,
                                                                                      equations - 1),
-                                                         generator=generator, pass_dtype=pass_dtype)
+                                                         generator=generator, passes=passes)
             r = noise.residual(outputs_and_targets(obj, theta)[0].detach(), targets)
             a, its = gram_solve_cg(obj, theta, r, preconditioner, rtol=cg_rtol, max_iter=cg_max_iter, metric=metric,
                                    x0=None if steps else x0, passes=passes)

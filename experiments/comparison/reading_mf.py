@@ -178,7 +178,7 @@ class MatrixFreeReader:
             z, report = project(pt.objective, pt.noise, theta, tol=self.tol, method="cg",
                                 preconditioner=self.solver, cg_rtol=self.cg_rtol, x0=x0,
                                 cg_max_iter=self.cg_max_iter, refresh_after=None, raise_on_failure=False,
-                                pass_dtype=self.passes.dtype, **self.project_options)
+                                passes=self.passes, **self.project_options)
         except GramSolveNotConverged as exc:
             raise ProjectionNotConverged(f"no reading: a Gauss-Newton step's CG failed ({exc})") from None
         if not report.converged:

@@ -289,26 +289,26 @@ def test_cg_projection_lands_on_gamma_and_equals_dense_projection(small):
 
 
 def test_float32_gram_products_still_land_on_gamma_in_float64(small):
-    """pass_dtype=torch.float32: CG's Gram products in float32, residuals and steps in float64. From the start
+    """passes=obj.to(torch.float32): CG's Gram products in float32, residuals and steps in float64. From the start
     (distance > 1) the projection reaches L <= 1e-20, which float32 residuals cannot (outputs rounded to ~1e-7: L
     ~ 1e-14), and a kicked point's projection ends where the float64 CG's does (same cg_rtol and preconditioner)
     to 2e-8, both 1.3e-7 from the exact projection."""
     obj = small
     pre = GramPreconditionerMF.at(obj, GAUSS, obj.params, rank=20)
     far, report = project(obj, GAUSS, obj.params, tol=1e-20, max_gauss_newton=60, method="cg", cg_rtol=1e-3,
-                          preconditioner=pre, pass_dtype=torch.float32)
+                          preconditioner=pre, passes=obj.to(torch.float32))
     assert report.converged and obj.loss(far).item() <= 1e-20 and report.initial_distance > 1.0
     # with its Nystrom preconditioner built in float32 too: CG needs about the float64 build's iterations (+8%)
     counts = [sum(project(obj, GAUSS, obj.params, tol=1e-20, max_gauss_newton=60, method="cg", cg_rtol=1e-3,
-                          preconditioner_rank=20, pass_dtype=dtype)[1].cg_iterations)
-              for dtype in (None, torch.float32)]
+                          preconditioner_rank=20, passes=passes)[1].cg_iterations)
+              for passes in (None, obj.to(torch.float32))]
     assert counts[1] <= 1.2 * counts[0]
     kick = 1e-3 * torch.randn(obj.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref, _ = project(obj, GAUSS, far + kick, tol=1e-22, max_gauss_newton=60)
     ends = []
-    for dtype in (None, torch.float32):
+    for passes in (None, obj.to(torch.float32)):
         got, rep = project(obj, GAUSS, far + kick, tol=1e-22, max_gauss_newton=60, method="cg", cg_rtol=1e-3,
-                           preconditioner=pre, pass_dtype=dtype)
+                           preconditioner=pre, passes=passes)
         assert rep.converged and got.dtype == torch.float64
         ends.append(got)
     # each ends ~1.3e-7 from the exact projection (cg_rtol 1e-3 and a preconditioner built off Gamma); the
