@@ -4,7 +4,7 @@ contractions, gradient-noise probes and output-Jacobian primitives (`dynamics.ja
 from dynamics import jacobian
 from dynamics.density import SpectralDensity, spectral_density
 from dynamics.lanczos import EigenResult, MatrixOperator, power_iteration, top_eigenpairs
-from dynamics.matrix_function import (FunctionApplication, FunctionTraceEstimate, apply_function,
+from dynamics.matrix_function import (FunctionApplication, FunctionTraceEstimate, SpectralOperator, apply_function,
                                       trace_function_product)
 from dynamics.noise import Alignment, NoiseProbe, noise_probe
 from dynamics.objective import Objective
@@ -15,7 +15,7 @@ __all__ = [
     "Objective",
     "top_eigenpairs", "power_iteration", "EigenResult", "MatrixOperator",
     "hessian_trace", "TraceEstimate",
-    "apply_function", "FunctionApplication", "trace_function_product", "FunctionTraceEstimate",
+    "apply_function", "FunctionApplication", "SpectralOperator", "trace_function_product", "FunctionTraceEstimate",
     "spectral_density", "SpectralDensity",
     "third_order", "LowRank", "grad_trace_hessian", "GradTraceEstimate",
     "noise_probe", "NoiseProbe", "Alignment",

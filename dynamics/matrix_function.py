@@ -51,7 +51,8 @@ from torch import Tensor
 
 from dynamics.lanczos import check_operator, random_vector
 
-__all__ = ["FunctionApplication", "apply_function", "FunctionTraceEstimate", "trace_function_product"]
+__all__ = ["FunctionApplication", "apply_function", "SpectralOperator", "FunctionTraceEstimate",
+           "trace_function_product"]
 
 MatrixFunction = Callable[[Tensor], Tensor]
 
@@ -69,6 +70,32 @@ class FunctionApplication:
     converged: bool
     error_estimate: float
     exact: bool = False
+
+
+class SpectralOperator:
+    """A symmetric operator known by its eigendecomposition, A = V diag(values) V^T with V (D, r) orthonormal and
+    A = 0 on V's orthogonal complement (r = D: all of it), e.g. the Gram eigendecomposition a matrix-free point
+    keeps as its preconditioner. Operator interface of `dynamics.lanczos`, plus `function_times`: f(A) v exactly,
+    which `apply_function` (and so `trace_function_product`) uses instead of Lanczos."""
+
+    def __init__(self, values: Tensor, vectors: Tensor):
+        if vectors.dim() != 2 or values.shape != (vectors.shape[1],) or vectors.shape[1] > vectors.shape[0]:
+            raise ValueError(f"values (r,) and vectors (D, r) with r <= D expected, got {tuple(values.shape)} and "
+                             f"{tuple(vectors.shape)}")
+        self.values, self.vectors = values.to(vectors.dtype), vectors
+        self.dim, self.dtype, self.device = vectors.shape[0], vectors.dtype, vectors.device
+        self.calls = 0
+
+    def hvp(self, v: Tensor) -> Tensor:
+        self.calls += 1
+        return self.vectors @ (self.values * (self.vectors.T @ v.to(self.dtype)))
+
+    def function_times(self, v: Tensor, f: MatrixFunction) -> Tensor:
+        """f(A) v, (D, p) for f: (m,) -> (m, p): V f(values) V^T v + f(0) (v - V V^T v)."""
+        fv = _evaluate(f, self.values.to(torch.float64).cpu()).to(self.device, self.dtype)         # (r, p)
+        coefficients = self.vectors.T @ v.to(self.dtype)
+        rest = _evaluate(f, torch.zeros(1, dtype=torch.float64))[0].to(self.device, self.dtype)    # (p,)
+        return self.vectors @ (fv * coefficients[:, None]) + (v - self.vectors @ coefficients)[:, None] * rest
 
 
 def _evaluate(f: MatrixFunction, theta: Tensor) -> Tensor:
@@ -109,7 +136,8 @@ def _check_orthogonal_to(A, orthogonal_to: Tensor | None) -> Tensor | None:
 
 def apply_function(A, v: Tensor, f: MatrixFunction, *, tol: float = 1e-10, max_steps: int = 300,
                    orthogonal_to: Tensor | None = None) -> FunctionApplication:
-    """f(A) v by Lanczos with full reorthogonalization (module docstring).
+    """f(A) v by Lanczos with full reorthogonalization (module docstring); exactly, with 0 steps, when A knows its
+    spectrum (`.function_times`, a `SpectralOperator`).
 
     Args:
         A: symmetric operator (`.hvp`, `.dim`, `.dtype`, `.device`).
@@ -144,6 +172,11 @@ def apply_function(A, v: Tensor, f: MatrixFunction, *, tol: float = 1e-10, max_s
     if norm == 0.0:
         zero = v.new_zeros(A.dim) if single else v.new_zeros(A.dim, p)
         return FunctionApplication(zero, 0, True, 0.0, exact=True)
+    if hasattr(A, "function_times"):            # A knows its spectrum (`SpectralOperator`): no Krylov space
+        value = A.function_times(v, f)
+        if extra is not None:                   # exact when `orthogonal_to` spans eigenvectors of A (deflation)
+            value = value - extra @ (extra.T @ value)
+        return FunctionApplication(value[:, 0] if single else value, 0, True, 0.0, exact=True)
 
     steps_cap = min(max_steps, A.dim)
     basis = torch.empty(A.dim, min(steps_cap, 32), dtype=A.dtype, device=A.device)   # grows by doubling

@@ -15,7 +15,8 @@ J psi(2 beta H) = psi(2 beta G) J). The first term is exact (SGD and QSR at eta 
 get their drift vector, stderr 0). The trace (rules with a psi term: Local SGD, QSR at finite eta) is
 estimated by stochastic Lanczos in output space (`dynamics.trace_function_product` on `GramOperator`
 with `GramDerivativeOperator`s): top-k Gram eigenpairs exact, Rademacher probes for the rest,
-tr DG[u_s] = u_s . grad tr H as a control variate, one Krylov basis per probe for every beta; those
+tr DG[u_s] = u_s . grad tr H as a control variate, one Krylov basis per probe for every beta (none when G's
+eigendecomposition is given, `spectrum`: then psi(2 beta G) z is exact and a probe costs one DG[u_s] product); those
 rates come with standard errors and no drift vector. Assumes no normalization layers (outputs per
 sample); tests/sde/test_label_noise_mf.py checks it against the exact route. (A truncated projector
 P = I - U U^T from the top eigenpairs overshot the rates 1.5-2.4x below full rank and was removed:
@@ -34,7 +35,7 @@ from dynamics.jacobian import (BlockJacobi, gram_solve_cg, jacobian_derivative_t
                                jacobian_derivative_transpose_times, jacobian_frobenius_pass, jacobian_times,
                                jacobian_transpose_times, per_sample_gram_blocks)
 from dynamics.lanczos import top_eigenpairs
-from dynamics.matrix_function import trace_function_product
+from dynamics.matrix_function import SpectralOperator, trace_function_product
 from dynamics.objective import Objective
 from sde.label_noise import OutputMetric, PredictedRates
 from sde.psi import psi
@@ -211,13 +212,27 @@ def _check(rules, noise_scale, eta, deflate, num_probes) -> list:
     return rules
 
 
+def _checked_top(spectrum, gram: "GramOperator", k: int, tol: float) -> tuple[Tensor, Tensor, int]:
+    """The top-k eigenpairs of a known spectrum of G, after one Gram product shows its top pair is G's here."""
+    if spectrum.dim != gram.dim or spectrum.values.shape[0] < k:
+        raise ValueError(f"spectrum has {spectrum.values.shape[0]} eigenpairs of dimension {spectrum.dim}; G needs "
+                         f"{k} of dimension {gram.dim}")
+    lam, vecs = spectrum.values[:k].to(torch.float64), spectrum.vectors[:, :k].to(gram.dtype)
+    residual = float(torch.linalg.vector_norm(gram.hvp(vecs[:, 0]) - lam[0] * vecs[:, 0])) / float(lam[0])
+    if not residual <= max(tol, 1e-8):
+        raise ValueError(f"spectrum is not G's at zeta: its top eigenpair has relative residual {residual:.2e} "
+                         "(an eigendecomposition of another point?)")
+    return lam, vecs, 1
+
+
 def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scale: float,
                               metric: OutputMetric | None = None, eta: float | None = None,
                               projector=None, num_probes: int = 30, deflate: int = 50,
                               generator: torch.Generator | None = None, function_tol: float = 1e-8,
                               max_lanczos_steps: int = 400, rtol: float = 1e-10, max_iter: int = 5000,
                               eigen_tol: float = 1e-10, chunk_size: int = 64, loss_on_gamma: float = 0.0,
-                              max_loss: float = 1e-8, progress: Callable[[str], None] | None = None
+                              max_loss: float = 1e-8, spectrum: SpectralOperator | None = None,
+                              passes: Objective | None = None, progress: Callable[[str], None] | None = None
                               ) -> MatrixFreeRates:
     """Label-noise rates of every rule at zeta on Gamma, matrix-free (module docstring).
 
@@ -231,6 +246,11 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
         num_probes (>= 3), deflate (k >= 1 exact top Gram eigenpairs; k = 1 when no rule has a psi
             term), function_tol, max_lanczos_steps: the stochastic trace; eigen_tol: the top-k eigenpairs.
         generator: all random draws (Lanczos starts, probes); seed 0 if None.
+        spectrum: G's eigendecomposition at zeta if known (`SpectralOperator`, eigenvalues descending, e.g.
+            `GramPreconditioner.gram_spectrum`): the top-k eigenpairs are read from it and each probe's
+            psi(2 beta G) z is exact, no Lanczos (one Gram product checks it belongs to this zeta).
+        passes: the objective the psi trace's DG[u] products run on (default obj), e.g. obj.to(torch.float32):
+            their rounding (~1e-6 relative) is far below the probes' standard error; the exact terms stay in obj.
         progress: optional callable receiving one line at the end of each phase (quiet otherwise).
     Returns `MatrixFreeRates` (a list of `PredictedRates`, with `.cost`). Raises ValueError for bad input
     or zeta off Gamma (before any Jacobian pass), GramSolveNotConverged, RuntimeError if the top-k
@@ -261,28 +281,32 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
     clock = time.perf_counter()
     gram = GramOperator(obj, zeta, metric)
     k = min(deflate if betas else 1, gram.dim)
-    eig = top_eigenpairs(gram, k, tol=eigen_tol, max_matvecs=50 * k + 500, max_basis=min(gram.dim, 2 * k + 40),
-                         generator=gen)
-    if not eig.converged:
-        raise RuntimeError(f"top-{k} Gram eigenpairs did not reach tol {eigen_tol:.1e} in {eig.matvecs} products")
-    lam, gram_vecs = eig.values, eig.vectors
+    if spectrum is None:
+        eig = top_eigenpairs(gram, k, tol=eigen_tol, max_matvecs=50 * k + 500, max_basis=min(gram.dim, 2 * k + 40),
+                             generator=gen)
+        if not eig.converged:
+            raise RuntimeError(f"top-{k} Gram eigenpairs did not reach tol {eigen_tol:.1e} in {eig.matvecs} products")
+        lam, gram_vecs, eigen_matvecs = eig.values, eig.vectors, eig.matvecs
+    else:
+        lam, gram_vecs, eigen_matvecs = _checked_top(spectrum, gram, k, eigen_tol)
     seconds["eigenpairs"] = time.perf_counter() - clock
     clock = time.perf_counter()
     u1 = gram.parameter_vectors(gram_vecs[:, :1], lam[:1])[:, 0]
     g_lmax, it_lmax = projector.project(lambda_max_pairing_grad(obj, zeta, u1, metric))
     seconds["projections"] += time.perf_counter() - clock
-    say(f"top-{k} Gram eigenpairs ({eig.matvecs} products) and grad lambda_max projected ({it_lmax} CG iterations)")
+    say(f"top-{k} Gram eigenpairs ({eigen_matvecs} products) and grad lambda_max projected ({it_lmax} CG iterations)")
     first = torch.tensor([float(g_trace @ grad_trace), float(g_lmax @ grad_trace)], dtype=torch.float64)
 
     clock = time.perf_counter()
     psi_tr = psi_se = torch.zeros(len(betas), 2, dtype=torch.float64)
-    cost = dict(cg_iterations=(it_trace, it_lmax), eigen_matvecs=eig.matvecs, lanczos_matvecs=0,
+    cost = dict(cg_iterations=(it_trace, it_lmax), eigen_matvecs=eigen_matvecs, lanczos_matvecs=0,
                 derivative_matvecs=0, converged=True)
     if betas:
         beta_t = torch.tensor(betas, dtype=torch.float64)
         f = lambda x: psi(2 * x.clamp(min=0)[:, None] * beta_t[None, :])     # noqa: E731 (m, b); G is PSD
-        ops = [GramDerivativeOperator(gram, g_trace), GramDerivativeOperator(gram, g_lmax)]
-        est = trace_function_product(gram, f, ops, num_probes=num_probes, generator=gen, deflate=(lam, gram_vecs),
+        derivative = gram if passes is None else GramOperator(obj, zeta, metric, passes=passes)
+        ops = [GramDerivativeOperator(derivative, g_trace), GramDerivativeOperator(derivative, g_lmax)]
+        est = trace_function_product(gram if spectrum is None else spectrum, f, ops, num_probes=num_probes, generator=gen, deflate=(lam, gram_vecs),
                                      b_trace=first.tolist(), tol=function_tol, max_steps=max_lanczos_steps)
         psi_tr, psi_se = est.value, est.stderr
         cost.update(lanczos_matvecs=est.matvecs, derivative_matvecs=est.b_matvecs, converged=est.converged)

@@ -255,7 +255,9 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
     from `seed` alone, so the rows made are the ones an uninterrupted call makes).
     cache: a file keeping zeta between calls (`build_point`'s, keyed by the setup). fit_dtype: the dtype of the
     Adam stage (`point.fit`; e.g. torch.float32), the projection is float64. pass_dtype: the dtype of the matrix-free
-    readings' Jacobian passes (`reading_mf.MatrixFreeReader`; e.g. torch.float32)."""
+    readings' Jacobian passes (`reading_mf.MatrixFreeReader`; e.g. torch.float32) and of the predictions' psi-trace
+    products. A point holding its exact Gram eigendecomposition (`Point.gram_spectrum`) gives the psi traces
+    exact psi(2 beta G) z, no Lanczos."""
     noise = parse_noise(noise) if isinstance(noise, str) else noise
     rules = [parse_rule(r, batch=batch, local_batch=local_batch) if isinstance(r, str) else r for r in rules]
     etas = [float(e) for e in etas]
@@ -295,6 +297,10 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
         point = with_eigendecomposition(point)
     if method == "cg" and "projector" not in mf_options:             # one projector: its solves are reused
         mf_options["projector"] = _projector(point, cg_rtol=cg_rtol, curvature_floor=curvature_floor)
+    if method == "cg":              # psi traces: exact psi(2 beta G) from the held spectrum, passes as the readings'
+        mf_options.setdefault("spectrum", point.gram_spectrum)
+        if pass_dtype is not None:
+            mf_options.setdefault("passes", point.objective.to(pass_dtype))
     for (rule, eta), schedule in schedules.items():
         if measured is not None and measured(rule, eta):
             continue

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from dynamics.matrix_function import SpectralOperator
 from dynamics.objective import Objective
 from experiments.comparison.noise import parse_noise
 from experiments.comparison.phi import PhiCorrection
@@ -56,6 +57,17 @@ class Point:
         if self.geometry is not None:
             return float(self.geometry.lambda_max)
         return float(self._gram_eigenvalues()[0]) / len(self.targets)
+
+    @property
+    def gram_spectrum(self) -> SpectralOperator | None:
+        """G = Jt Jt^T / N's eigendecomposition at zeta over the preconditioner's kept rank, where the point holds it
+        exactly, else None (a Nystrom sketch): with it the predictions' psi traces need no Lanczos
+        (`predict_rates_matrix_free(spectrum=)`)."""
+        if not isinstance(self.preconditioner, GramPreconditioner):
+            return None
+        kept = slice(self.preconditioner.rank)
+        return SpectralOperator(self.preconditioner.values[kept] / len(self.targets),
+                                self.preconditioner.vectors[:, kept])
 
     def _gram_eigenvalues(self) -> Tensor:
         """The exact Gram eigenvalues (descending) of a matrix-free point, or [NaN] where only a sketch is held."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dynamics.lanczos import MatrixOperator
-from dynamics.matrix_function import apply_function, trace_function_product
+from dynamics.matrix_function import SpectralOperator, apply_function, trace_function_product
 from sde.psi import psi
 
 
@@ -137,6 +137,30 @@ def test_trace_of_function_product_is_unbiased_and_deflation_exact():
                                   deflate=(lam[top], q[:, top]), b_trace=float(torch.trace(B.matrix)))
     assert full.item() == pytest.approx(exact, rel=1e-10)
     assert float(full.stderr) <= 1e-10 * abs(exact)
+
+
+def test_spectral_operator_applies_functions_exactly(psd_with_kernel):
+    """A known eigendecomposition gives f(A) v exactly with no product (kept rank 60 of 100, the rest A's kernel
+    where f(0) acts: exp(-x) has f(0) = 1), and the same stochastic trace as Lanczos on the same probes."""
+    A, q, lam = psd_with_kernel
+    spectral = SpectralOperator(lam[:60], q[:, :60])
+    v = torch.randn(100, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    torch.testing.assert_close(spectral.hvp(v), A.matrix @ v, rtol=1e-12, atol=1e-12)
+    for f in (lambda x: torch.exp(-x), lambda x: psi(2 * 0.7 * x)):
+        got = apply_function(spectral, v, f)
+        assert got.exact and got.steps == 0 and spectral.calls == 1
+        torch.testing.assert_close(got.value, _dense(f, lam, q) @ v, rtol=0, atol=1e-12 * float(v.norm()))
+    B = MatrixOperator(A.matrix @ A.matrix + torch.eye(100, dtype=torch.float64))
+    f = lambda x: psi(2 * 0.7 * x)
+    top = torch.argsort(lam, descending=True)[:5]
+    runs = [trace_function_product(op, f, B, num_probes=6, generator=torch.Generator().manual_seed(4), tol=1e-13,
+                                   deflate=(lam[top], q[:, top]), b_trace=float(torch.trace(B.matrix)))
+            for op in (A, spectral)]
+    assert runs[1].matvecs == 0 < runs[0].matvecs                    # no Lanczos product on the spectral route
+    assert runs[1].item() == pytest.approx(runs[0].item(), rel=1e-10)
+    assert float(runs[1].stderr) == pytest.approx(float(runs[0].stderr), rel=1e-8)
+    with pytest.raises(ValueError, match="r <= D"):
+        SpectralOperator(lam, q[:, :60])
 
 
 def test_several_functions_and_operators_share_probes():

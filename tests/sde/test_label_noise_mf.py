@@ -16,6 +16,7 @@ Runtime: a few seconds on one thread.
 import pytest
 import torch
 
+from dynamics.matrix_function import SpectralOperator
 from dynamics.jacobian import GramSolveNotConverged, jacobian_frobenius_pass, jacobian_times, jacobian_transpose_times
 from dynamics.objective import Objective
 from sde.label_noise import (OutputMetric, centred_basis, gauss_newton_geometry, metric_roots, predict_rates,
@@ -217,6 +218,38 @@ def test_lanczos_rates_equal_exact_path_at_full_deflation(point):
     assert qsr.trace_rate == pytest.approx(got[2].trace_rate, rel=1e-8)
     exact_qsr = _exact_rates(obj, zeta, [QSR(2, 2, alpha=0.3)], eta=0.1, **exact_options)[1][0]
     assert qsr.trace_rate == pytest.approx(exact_qsr.trace_rate, rel=1e-8)
+
+
+def _gram_spectrum(obj, zeta, metric=None) -> SpectralOperator:
+    """G's eigendecomposition at zeta, descending, from its dense matrix (what a matrix-free point holds)."""
+    gram = GramOperator(obj, zeta, metric)
+    dense = torch.stack([gram.hvp(e) for e in torch.eye(gram.dim, dtype=torch.float64)], 1)
+    values, vectors = torch.linalg.eigh((dense + dense.T) / 2)
+    return SpectralOperator(values.flip(0), vectors.flip(1))
+
+
+def test_known_spectrum_rates_equal_exact_path_without_lanczos(point):
+    """With G's eigendecomposition given, no Lanczos runs: at full deflation the rates are exact (1e-8), with
+    float32 derivative passes to 1e-5 (their rounding), and 3 deflated + 40 probes lie within 4 standard errors."""
+    obj, zeta, options = point
+    spectrum = _gram_spectrum(obj, zeta, options["metric"])
+    rules = [SGD(4), LocalSGD(2, 2, 0.9)] + LOCAL_RULES
+    geo, exacts = _exact_rates(obj, zeta, rules, metric=options["metric"], scale=options["noise_scale"])
+    full = dict(options, num_probes=3, deflate=12, rtol=1e-13, spectrum=spectrum)
+    for passes, rel in ((None, 1e-8), (obj.to(torch.float32), 1e-5)):
+        got = predict_rates_matrix_free(obj, zeta, rules, passes=passes, **full)
+        assert got.cost["lanczos_matvecs"] == 0 and got.cost["eigen_matvecs"] == 1
+        for mf, exact in zip(got, exacts):
+            assert mf.trace_rate == pytest.approx(exact.trace_rate, rel=rel)
+            assert mf.lambda_max_rate == pytest.approx(exact.lambda_max_rate, rel=rel)
+    sampled = predict_rates_matrix_free(obj, zeta, rules, num_probes=40, deflate=3, spectrum=spectrum,
+                                        generator=torch.Generator().manual_seed(1), **options)
+    for mf, exact in zip(sampled[1:], exacts[1:]):
+        assert 0 < mf.trace_rate_stderr <= 0.05 * abs(exact.trace_rate)
+        assert abs(mf.trace_rate - exact.trace_rate) <= 4 * mf.trace_rate_stderr
+    with pytest.raises(ValueError, match="not G's at zeta"):        # another point's eigendecomposition
+        predict_rates_matrix_free(obj, zeta, rules, spectrum=_gram_spectrum(obj, 1.01 * zeta, options["metric"]),
+                                  **options)
 
 
 def test_lanczos_rates_within_stderr_of_exact_path_and_limits(on_gamma):

@@ -22,7 +22,9 @@ from torch import nn
 from experiments.compare import MODELS, compare, main, parse_rule
 from experiments.comparison.continuation import ContinuationConfig, measure, run_schedule
 from experiments.comparison.noise import FlippedLabels, GaussianLabelNoise, parse_noise
+from experiments.comparison.compare import predict_row
 from experiments.comparison.point import build_point, check_model
+from experiments.comparison.reading_mf import with_eigendecomposition
 from experiments.data import cifar_subset, load_cifar10, normalize
 from sde.label_noise import gauss_newton_geometry, predict_rates, sharpness_gradients
 from sde.rules import QSR, SGD, LocalSGD
@@ -372,6 +374,13 @@ def test_matrix_free_predictions_equal_the_exact_ones(cifar10_dir, tmp_path):
     assert mf_row.seeds == 2 and math.isfinite(mf_row.measured)
     assert mf_row.measured == pytest.approx(dense_row.measured, rel=1e-4)
     assert mf_row.predicted == pytest.approx(dense_row.predicted, rel=1e-6)
+    # a point holding its exact Gram eigendecomposition (as compare's measuring points do) gives a psi rule's trace
+    # with exact psi(2 beta G) z, no Lanczos: the same prediction within the probes' error
+    exact_point = with_eigendecomposition(point)
+    assert point.gram_spectrum is None and exact_point.gram_spectrum.dim == 300
+    assert float(exact_point.gram_spectrum.values.sum()) == pytest.approx(exact_point.trace, rel=1e-9)
+    local = predict_row(exact_point, LocalSGD(2, 4, 0.2), 0.01, method="cg", spectrum=exact_point.gram_spectrum)
+    assert local.predicted == pytest.approx(dense[1].predicted, rel=1e-2)
 
 
 def test_matrix_free_projector_reuses_solves_and_its_log_is_the_cg_tolerance_sweep(cifar10_dir):
