@@ -182,7 +182,8 @@ class GramDerivativeOperator:
     def hvp(self, a: Tensor) -> Tensor:
         self.calls += 1
         g = self.gram
-        first = g.metric.reduce(jacobian_derivative_times(g.obj, g.theta, self.u, g.transpose_times(a)))
+        u, ja = self.u.to(g.passes.dtype), g.transpose_times(a).to(g.passes.dtype)      # passes as the Gram's
+        first = g.metric.reduce(jacobian_derivative_times(g.passes, g.pass_theta, u, ja).to(g.dtype))
         second = g.times(g.derivative_transpose_times(self.u, a))
         return (first.reshape(-1) + second) / g.num_samples
 
