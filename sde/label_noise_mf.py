@@ -248,7 +248,7 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
             term), function_tol, max_lanczos_steps: the stochastic trace; eigen_tol: the top-k eigenpairs.
         generator: all random draws (Lanczos starts, probes); seed 0 if None.
         spectrum: G's eigendecomposition at zeta if known (`SpectralOperator`, eigenvalues descending, e.g.
-            `GramPreconditioner.gram_spectrum`): the top-k eigenpairs are read from it and each probe's
+            `Point.gram_spectrum`): the top-k eigenpairs are read from it and each probe's
             psi(2 beta G) z is exact, no Lanczos (one Gram product checks it belongs to this zeta).
         passes: the objective the psi trace's DG[u] products run on (default obj), e.g. obj.to(torch.float32):
             their rounding (~1e-6 relative) is far below the probes' standard error; the exact terms stay in obj.
