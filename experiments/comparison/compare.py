@@ -162,22 +162,24 @@ class Row:
         return self.measured / self.predicted_path
 
 
-def _predictions(point: Point, rule, eta: float, *, method: str, options: dict) -> tuple:
-    """(prediction at eta, eta -> 0 limit) at zeta: `PredictedRates` of the rule as run and of the rule."""
-    run_rule = rule.at_eta(eta)
-    rules = [rule] if run_rule == rule else [rule, run_rule]
+def _predictions(point: Point, rules: Sequence, eta: float, *, method: str, options: dict) -> list[tuple]:
+    """For each rule, (prediction at eta, eta -> 0 limit) at zeta: the `PredictedRates` of the rule as run and of
+    the rule. Matrix-free, every rule is priced in one call: rules sharing a beta (Local SGD at K = 4 and K = 8)
+    share its psi trace, and all betas share the probes' DG products, the cost that dominates."""
+    needed = list(dict.fromkeys(r for rule in rules for r in (rule.at_eta(eta), rule)))
     scale = point.noise.noise_scale
     if method == "cg":              # the point's preconditioner serves the tangent projections (one projector)
         from sde.label_noise_mf import predict_rates_matrix_free
         options.setdefault("projector", _projector(point))
-        rates = predict_rates_matrix_free(point.objective, point.zeta, rules, noise_scale=scale,
+        rates = predict_rates_matrix_free(point.objective, point.zeta, needed, noise_scale=scale,
                                           metric=point.noise.metric(point.targets),
                                           loss_on_gamma=point.noise.minimum_loss(point.targets), **options)
     else:
         from sde.label_noise import predict_rates
         rates = [predict_rates(point.objective, point.geometry, r, noise_scale=scale, gradients=point.gradients)
-                 for r in rules]
-    return rates[-1], rates[0]
+                 for r in needed]
+    by_rule = dict(zip(needed, rates))
+    return [(by_rule[rule.at_eta(eta)], by_rule[rule]) for rule in rules]
 
 
 def _projector(point: Point, *, cg_rtol: float = 1e-10, curvature_floor: float = 0.0):
@@ -192,21 +194,23 @@ def _projector(point: Point, *, cg_rtol: float = 1e-10, curvature_floor: float =
 def predict_row(point: Point, rule, eta: float, *, method: str = "dense", **options) -> Row:
     """A row without runs: the rates at zeta of the rule as run at eta and of its eta -> 0 limit."""
     start = time.perf_counter()
-    pred, limit = _predictions(point, rule, eta, method=method, options=options)
+    [(pred, limit)] = _predictions(point, [rule], eta, method=method, options=options)
+    return _predicted_row(point, rule, eta, pred, limit, seconds=time.perf_counter() - start)
+
+
+def _predicted_row(point: Point, rule, eta: float, pred, limit, *, seconds: float) -> Row:
     return Row(rule=repr(rule), eta=eta, noise=str(point.noise), predicted=pred.trace_rate, measured=NAN, stderr=NAN,
                seeds=0, seed=0, predicted_limit=limit.trace_rate, predicted_path=NAN,
                predicted_lambda_max=pred.lambda_max_rate, measured_lambda_max=NAN, lambda_max_stderr=NAN,
                local_steps=rule.local_steps(eta), slow_time=0.0, trace=float(pred.trace),
-               lambda_max=float(pred.lambda_max), seconds=time.perf_counter() - start, workers=rule.workers,
+               lambda_max=float(pred.lambda_max), seconds=seconds, workers=rule.workers,
                dim=point.objective.dim)
 
 
-def _measured_row(point: Point, config, *, seed: int, path_dt, progress, method: str = "dense",
-                  options: dict | None = None) -> Row:
-    """`continuation.measure` for one config (a "cg" point is read matrix-free); its RegimeWarnings go into the
-    row, other warnings pass on."""
-    start = time.perf_counter()
-    pred, limit = _predictions(point, config.rule, config.eta, method=method, options=options or {})
+def _measured_row(point: Point, config, pred, limit, *, seed: int, path_dt, progress, seconds: float = 0.0) -> Row:
+    """`continuation.measure` for one config (a "cg" point is read matrix-free) beside its predictions (pred,
+    limit); its RegimeWarnings go into the row, other warnings pass on. seconds: time already spent on the row."""
+    start = time.perf_counter() - seconds
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RegimeWarning)
         m = measure_rule(point, config, seed=seed, path_dt=path_dt, progress=progress)
@@ -301,20 +305,26 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
         mf_options.setdefault("spectrum", point.gram_spectrum)
         if pass_dtype is not None:
             mf_options.setdefault("passes", point.objective.to(pass_dtype))
+    predicted = {}          # eta -> [(at eta, limit) per rule]: priced once per eta, for every rule (as uninterrupted)
     for (rule, eta), schedule in schedules.items():
         if measured is not None and measured(rule, eta):
             continue
+        start = time.perf_counter()
+        if eta not in predicted:
+            predicted[eta] = _predictions(point, rules, eta, method=method, options=mf_options)
+        pred, limit = predicted[eta][rules.index(rule)]
+        seconds = time.perf_counter() - start
         if measure:
             config = ContinuationConfig(rule=rule, eta=eta, max_eta_lambda=max_eta_lambda,
                                         max_relative_change=max_relative_change, pass_dtype=pass_dtype, **schedule)
             say(f"{rule!r} at eta = {eta:g}: {config.rounds} rounds of {config.local_steps} steps, {seeds} seeds")
-            row = _measured_row(point, config, seed=seed, path_dt=path_dt, progress=progress, method=method,
-                                options=mf_options)
+            row = _measured_row(point, config, pred, limit, seed=seed, path_dt=path_dt, progress=progress,
+                                seconds=seconds)
             say(f"{row.rule} eta = {eta:g}: predicted {row.predicted:.4g}, measured {row.measured:.4g} "
                 f"+- {row.stderr:.2g} (ratio {row.ratio:.3f}, {row.seconds:.0f} s)"
                 + "".join(f"; {w}" for w in row.warnings))
         else:
-            row = predict_row(point, rule, eta, method=method, **mf_options)
+            row = _predicted_row(point, rule, eta, pred, limit, seconds=seconds)
             say(f"{row.rule} eta = {eta:g}: predicted {row.predicted:.6g} (limit {row.predicted_limit:.6g})")
         rows.append(row)
         if on_row is not None:

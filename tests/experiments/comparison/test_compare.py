@@ -338,7 +338,7 @@ def test_any_number_of_classes_and_float_targets(data):
         assert row.trace == pytest.approx(geo.trace, rel=1e-12)
 
 
-def test_matrix_free_predictions_equal_the_exact_ones(cifar10_dir, tmp_path):
+def test_matrix_free_predictions_equal_the_exact_ones(cifar10_dir, tmp_path, monkeypatch):
     """(experiments.big_point's command line, now --matrix-free): the point by CG projections, the rates by
     sde.label_noise_mf (exact CG terms for SGD and the QSR limit; stochastic Lanczos for the psi rules) equal the
     dense route's at the dense point to the CG projection's accuracy (seen 4e-9) and the Lanczos error (seen 6e-4)."""
@@ -381,6 +381,16 @@ def test_matrix_free_predictions_equal_the_exact_ones(cifar10_dir, tmp_path):
     assert float(exact_point.gram_spectrum.values.sum()) == pytest.approx(exact_point.trace, rel=1e-9)
     local = predict_row(exact_point, LocalSGD(2, 4, 0.2), 0.01, method="cg", spectrum=exact_point.gram_spectrum)
     assert local.predicted == pytest.approx(dense[1].predicted, rel=1e-2)
+    # compare prices every rule at an eta in one call: Local SGD at K = 2 and K = 4 (same beta, same B) share one psi
+    # trace, so their psi parts stand exactly in the ratio (K - 1) = 3 (separate probes would miss it by ~1e-2)
+    import sde.label_noise_mf as mf
+    calls, priced = [], mf.predict_rates_matrix_free
+    monkeypatch.setattr(mf, "predict_rates_matrix_free", lambda *a, **k: calls.append(a[2]) or priced(*a, **k))
+    sgd, k2, k4 = compare(None, point=exact_point, noise="gaussian:0.1", method="cg", measure=False, etas=[0.01, 0.02],
+                          rules=[SGD(8), LocalSGD(2, 4, 0.2), LocalSGD(4, 2, 0.2)])[:3]
+    assert len(calls) == 2 and all(len(rules) == 3 for rules in calls)        # one call per eta, every rule in it
+    assert (k4.predicted - sgd.predicted) / (k2.predicted - sgd.predicted) == pytest.approx(3.0, rel=1e-10)
+    assert k2.predicted == pytest.approx(dense[1].predicted, rel=1e-2)
 
 
 def test_matrix_free_projector_reuses_solves_and_its_log_is_the_cg_tolerance_sweep(cifar10_dir):
