@@ -361,8 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     record_provenance(out, "experiments.demo", [p.name for p in figures] + [RESULTS_NAME],
                       command=results["command"], quick=args.quick)
     say(f"wrote {out / RESULTS_NAME} and {len(figures)} figure files; wall time {results['wall_seconds']:.0f} s")
-    from experiments.comparison.full_resolution import result_lines
-    say("\n".join(["the large result (committed, not re-run here):", *result_lines()]))
+    from experiments.comparison.full_resolution import RESULT_DIRS, result_lines
+    say("\n".join(["the large results (committed, not re-run here):",
+                   *(line for folder in RESULT_DIRS for line in result_lines(folder))]))
     return 0
 
 

@@ -48,11 +48,12 @@ from experiments.comparison.summary import summarize, summary_lines, write_summa
 from sde.analysis import spectrum_beta
 from sde.rules import QSR, SGD, LocalSGD
 
-__all__ = ["plan", "add_paths", "main", "MODEL", "CLASSES", "RESULT_DIR", "result_lines"]
+__all__ = ["plan", "add_paths", "main", "MODEL", "CLASSES", "RESULT_DIR", "RESULT_DIRS", "result_lines"]
 
 MODEL, CLASSES = "cnn-wide", 10
 # the committed study (plan.json, rows.jsonl, summary.json with provenance) that RESULTS.md 2d quotes
 RESULT_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "full_resolution_n500"
+RESULT_DIRS = (RESULT_DIR, RESULT_DIR.parent / "full_resolution_n2000")     # every committed study, `make demo`'s
 
 
 def plan(point: Point, *, eta_lambdas=(0.05, 0.1, 0.2), workers=(4, 8), batch: int = 8, qsr_workers: int = 4,
@@ -115,8 +116,13 @@ def result_lines(folder: Path = RESULT_DIR) -> list[str]:
         return [f"the full-resolution result is not in {where} (run python -m experiments.comparison.full_resolution)"]
     summary = json.loads((folder / "summary.json").read_text())
     first = summary["rules"][0]
+    done = ""
+    if (folder / "plan.json").is_file() and (folder / "rows.jsonl").is_file():      # a study stopped part way says so
+        study = json.loads((folder / "plan.json").read_text())
+        rows = sum(1 for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip())
+        done = f" ({rows} of {len(study['rules']) * len(study['etas'])} planned rows)"
     return [f"full resolution (RESULTS.md 2d): N = {first['n']} CIFAR-10 images at {first['image_size']}x"
-            f"{first['image_size']}, D = {first['D']:,}, {first['noise']}; rows and summary in {where}",
+            f"{first['image_size']}, D = {first['D']:,}, {first['noise']}; rows and summary in {where}{done}",
             *summary_lines(summary)]
 
 

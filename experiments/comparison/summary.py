@@ -129,8 +129,11 @@ def summarize(rows, *, n: int, image_size: int, dim: int, accept_p: float = ACCE
 
 
 def summary_lines(summary: dict) -> list[str]:
-    """The summary as printed by the command lines: one line per rule, one per Local / SGD ratio."""
-    lines = [f"{r['rule']:46s} measured / predicted at eta -> 0: {r['ratio_eta0']:.4f} +- {r['ratio_eta0_se']:.2g} "
+    """The summary as printed by the command lines: one line per rule (at eta -> 0, or at its one eta), one per
+    Local / SGD ratio."""
+    def where(r: dict) -> str:
+        return "at eta -> 0" if len(r["etas"]) > 1 else f"at eta = {r['etas'][0]:.3g} only"
+    lines = [f"{r['rule']:46s} measured / predicted {where(r)}: {r['ratio_eta0']:.4f} +- {r['ratio_eta0_se']:.2g} "
              f"({r['fit']})" for r in summary["rules"]]
     return lines + [f"{rule:46s} (Local / SGD) measured / predicted: {r['value']:.4f} +- {r['se']:.2g}"
                     for rule, r in summary["local_over_sgd_eta0"].items()]

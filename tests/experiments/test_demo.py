@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from experiments import demo
-from experiments.comparison.full_resolution import result_lines
+from experiments.comparison.full_resolution import RESULT_DIRS, result_lines
 
 RULES = ("SGD", "Local", "QSR")
 
@@ -50,7 +50,8 @@ def test_results_carry_predicted_and_measured_rates_for_every_rule(with_data):
     # every row of the printed table is there, and where the committed full-resolution result lives
     for name in RULES:
         assert any(line.startswith(name) for line in printed.splitlines())
-    assert "\n".join(result_lines()) in printed and "benchmarks/results/full_resolution_n500" in printed
+    for folder in RESULT_DIRS:
+        assert "\n".join(result_lines(folder)) in printed and f"benchmarks/results/{folder.name}" in printed
 
 
 def test_toy_sgd_rate_extrapolates_to_the_slow_sde(with_data):

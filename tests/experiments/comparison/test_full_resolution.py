@@ -61,11 +61,12 @@ def test_full_resolution_study_plans_from_the_point_and_writes_rows_and_summary(
     assert set(summary["local_over_sgd_eta0"]) == set(plan["rules"][1:])
     assert full_resolution.result_lines(out)[1:] == summary_lines(summary)       # what `make demo` prints
     assert "N = 20 CIFAR-10 images at 32x32, D = 51,033" in full_resolution.result_lines(out)[0]
+    assert full_resolution.result_lines(out)[0].endswith("(4 of 4 planned rows)")
     assert "is not in" in full_resolution.result_lines(tmp_path / "nothing")[0]
     assert main(args) == 2 and "is not empty" in capsys.readouterr().err     # the results are never overwritten
     # --paths-only: the predicted path of every row, no new runs; SGD's matrix-free, Local SGD's on Jacobian nodes
     assert main(args + ["--paths-only"]) == 0
-    assert "measured / predicted at eta -> 0" in capsys.readouterr().out
+    assert f"measured / predicted at eta = {plan['etas'][0]:.3g} only" in capsys.readouterr().out     # one eta
     with_paths = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     assert [r["measured"] for r in with_paths] == [r["measured"] for r in rows]              # nothing re-run
