@@ -307,8 +307,9 @@ def predict_rates_matrix_free(obj: Objective, zeta: Tensor, rules, *, noise_scal
         f = lambda x: psi(2 * x.clamp(min=0)[:, None] * beta_t[None, :])     # noqa: E731 (m, b); G is PSD
         derivative = gram if passes is None else GramOperator(obj, zeta, metric, passes=passes)
         ops = [GramDerivativeOperator(derivative, g_trace), GramDerivativeOperator(derivative, g_lmax)]
-        est = trace_function_product(gram if spectrum is None else spectrum, f, ops, num_probes=num_probes, generator=gen, deflate=(lam, gram_vecs),
-                                     b_trace=first.tolist(), tol=function_tol, max_steps=max_lanczos_steps)
+        est = trace_function_product(gram if spectrum is None else spectrum, f, ops, num_probes=num_probes,
+                                     generator=gen, deflate=(lam, gram_vecs), b_trace=first.tolist(),
+                                     tol=function_tol, max_steps=max_lanczos_steps)
         psi_tr, psi_se = est.value, est.stderr
         cost.update(lanczos_matvecs=est.matvecs, derivative_matvecs=est.b_matvecs, converged=est.converged)
     seconds["traces"] = time.perf_counter() - clock

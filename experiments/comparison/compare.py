@@ -171,6 +171,7 @@ def _predictions(point: Point, rules: Sequence, eta: float, *, method: str, opti
     if method == "cg":              # the point's preconditioner serves the tangent projections (one projector)
         from sde.label_noise_mf import predict_rates_matrix_free
         options.setdefault("projector", _projector(point))
+        options.setdefault("spectrum", point.gram_spectrum)        # exact psi(2 beta G) z where the point holds G's
         rates = predict_rates_matrix_free(point.objective, point.zeta, needed, noise_scale=scale,
                                           metric=point.noise.metric(point.targets),
                                           loss_on_gamma=point.noise.minimum_loss(point.targets), **options)
@@ -301,10 +302,8 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
         point = with_eigendecomposition(point)
     if method == "cg" and "projector" not in mf_options:             # one projector: its solves are reused
         mf_options["projector"] = _projector(point, cg_rtol=cg_rtol, curvature_floor=curvature_floor)
-    if method == "cg":              # psi traces: exact psi(2 beta G) from the held spectrum, passes as the readings'
-        mf_options.setdefault("spectrum", point.gram_spectrum)
-        if pass_dtype is not None:
-            mf_options.setdefault("passes", point.objective.to(pass_dtype))
+    if method == "cg" and pass_dtype is not None:      # the psi traces' DG products in the readings' pass dtype
+        mf_options.setdefault("passes", point.objective.to(pass_dtype))
     predicted = {}          # eta -> [(at eta, limit) per rule]: priced once per eta, for every rule (as uninterrupted)
     for (rule, eta), schedule in schedules.items():
         if measured is not None and measured(rule, eta):

@@ -19,10 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.compare import MODELS, compare, main, parse_rule
+from experiments.compare import MODELS, compare, main, parse_rule, predict_row
 from experiments.comparison.continuation import ContinuationConfig, measure, run_schedule
 from experiments.comparison.noise import FlippedLabels, GaussianLabelNoise, parse_noise
-from experiments.comparison.compare import predict_row
 from experiments.comparison.point import build_point, check_model
 from experiments.comparison.reading_mf import with_eigendecomposition
 from experiments.data import cifar_subset, load_cifar10, normalize
@@ -375,14 +374,12 @@ def test_matrix_free_predictions_equal_the_exact_ones(cifar10_dir, tmp_path, mon
     assert mf_row.measured == pytest.approx(dense_row.measured, rel=1e-4)
     assert mf_row.predicted == pytest.approx(dense_row.predicted, rel=1e-6)
     # a point holding its exact Gram eigendecomposition (as compare's measuring points do) gives a psi rule's trace
-    # with exact psi(2 beta G) z, no Lanczos: the same prediction within the probes' error
+    # with exact psi(2 beta G) z, no Lanczos: the same prediction within the probes' error (k2 below). compare prices
+    # every rule at an eta in one call: Local SGD at K = 2 and K = 4 (same beta, same B) share one psi trace, so
+    # their psi parts stand exactly in the ratio (K - 1) = 3 (separate probes would miss it by ~1e-2)
     exact_point = with_eigendecomposition(point)
     assert point.gram_spectrum is None and exact_point.gram_spectrum.dim == 300
     assert float(exact_point.gram_spectrum.values.sum()) == pytest.approx(exact_point.trace, rel=1e-9)
-    local = predict_row(exact_point, LocalSGD(2, 4, 0.2), 0.01, method="cg", spectrum=exact_point.gram_spectrum)
-    assert local.predicted == pytest.approx(dense[1].predicted, rel=1e-2)
-    # compare prices every rule at an eta in one call: Local SGD at K = 2 and K = 4 (same beta, same B) share one psi
-    # trace, so their psi parts stand exactly in the ratio (K - 1) = 3 (separate probes would miss it by ~1e-2)
     import sde.label_noise_mf as mf
     calls, priced = [], mf.predict_rates_matrix_free
     monkeypatch.setattr(mf, "predict_rates_matrix_free", lambda *a, **k: calls.append(a[2]) or priced(*a, **k))
@@ -391,6 +388,9 @@ def test_matrix_free_predictions_equal_the_exact_ones(cifar10_dir, tmp_path, mon
     assert len(calls) == 2 and all(len(rules) == 3 for rules in calls)        # one call per eta, every rule in it
     assert (k4.predicted - sgd.predicted) / (k2.predicted - sgd.predicted) == pytest.approx(3.0, rel=1e-10)
     assert k2.predicted == pytest.approx(dense[1].predicted, rel=1e-2)
+    # predict_row (one rule) prices it on the same probes as compare: the same number (the spectrum is the default)
+    assert predict_row(exact_point, LocalSGD(2, 4, 0.2), 0.01, method="cg").predicted == pytest.approx(k2.predicted,
+                                                                                                       rel=1e-10)
 
 
 def test_matrix_free_projector_reuses_solves_and_its_log_is_the_cg_tolerance_sweep(cifar10_dir):
