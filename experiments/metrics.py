@@ -14,6 +14,7 @@ import platform
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -21,15 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMP_MARK = ".tmp-"   # temporary files of atomic writes are named ".NAME.tmp-XXXX"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and os.replace,
-    so a reader (or a crash) never sees a partial file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Call write(file) on a temporary file in `path`'s folder, then fsync and os.replace it to `path`, so a reader
+    (or a crash) never sees a partial file; e.g. write=lambda f: torch.save(obj, f) streams a large object with no
+    copy of it in memory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,6 +39,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:

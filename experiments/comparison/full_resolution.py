@@ -7,7 +7,9 @@ build_small_cnn`, hidden 48, 9 outputs: D = 51,033), squared loss with Gaussian 
 (`noise.simplex_targets`: one-hot targets make the Jacobian rank-deficient above N = 49); or, with --noise flip:P,
 cross-entropy with flipped labels on 10 outputs (D = 51,082; N m = 9 N either way). The point: float32 Adam,
 float64 CG Gauss-Newton (`build_point(method="cg")`, zeta cached in OUT/zeta.pt), then the one Gram
-eigendecomposition at zeta (`reading_mf.with_eigendecomposition`), whose memory is checked before anything starts.
+eigendecomposition at zeta (`reading_mf.with_eigendecomposition`), whose memory is checked before anything starts;
+it is kept in OUT/gram_eigen.pt (2.6 GB at N = 2,000, git-ignored), so a resumed study reads it instead of
+rebuilding it (~12 min at N = 2,000).
 The rules come from the point (`plan`): SGD (batch B), Local SGD with K = 4 and 8 at the beta that puts
 2 beta lambda = 1 at the trace-weighted median Hessian eigenvalue (`sde.analysis.spectrum_beta`: both sides of 1
 over the spectrum), and QSR (K = 4) whose beta = alpha^2 / eta equals that beta at the middle eta; the etas are
@@ -51,6 +53,7 @@ from sde.rules import QSR, SGD, LocalSGD
 __all__ = ["plan", "add_paths", "main", "MODEL", "CLASSES", "RESULT_DIR", "RESULT_DIRS", "result_lines"]
 
 MODEL, CLASSES = "cnn-wide", 10
+EIGEN_CACHE = "gram_eigen.pt"    # the point's Gram eigendecomposition, kept in OUT between runs (git-ignored)
 # the committed study (plan.json, rows.jsonl, summary.json with provenance) that RESULTS.md 2d quotes
 RESULT_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "full_resolution_n500"
 RESULT_DIRS = (RESULT_DIR, RESULT_DIR.parent / "full_resolution_n2000")     # every committed study, `make demo`'s
@@ -232,7 +235,7 @@ def _main(argv: list[str] | None) -> int:
                              "differs across machines)")
     images, labels = cifar_subset(resolve_cifar10_dir(args.data_dir, search=True), args.n, image_size=32)
     if not (args.paths_only or args.resume):
-        resumable = out.is_dir() and {p.name for p in out.iterdir()} <= {"zeta.pt", "plan.json"}   # a built point
+        resumable = out.is_dir() and {p.name for p in out.iterdir()} <= {"zeta.pt", "plan.json", EIGEN_CACHE}  # a point
         moved = None if resumable else prepare_out(out, args.overwrite)
         out.mkdir(parents=True, exist_ok=True)
         if moved is not None and say:
@@ -244,7 +247,7 @@ def _main(argv: list[str] | None) -> int:
     point = build_point(lambda *, image_size: MODELS[MODEL](image_size=image_size, classes=outputs), images,
                         targets, noise=noise, method="cg", seed=args.seed,
                         fit_dtype=torch.float32, exact_preconditioner=True, memory_limit=memory,
-                        cache=out / "zeta.pt", progress=say, pass_dtype=pass_dtype,
+                        cache=out / "zeta.pt", eigen_cache=out / EIGEN_CACHE, progress=say, pass_dtype=pass_dtype,
                         generator=torch.Generator().manual_seed(args.seed))
     point = with_eigendecomposition(point)
     chosen = plan(point, eta_lambdas=args.eta_lambda, batch=args.batch,

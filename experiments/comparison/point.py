@@ -153,12 +153,13 @@ def fit(obj: Objective, noise, *, steps: int = 3000, lr: float = 3e-3, gap: floa
 
 def point_at(obj: Objective, noise, zeta: Tensor, *, method: str = "dense", labels: Tensor | None = None,
              preconditioner=None, tol: float | None = None, seconds: float = 0.0, exact_preconditioner: bool = False,
-             memory_limit: int | None = None, **mf) -> Point:
+             memory_limit: int | None = None, eigen_cache: str | Path | None = None, **mf) -> Point:
     """The `Point` at zeta (ValueError if its distance to Gamma exceeds tol, default noise.on_gamma): dense,
     geometry, gradients, `GramPreconditioner` and `PhiCorrection`; "cg", a `GramPreconditionerMF` (kwargs `mf`), or
     with exact_preconditioner the exact Gram eigendecomposition (`GramPreconditioner.at` by Jacobian row blocks,
     within `memory_limit` bytes, default the machine's RAM, checked first), which the matrix-free readings need
-    anyway (`reading_mf.with_eigendecomposition`)."""
+    anyway (`reading_mf.with_eigendecomposition`); eigen_cache: a file keeping that eigendecomposition between
+    processes (`GramPreconditioner.at(cache=)`)."""
     start = time.perf_counter()
     zeta = zeta.detach()
     residual = check_on_gamma(obj, noise, zeta, tol)
@@ -171,7 +172,7 @@ def point_at(obj: Objective, noise, zeta: Tensor, *, method: str = "dense", labe
         preconditioner = preconditioner or GramPreconditioner.at(obj, noise, zeta, memory_limit=memory_limit)
     elif method == "cg":
         if preconditioner is None and exact_preconditioner:
-            preconditioner = GramPreconditioner.at(obj, noise, zeta, memory_limit=memory_limit)
+            preconditioner = GramPreconditioner.at(obj, noise, zeta, memory_limit=memory_limit, cache=eigen_cache)
         elif preconditioner is None:
             rank = min(mf.pop("rank", 200), noise.equations(*targets.shape) - 1)
             preconditioner = GramPreconditionerMF.at(obj, noise, zeta, rank=rank, **mf)
@@ -186,7 +187,8 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: in
                 tol: float = 1e-10, seed: int = 0, method: str = "dense", progress: Callable[[str], None] | None = None,
                 cache: str | Path | None = None, fit_dtype: torch.dtype | None = None,
                 exact_preconditioner: bool = False, memory_limit: int | None = None,
-                pass_dtype: torch.dtype | None = None, **projection) -> Point:
+                pass_dtype: torch.dtype | None = None, eigen_cache: str | Path | None = None,
+                **projection) -> Point:
     """Train `model` (a module, or a factory called with image_size, torch seeded by `seed`) toward Gamma by
     full-batch Adam (`train_steps`, 0 for none; in `fit_dtype` if given, e.g. torch.float32), project onto Gamma
     (distance <= tol; "cg": its Gram products in `pass_dtype` if given, `project`'s passes; `projection` kwargs go to
@@ -194,7 +196,7 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: in
     float64; labels integer (N,) or float (N, C) (`LabelNoise.targets`). noise: a model or "gaussian:0.1".
     cache: a file keeping zeta between runs, keyed by the setup (noise, options, data and start sizes; atomic).
     exact_preconditioner ("cg"): the point's preconditioner is the exact Gram eigendecomposition at zeta, not a
-    Nystrom one (`point_at`, within `memory_limit` bytes)."""
+    Nystrom one (`point_at`, within `memory_limit` bytes; kept between processes in the file `eigen_cache`)."""
     noise = parse_noise(noise) if isinstance(noise, str) else noise
     start = time.perf_counter()
     images = images.to(torch.float64)
@@ -236,7 +238,7 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: in
             atomic_write_bytes(cache, buffer.getvalue())
     say("point: on Gamma; geometry, Phi correction and preconditioner")
     point = point_at(obj, noise, zeta, method=method, labels=labels, tol=tol, seconds=time.perf_counter() - start,
-                     exact_preconditioner=exact_preconditioner, memory_limit=memory_limit,
+                     exact_preconditioner=exact_preconditioner, memory_limit=memory_limit, eigen_cache=eigen_cache,
                      **({"rank": projection.get("preconditioner_rank", 200), "generator": projection.get("generator")}
                         if method == "cg" else {}))
     say(f"point: tr H = {point.trace:.6g}, lambda_max = {point.lambda_max:.6g} ({point.seconds:.0f} s)")

@@ -107,15 +107,22 @@ def test_a_study_that_cannot_fit_in_memory_is_refused_before_any_work(monkeypatc
     assert not (tmp_path / "o").exists()
 
 
-def test_a_resumed_study_measures_only_the_rows_it_lacks(cifar10_dir, tiny_study, tmp_path, capsys):
+def test_a_resumed_study_measures_only_the_rows_it_lacks(cifar10_dir, tiny_study, tmp_path, capsys, monkeypatch):
     """--resume after a row was lost: exactly that row is measured again and comes back as it was (every run's
-    seeds come from --seed alone), the kept rows stay verbatim, a second resume measures nothing, and options that
+    seeds come from --seed alone), reading the point's Gram eigendecomposition from OUT/gram_eigen.pt (the Gram
+    matrix is never formed), the kept rows stay verbatim, a second resume measures nothing, and options that
     change the measurement (or --overwrite / --paths-only beside it) are refused before any work."""
+    import experiments.comparison.projection as projection
     out = tmp_path / "fr"
     shutil.copytree(tiny_study, out)
     common = OPTIONS + ["--eta-lambda", "0.2", "--data-dir", str(cifar10_dir), "--out", str(out)]
     study = (out / "rows.jsonl").read_text().splitlines()
     (out / "rows.jsonl").write_text("\n".join(study[1:]) + "\n")               # SGD's row lost
+    assert (out / full_resolution.EIGEN_CACHE).is_file()
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the Gram matrix was rebuilt")
+    monkeypatch.setattr(projection, "gram_matrix", no_build)
     assert main(common + ["--resume"]) == 0
     lines = (out / "rows.jsonl").read_text().splitlines()
     assert lines[:3] == study[1:] and len(lines) == 4

@@ -128,6 +128,42 @@ def test_gram_eigendecomposition_by_row_blocks(on_gamma):
         GramPreconditioner.at(obj, GAUSS, zeta, memory_limit=rows * rows * item)
 
 
+def test_gram_eigendecomposition_cache_is_read_only_for_its_own_problem(on_gamma, tmp_path, monkeypatch):
+    """GramPreconditioner.at(cache=): the first call builds and writes the file; a second call at the same theta
+    reads it (the Gram matrix is never formed: gram_matrix raises) with the same tensors bit for bit; at a
+    different theta, or under another noise model, the file is another problem's and the eigendecomposition is
+    built afresh (equal to an uncached build there) and the file replaced; an unreadable file is named."""
+    import experiments.comparison.projection as projection
+    obj, zeta, _ = on_gamma
+    cache = tmp_path / "gram_eigen.pt"
+    first = GramPreconditioner.at(obj, GAUSS, zeta, cache=cache)
+    plain = GramPreconditioner.at(obj, GAUSS, zeta)
+    assert cache.is_file()
+    torch.testing.assert_close(first.vectors, plain.vectors, rtol=0, atol=0)
+    build = projection.gram_matrix
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the Gram matrix was rebuilt")
+    monkeypatch.setattr(projection, "gram_matrix", no_build)
+    read = GramPreconditioner.at(obj, GAUSS, zeta, cache=cache)
+    torch.testing.assert_close(read.values, first.values, rtol=0, atol=0)
+    torch.testing.assert_close(read.vectors, first.vectors, rtol=0, atol=0)
+    moved = zeta + 1e-3 * torch.randn(zeta.shape, generator=torch.Generator().manual_seed(5), dtype=zeta.dtype)
+    for noise, theta in ((GAUSS, moved), (GaussianLabelNoise(0.2), zeta)):
+        with pytest.raises(AssertionError, match="rebuilt"):
+            GramPreconditioner.at(obj, noise, theta, cache=cache)
+    monkeypatch.setattr(projection, "gram_matrix", build)
+    there = GramPreconditioner.at(obj, GAUSS, moved, cache=cache)
+    assert float((there.values - first.values).abs().max()) > 1e-6 * float(first.values[0])
+    torch.testing.assert_close(there.values, GramPreconditioner.at(obj, GAUSS, moved).values, rtol=0, atol=0)
+    monkeypatch.setattr(projection, "gram_matrix", no_build)
+    torch.testing.assert_close(GramPreconditioner.at(obj, GAUSS, moved, cache=cache).values, there.values,
+                               rtol=0, atol=0)
+    cache.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"cannot read the cached Gram eigendecomposition .*gram_eigen.pt"):
+        GramPreconditioner.at(obj, GAUSS, zeta, cache=cache)
+
+
 def test_truncated_pseudo_inverse_projects_at_a_rank_deficient_point(cifar10_dir):
     """20 images, hidden width 12: one-hot targets force 1^T W_last = 0 on Gamma, so Jt has exactly N - 13 = 7 null
     directions there (RESULTS.md 2b). Near zeta, CG under the full inverse (those 7 eigenvalues floored at 1e-13)
