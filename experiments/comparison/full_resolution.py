@@ -23,6 +23,9 @@ the ones an uninterrupted study makes (every run's seeds come from --seed alone)
 built again can land elsewhere on Gamma (the float32 fit is not bitwise reproducible across machines), so a
 committed study keeps its zeta.pt.
 --qsr-alpha gives a new study another study's QSR (e.g. more etas at a point rebuilt elsewhere).
+--rules measures only some of the plan's rules ("sgd", "local:K=4", "local:K=8", "qsr:K=4"; `rule_name`), e.g. a
+fourth eta for the rule whose finite-eta curvature needs it; the plan keeps every rule, the others wait for a
+--resume.
 --passes float32 runs the Jacobian passes that dominate the cost in float32 (the point's projection CG, and each
 reading's projection CG, flow ranks and Lanczos: `reading_mf.MatrixFreeReader(pass_dtype=)`, 5-8x faster CPU
 convolutions); residuals, distances, Gauss-Newton steps, tr H and lambda_max stay float64. A resumed study keeps
@@ -50,7 +53,7 @@ from experiments.comparison.summary import summarize, summary_lines, write_summa
 from sde.analysis import spectrum_beta
 from sde.rules import QSR, SGD, LocalSGD
 
-__all__ = ["plan", "add_paths", "main", "MODEL", "CLASSES", "RESULT_DIR", "RESULT_DIRS", "result_lines"]
+__all__ = ["plan", "rule_name", "add_paths", "main", "MODEL", "CLASSES", "RESULT_DIR", "RESULT_DIRS", "result_lines"]
 
 MODEL, CLASSES = "cnn-wide", 10
 EIGEN_CACHE = "gram_eigen.pt"    # the point's Gram eigendecomposition, kept in OUT between runs (git-ignored)
@@ -59,7 +62,10 @@ RESULT_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "f
 RESULT_DIRS = (RESULT_DIR, RESULT_DIR.parent / "full_resolution_n2000")     # every committed study, `make demo`'s
 
 
-def plan(point: Point, *, eta_lambdas=(0.05, 0.1, 0.2), workers=(4, 8), batch: int = 8, qsr_workers: int = 4,
+WORKERS, QSR_WORKERS = (4, 8), 4                                # Local SGD's K and QSR's K in a plan
+
+
+def plan(point: Point, *, eta_lambdas=(0.05, 0.1, 0.2), workers=WORKERS, batch: int = 8, qsr_workers: int = QSR_WORKERS,
          quantile: float = 0.5, alpha: float | None = None) -> dict:
     """The rules and etas for a point with its Gram eigendecomposition attached (module docstring):
     {"rules": [SGD, LocalSGD per K, QSR], "etas": [...], "beta", "alpha", "lambda_max", "trace", "rank"}. Hessian
@@ -84,6 +90,16 @@ def plan(point: Point, *, eta_lambdas=(0.05, 0.1, 0.2), workers=(4, 8), batch: i
                                                                                alpha=alpha)]
     return dict(rules=rules, etas=etas, beta=beta, alpha=alpha, lambda_max=lambda_max,
                 trace=float(lam.sum()), rank=int(eigen.rank))
+
+
+RULE_KINDS = {SGD: "sgd", LocalSGD: "local", QSR: "qsr"}       # --rules' names: the forms `compare.parse_rule` reads
+RULE_NAMES = ("sgd", *(f"local:K={k}" for k in WORKERS), f"qsr:K={QSR_WORKERS}")     # the rules of a default plan
+
+
+def rule_name(rule) -> str:
+    """The --rules name of a planned rule: "sgd", or its kind and K ("local:K=8", "qsr:K=4")."""
+    kind = RULE_KINDS[type(rule)]
+    return kind if kind == "sgd" else f"{kind}:K={rule.workers}"
 
 
 def add_paths(rows: list[dict], point: Point, rules, *, dt: float | None = None,
@@ -157,6 +173,8 @@ def _parser() -> ArgumentParser:
         "(one path per rule as run; --path-dt, default one Heun step per window); rewrites rows.jsonl and summary.json")
     add("--resume", action="store_true", help="measure only the (rule, eta) rows missing from --out's rows.jsonl "
         "(an interrupted study, or more --eta-lambda); the study's plan (beta, alpha) and rows are kept")
+    add("--rules", nargs="+", choices=RULE_NAMES, default=None, help="measure only these of the plan's rules "
+        "(default: all); the plan keeps every rule, a later --resume measures the others")
     add("--overwrite", action="store_true", help="move a non-empty --out aside first")
     add("--quiet", action="store_true")
     add("--debug", action="store_true")
@@ -271,10 +289,12 @@ def _main(argv: list[str] | None) -> int:
     if say:
         say(f"plan: lambda_max = {chosen['lambda_max']:.4g}, tr H = {chosen['trace']:.6g}, beta = {chosen['beta']:.4g}, "
             f"alpha = {chosen['alpha']:.4g}, etas = {', '.join(f'{e:.3g}' for e in chosen['etas'])}")
-    done = _measured(rows)
-    if say and args.resume:
+    measured = _measured(rows)
+    done = measured if args.rules is None else (lambda rule, eta: measured(rule, eta) or rule_name(rule) not in
+                                                args.rules)                  # left out: as if measured
+    if say and (args.resume or args.rules):
         left = sum(not done(r, e) for r in chosen["rules"] for e in chosen["etas"])
-        say(f"resuming {out}: {len(rows)} rows kept, {left} to measure")
+        say(f"{'resuming' if args.resume else 'measuring'} {out}: {len(rows)} rows kept, {left} to measure")
     made = compare(None, point=point, noise=noise, rules=chosen["rules"], etas=chosen["etas"], seeds=args.seeds,
                    seed=args.seed, slow_time=args.slow_time, checkpoints=args.checkpoints, method="cg",
                    path_dt=args.path_dt, measured=done, progress=say,

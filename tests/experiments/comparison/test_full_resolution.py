@@ -171,6 +171,32 @@ def test_qsr_alpha_sets_a_new_studys_qsr(cifar10_dir, tiny_study, tmp_path, monk
     assert main(args + ["--qsr-alpha", "0"]) == 2 and "--qsr-alpha must be positive" in capsys.readouterr().err
 
 
+def test_rules_measures_only_the_rules_named(cifar10_dir, tiny_study, tmp_path, monkeypatch, capsys):
+    """--rules local:K=8 on a resumed study with one more eta: compare is asked to measure only K = 8 at the new
+    eta (every other rule counts as measured), the plan keeps all four rules and both etas; the names are the
+    plan's rules' `rule_name`s, and an unknown name is refused before any work."""
+    out = tmp_path / "fr"
+    shutil.copytree(tiny_study, out)
+    asked = {}
+
+    def compare(*args, rules, etas, measured, **kwargs):                 # no runs: which pairs are left to measure
+        asked["left"] = [(full_resolution.rule_name(r), e) for e in etas for r in rules if not measured(r, e)]
+        asked["rules"] = rules
+        return []
+    monkeypatch.setattr(full_resolution, "compare", compare)
+    monkeypatch.setattr(full_resolution, "_finish", lambda *a, **kw: 0)
+    args = OPTIONS + ["--eta-lambda", "0.2", "0.4", "--resume", "--data-dir", str(cifar10_dir), "--out", str(out)]
+    assert main(args + ["--rules", "local:K=8"]) == 0
+    new_eta = max(json.loads((out / "plan.json").read_text())["etas"])
+    assert asked["left"] == [("local:K=8", new_eta)]
+    assert [full_resolution.rule_name(r) for r in asked["rules"]] == list(full_resolution.RULE_NAMES)
+    assert main(args + ["--rules", "sgd", "qsr:K=4"]) == 0
+    assert asked["left"] == [("sgd", new_eta), ("qsr:K=4", new_eta)]
+    capsys.readouterr()
+    assert main(OPTIONS + ["--rules", "local:K=3", "--data-dir", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "invalid choice: 'local:K=3'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_study_resumed_with_one_more_eta_keeps_its_own_plan(cifar10_dir, tiny_study, tmp_path):
     """--resume with one more eta (4 new rows, ~4 min): the new rows use the study's QSR alpha, not the one a fresh
