@@ -136,10 +136,12 @@ def result_lines(folder: Path = RESULT_DIR) -> list[str]:
     summary = json.loads((folder / "summary.json").read_text())
     first = summary["rules"][0]
     done = ""
-    if (folder / "plan.json").is_file() and (folder / "rows.jsonl").is_file():      # a study stopped part way says so
+    if (folder / "plan.json").is_file() and (folder / "rows.jsonl").is_file():      # what is measured at each eta
         study = json.loads((folder / "plan.json").read_text())
-        rows = sum(1 for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip())
-        done = f" ({rows} of {len(study['rules']) * len(study['etas'])} planned rows)"
+        etas = [json.loads(line)["eta"] for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
+        per_eta = [f"{eta * study['lambda_max']:.3g}: {sum(math.isclose(e, eta) for e in etas)}"
+                   for eta in study["etas"]]
+        done = f" (rules measured of {len(study['rules'])} per eta x lambda_max: {', '.join(per_eta)})"
     return [f"full resolution (RESULTS.md 2d): N = {first['n']} CIFAR-10 images at {first['image_size']}x"
             f"{first['image_size']}, D = {first['D']:,}, {first['noise']}; rows and summary in {where}{done}",
             *summary_lines(summary)]

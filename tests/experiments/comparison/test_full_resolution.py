@@ -61,7 +61,7 @@ def test_full_resolution_study_plans_from_the_point_and_writes_rows_and_summary(
     assert set(summary["local_over_sgd_eta0"]) == set(plan["rules"][1:])
     assert full_resolution.result_lines(out)[1:] == summary_lines(summary)       # what `make demo` prints
     assert "N = 20 CIFAR-10 images at 32x32, D = 51,033" in full_resolution.result_lines(out)[0]
-    assert full_resolution.result_lines(out)[0].endswith("(4 of 4 planned rows)")
+    assert full_resolution.result_lines(out)[0].endswith("(rules measured of 4 per eta x lambda_max: 0.2: 4)")
     assert "is not in" in full_resolution.result_lines(tmp_path / "nothing")[0]
     assert main(args) == 2 and "is not empty" in capsys.readouterr().err     # the results are never overwritten
     # --paths-only: the predicted path of every row, no new runs; SGD's matrix-free, Local SGD's on Jacobian nodes
@@ -173,8 +173,8 @@ def test_qsr_alpha_sets_a_new_studys_qsr(cifar10_dir, tiny_study, tmp_path, monk
 
 def test_rules_measures_only_the_rules_named(cifar10_dir, tiny_study, tmp_path, monkeypatch, capsys):
     """--rules local:K=8 on a resumed study with one more eta: compare is asked to measure only K = 8 at the new
-    eta (every other rule counts as measured), the plan keeps all four rules and both etas; the names are the
-    plan's rules' `rule_name`s, and an unknown name is refused before any work."""
+    eta (every other rule counts as measured), the plan keeps all four rules and both etas (`make demo` counts the
+    rows at each); the names are the plan's rules' `rule_name`s, and an unknown name is refused before any work."""
     out = tmp_path / "fr"
     shutil.copytree(tiny_study, out)
     asked = {}
@@ -190,6 +190,7 @@ def test_rules_measures_only_the_rules_named(cifar10_dir, tiny_study, tmp_path, 
     new_eta = max(json.loads((out / "plan.json").read_text())["etas"])
     assert asked["left"] == [("local:K=8", new_eta)]
     assert [full_resolution.rule_name(r) for r in asked["rules"]] == list(full_resolution.RULE_NAMES)
+    assert full_resolution.result_lines(out)[0].endswith("per eta x lambda_max: 0.2: 4, 0.4: 0)")   # make demo
     assert main(args + ["--rules", "sgd", "qsr:K=4"]) == 0
     assert asked["left"] == [("sgd", new_eta), ("qsr:K=4", new_eta)]
     capsys.readouterr()
