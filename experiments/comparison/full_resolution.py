@@ -138,9 +138,10 @@ def result_lines(folder: Path = RESULT_DIR) -> list[str]:
     done = ""
     if (folder / "plan.json").is_file() and (folder / "rows.jsonl").is_file():      # what is measured at each eta
         study = json.loads((folder / "plan.json").read_text())
-        etas = [json.loads(line)["eta"] for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
-        per_eta = [f"{eta * study['lambda_max']:.3g}: {sum(math.isclose(e, eta) for e in etas)}"
-                   for eta in study["etas"]]
+        rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
+        measured = {eta: sum(any(_is_row_of(row, rule, eta) for row in rows) for rule in study["rules"])
+                    for eta in study["etas"]}
+        per_eta = [f"{eta * study['lambda_max']:.3g}: {count}" for eta, count in measured.items()]
         done = f" (rules measured of {len(study['rules'])} per eta x lambda_max: {', '.join(per_eta)})"
     return [f"full resolution (RESULTS.md 2d): N = {first['n']} CIFAR-10 images at {first['image_size']}x"
             f"{first['image_size']}, D = {first['D']:,}, {first['noise']}; rows and summary in {where}{done}",
@@ -210,10 +211,15 @@ def _study_rows(out: Path, noise: LabelNoise, args, keys) -> tuple[list[str], di
     return lines, json.loads(plan_path.read_text())
 
 
+def _is_row_of(row: dict, rule: str, eta: float) -> bool:
+    """Whether a study's JSON row is the rule (its repr, as plan.json lists it) as run at eta."""
+    return row["rule"] == rule and math.isclose(row["eta"], eta, rel_tol=1e-12)
+
+
 def _measured(rows: list[dict]) -> Callable[[object, float], bool]:
     """compare's `measured(rule, eta)`: whether `rows` (a study's JSON rows) hold that rule as run at that eta."""
     def measured(rule, eta: float) -> bool:
-        return any(row["rule"] == repr(rule) and math.isclose(row["eta"], eta, rel_tol=1e-12) for row in rows)
+        return any(_is_row_of(row, repr(rule), eta) for row in rows)
     return measured
 
 
