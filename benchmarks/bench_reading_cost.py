@@ -8,6 +8,11 @@ not depend on where it is built), appended to benchmarks/results/bench_reading_c
 `python -m benchmarks.bench_reading_cost --passes N`: the same SGD measurement read with float64 and with float32
 Jacobian passes side by side (speed-up, CG iterations, how much the readings and slopes differ), appended to
 benchmarks/results/bench_reading_cost_passes.md and .json.
+`python -m benchmarks.bench_reading_cost --breakdown OUT [ETA_LAMBDA]`: where a reading's seconds go at a study's
+own point (OUT of `experiments.comparison.full_resolution`, with its zeta.pt and gram_eigen.pt: neither is built
+here): its SGD rule at eta = ETA_LAMBDA / lambda_max (default 0.1) over the study's window and checkpoints, one
+seed, read with the study's passes; per reading the seconds in the two projections, the two tr H, the two
+lambda_max and the flow term, appended to benchmarks/results/bench_reading_cost_breakdown.md and .json.
 
 Setting: full resolution, the GELU CNN `cnn-wide` (`experiments.models.build_small_cnn`, hidden 48, 9 outputs: D =
 51,033) on N class-balanced real CIFAR-10 training images at 32x32, squared loss with Gaussian label noise sigma =
@@ -144,6 +149,63 @@ def passes_table(rows: list[dict]) -> str:
     return "\n".join(lines + ["", "Command: `python -m benchmarks.bench_reading_cost --passes N`."])
 
 
+def breakdown_one(out: str, eta_lambda: float = 0.1) -> dict:
+    """At the study in `out`: one seed of its SGD rule over its window, each reading's seconds by piece."""
+    from experiments.comparison.compare import parse_rule
+    from experiments.comparison.continuation import ContinuationConfig, run_continuation, run_schedule
+    from experiments.comparison.full_resolution import EIGEN_CACHE, study_point
+    from experiments.comparison.noise import parse_noise
+    from experiments.data import cifar_subset, resolve_cifar10_dir
+    folder = Path(out)
+    missing = [name for name in ("plan.json", "zeta.pt", EIGEN_CACHE) if not (folder / name).is_file()]
+    if missing:
+        raise SystemExit(f"--breakdown reads a study's point, not builds it: {folder} lacks {', '.join(missing)}")
+    config = json.loads((folder / "plan.json").read_text())["provenance"]["config"]
+    torch.set_num_threads(2)
+    images, labels = cifar_subset(resolve_cifar10_dir(config["data_dir"], search=True), config["n"], image_size=32)
+    pass_dtype = None if config.get("passes") is None else getattr(torch, config["passes"])
+    point = study_point(folder, images, labels, parse_noise(config["noise"]), seed=config["seed"],
+                        pass_dtype=pass_dtype)
+    rule = parse_rule("sgd", batch=config["batch"])
+    eta = eta_lambda * len(point.targets) / float(point.preconditioner.values[0])     # lambda_max = kappa_1 / N
+    schedule = run_schedule(rule, eta, slow_time=config["slow_time"], checkpoints=config["checkpoints"], seeds=1)
+    start = time.perf_counter()
+    result = run_continuation(point, ContinuationConfig(rule=rule, eta=eta, pass_dtype=pass_dtype, **schedule),
+                              generator=torch.Generator().manual_seed(config["seed"]))
+    seconds = time.perf_counter() - start
+    cost = result.reading_cost
+    return dict(n=config["n"], rows=len(point.targets) * point.classes, eta_lambda=eta_lambda, eta=eta,
+                passes=config.get("passes"), steps=schedule["rounds"] * schedule["steps_per_round_sgd"],
+                measurement_seconds=seconds, reading_seconds=cost["seconds"], pieces=cost["pieces"],
+                projection_cg=cost["projection_cg"], eigen_matvecs=cost["eigen_matvecs"],
+                flow_ranks=cost["flow_ranks"], peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                date=datetime.date.today().isoformat(), load=os.getloadavg()[0])
+
+
+def breakdown_table(rows: list[dict]) -> str:
+    lines = ["What: where a matrix-free reading's seconds go at a full-resolution study's own point (`cnn-wide` at "
+             "32x32, D = 51,033, Gaussian label noise 0.1): one seed of the study's SGD rule (B = 8) over its window "
+             "(slow time 0.05, 2 checkpoints), read at Phi with the study's passes. A reading is two projections "
+             "(Pi(theta) and Pi(z - x)), tr H and lambda_max at both, and the flow term. Seconds per reading, "
+             "summed over its pieces; the rest of the measurement is the runs. 2 torch threads.", "",
+             "| N | N m | passes | eta lambda_max, steps | s per reading | projections | tr H | lambda_max | flow | "
+             "CG its per projection | Lanczos products per lambda_max | flow ranks | runs s | peak GB | date, load |",
+             "|---:|---:|---|---|---:|---|---|---|---|---|---|---|---:|---:|---|"]
+    for r in rows:
+        count = len(r["reading_seconds"])
+        total = sum(r["reading_seconds"]) / count
+        piece = {k: sum(p[k] for p in r["pieces"]) / count for k in ("projection", "trace", "lambda_max", "flow")}
+        share = {k: f"{v:.1f} ({100 * v / total:.0f}%)" for k, v in piece.items()}
+        lines.append(f"| {r['n']:,} | {r['rows']:,} | {r['passes'] or 'float64'} | {r['eta_lambda']:g}, "
+                     f"{r['steps']:,} | {total:.1f} | {share['projection']} | {share['trace']} | "
+                     f"{share['lambda_max']} | {share['flow']} | {', '.join(map(str, r['projection_cg']))} | "
+                     f"{', '.join(map(str, r['eigen_matvecs']))} | {', '.join(map(str, r['flow_ranks']))} | "
+                     f"{r['measurement_seconds'] - sum(r['reading_seconds']):.0f} | {r['peak_gb']:.2f} | "
+                     f"{r['date']}, {r['load']:.1f} |")
+    return "\n".join(lines + ["", "Command: `python -m benchmarks.bench_reading_cost --breakdown OUT [ETA_LAMBDA]` "
+                                   "(OUT a study's folder, e.g. runs/full_resolution/n2000)."])
+
+
 def eigen_only(n: int, gib: float) -> dict:
     """Time and peak resident memory of `GramPreconditioner.at` at N = n under a limit of `gib` GiB (this process)."""
     torch.set_num_threads(2)
@@ -235,8 +297,13 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["--passes-one"]:
         print(json.dumps(passes_one(int(args[1]))))
         return
+    if args[:1] == ["--breakdown-one"]:
+        print(json.dumps(breakdown_one(args[1], *map(float, args[2:3]))))
+        return
     appended = {"--eigen": ("_eigen", "--eigen-one", 3, eigen_table, lambda r: (r["n"], r["limit_gib"])),
-                "--passes": ("_passes", "--passes-one", 2, passes_table, lambda r: r["n"])}
+                "--passes": ("_passes", "--passes-one", 2, passes_table, lambda r: r["n"]),
+                "--breakdown": ("_breakdown", "--breakdown-one", 3, breakdown_table,
+                                lambda r: (r["n"], r["eta_lambda"], r["date"]))}
     if args[:1] and args[0] in appended:           # one process, its row added to the section's table
         suffix, flag, count, render, key = appended[args[0]]
         out = subprocess.run([sys.executable, "-m", "benchmarks.bench_reading_cost", flag, *args[1:count]],

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from experiments.cli import ArgumentParser, run_main
 from experiments.comparison.compare import MODELS, compare, prepare_out, rows_writer
@@ -53,7 +54,8 @@ from experiments.comparison.summary import summarize, summary_lines, write_summa
 from sde.analysis import spectrum_beta
 from sde.rules import QSR, SGD, LocalSGD
 
-__all__ = ["plan", "rule_name", "add_paths", "main", "MODEL", "CLASSES", "RESULT_DIR", "RESULT_DIRS", "result_lines"]
+__all__ = ["plan", "rule_name", "add_paths", "study_point", "main", "MODEL", "CLASSES", "RESULT_DIR", "RESULT_DIRS",
+           "result_lines"]
 
 MODEL, CLASSES = "cnn-wide", 10
 EIGEN_CACHE = "gram_eigen.pt"    # the point's Gram eigendecomposition, kept in OUT between runs (git-ignored)
@@ -223,6 +225,21 @@ def _measured(rows: list[dict]) -> Callable[[object, float], bool]:
     return measured
 
 
+def study_point(out: Path, images: Tensor, labels: Tensor, noise: LabelNoise, *, seed: int = 0,
+                pass_dtype: torch.dtype | None = None, memory_limit: int | None = None, progress=None) -> Point:
+    """The study's point on images (N, 3, 32, 32) with integer labels (N,), with its Gram eigendecomposition
+    (module docstring), read from out/zeta.pt and out/gram_eigen.pt when they hold this setup's (else built and
+    written there); pass_dtype as --passes."""
+    outputs = network_outputs(noise)
+    targets = simplex_targets(labels, CLASSES) if outputs < CLASSES else labels
+    point = build_point(lambda *, image_size: MODELS[MODEL](image_size=image_size, classes=outputs), images,
+                        targets, noise=noise, method="cg", seed=seed,
+                        fit_dtype=torch.float32, exact_preconditioner=True, memory_limit=memory_limit,
+                        cache=out / "zeta.pt", eigen_cache=out / EIGEN_CACHE, progress=progress,
+                        pass_dtype=pass_dtype, generator=torch.Generator().manual_seed(seed))
+    return with_eigendecomposition(point)
+
+
 def _main(argv: list[str] | None) -> int:
     from experiments.data import cifar_subset, resolve_cifar10_dir
     from experiments.metrics import atomic_write_bytes, atomic_write_json_lines, provenance
@@ -268,14 +285,9 @@ def _main(argv: list[str] | None) -> int:
             say(f"moved the previous contents of {out} aside to {moved}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     start = time.perf_counter()
-    targets = simplex_targets(labels, CLASSES) if outputs < CLASSES else labels
     pass_dtype = None if args.passes is None else getattr(torch, args.passes)
-    point = build_point(lambda *, image_size: MODELS[MODEL](image_size=image_size, classes=outputs), images,
-                        targets, noise=noise, method="cg", seed=args.seed,
-                        fit_dtype=torch.float32, exact_preconditioner=True, memory_limit=memory,
-                        cache=out / "zeta.pt", eigen_cache=out / EIGEN_CACHE, progress=say, pass_dtype=pass_dtype,
-                        generator=torch.Generator().manual_seed(args.seed))
-    point = with_eigendecomposition(point)
+    point = study_point(out, images, labels, noise, seed=args.seed, pass_dtype=pass_dtype, memory_limit=memory,
+                        progress=say)
     chosen = plan(point, eta_lambdas=args.eta_lambda, batch=args.batch,
                   alpha=args.qsr_alpha if saved is None else saved["alpha"])
     if saved is not None and not math.isclose(chosen["beta"], saved["beta"], rel_tol=1e-9):

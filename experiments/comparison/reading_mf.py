@@ -42,6 +42,9 @@ __all__ = ["ProjectionNotConverged", "FlowCorrection", "lyapunov_factors", "tang
            "with_eigendecomposition", "MatrixFreeReader"]
 
 
+PIECES = ("projection", "trace", "lambda_max", "flow")   # where a reading's seconds go (`MatrixFreeReader.cost`)
+
+
 class ProjectionNotConverged(RuntimeError):
     """A projection onto Gamma (or its CG solves) stopped short: no reading is reported from it."""
 
@@ -136,8 +139,9 @@ class MatrixFreeReader:
     (Pi(z - x)'s from minus Pi(theta)'s: the residual there is -r(theta) + O(|x|^2)) and the Lanczos of lambda_max
     from the previous top vector. Reads on `with_eigendecomposition(point)` (the point's own eigendecomposition
     or one built here, truncated to rank_tol); a dense point's gradients are reused, a "cg" point's computed here.
-    `cost` lists per reading the projection CG iterations, flow ranks, eigen-products and seconds, and
-    `build_seconds` the eigendecomposition. `project_options` go to `project`.
+    `cost` lists the projection CG iterations and Lanczos products per call (two a reading), the flow ranks, seconds
+    and `pieces` per reading (seconds in the two projections, the two tr H, the two lambda_max and the flow term),
+    and `build_seconds` the eigendecomposition. `project_options` go to `project`.
 
     pass_dtype (e.g. torch.float32; default the point's): the dtype of the Jacobian passes that dominate a reading,
     the projection's CG products (and a copy of the eigendecomposition preconditioning them), the flow ranks and
@@ -168,12 +172,13 @@ class MatrixFreeReader:
         self.correction.gradients = (gradients.trace, gradients.lambda_max) if gradients is not None else \
             tangent_gradients(gram, self.correction, chunk_size=chunk_size)
         self.seed, self.top, self.starts, self.coefficients, self.generator = None, {}, {}, None, generator
-        self.cost = dict(projection_cg=[], flow_ranks=[], eigen_matvecs=[], seconds=[])
+        self.cost = dict(projection_cg=[], flow_ranks=[], eigen_matvecs=[], seconds=[], pieces=[])
+        self._pieces = dict.fromkeys(PIECES, 0.0)            # seconds so far in the reading under way
 
     def project(self, theta: Tensor, x0: Tensor | None = None) -> tuple[Tensor, float]:
         """(Pi(theta) on Gamma, its distance), the first CG from x0 (N, m); ProjectionNotConverged if a CG solve or
         the projection fails. The first step's CG solution is kept in `coefficients`."""
-        pt = self.point
+        pt, start = self.point, time.perf_counter()
         try:
             z, report = project(pt.objective, pt.noise, theta, tol=self.tol, method="cg",
                                 preconditioner=self.solver, cg_rtol=self.cg_rtol, x0=x0,
@@ -188,27 +193,31 @@ class MatrixFreeReader:
                 f"{list(report.cg_iterations)}")
         self.coefficients = report.coefficients
         self.cost["projection_cg"].append(sum(report.cg_iterations))
+        self._pieces["projection"] += time.perf_counter() - start
         return z, report.distance
 
     def sharpness(self, z: Tensor) -> tuple[float, float]:
         """(tr H, lambda_max) at z on Gamma (module docstring); the top vector is kept for this seed."""
-        obj, metric = self.point.objective, self.metric
+        obj, metric, start = self.point.objective, self.metric, time.perf_counter()
         blocks = per_sample_gram_blocks(obj, z.detach(), chunk_size=self.chunk_size)
         trace = float(metric.reduce_blocks(blocks).diagonal(dim1=-2, dim2=-1).sum()) / obj.num_samples
+        middle = time.perf_counter()
+        self._pieces["trace"] += middle - start
         eig = top_eigenpairs(GramOperator(obj, z, metric, passes=self.passes), 1, tol=self.eig_tol,
                              max_matvecs=2000, v0=self.top.get(self.seed), generator=self.generator)
         if not eig.converged:
             raise RuntimeError(f"lambda_max did not reach eig_tol {self.eig_tol:.1e} in {eig.matvecs} Gram products")
         top = self.top[self.seed] = eig.vectors[:, 0]
         self.cost["eigen_matvecs"].append(eig.matvecs)
-        if self.passes is obj:
-            return trace, float(eig.values[0])
-        return trace, float(top @ GramOperator(obj, z, metric).hvp(top) / (top @ top))
+        top_value = float(eig.values[0]) if self.passes is obj else \
+            float(top @ GramOperator(obj, z, metric).hvp(top) / (top @ top))
+        self._pieces["lambda_max"] += time.perf_counter() - middle
+        return trace, top_value
 
     def reading(self, theta: Tensor, seed: int = 0) -> PhiReading:
         """`read_at_phi` at theta (D,) with this reader's pieces; `seed` keys the warm starts."""
         start = time.perf_counter()
-        self.seed = seed
+        self.seed, self._pieces = seed, dict.fromkeys(PIECES, 0.0)
         firsts = []
 
         def warm_project(point: Tensor) -> tuple[Tensor, float]:
@@ -221,4 +230,5 @@ class MatrixFreeReader:
         self.starts[seed] = firsts[0]
         self.cost["flow_ranks"].append(self.correction.cost["ranks"])
         self.cost["seconds"].append(time.perf_counter() - start)
+        self.cost["pieces"].append(dict(self._pieces, flow=self.correction.cost["seconds"]))
         return reading

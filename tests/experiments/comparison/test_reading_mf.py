@@ -97,7 +97,8 @@ def test_whole_reading_matches_read_at_phi_with_dense_pieces(points, name):
     """The reading (corrected and raw tr H, lambda_max, the projection) equals `read_at_phi` over the dense
     projection, `sharpness_at` and `PhiCorrection` (Gaussian: to 1e-10 relative; flip: to 1e-8, the dense flip
     projection takes chord steps, which end O(|x|^3) away from fresh-Jacobian ones, |x| = 1e-2 here); the second
-    checkpoint of a seed warm-starts its normal-part CG and is as exact."""
+    checkpoint of a seed warm-starts its normal-part CG and is as exact. Its `cost` splits each reading's seconds
+    into its pieces, each counted once."""
     dense, reader = points[name]
     obj, noise = dense.objective, dense.noise
 
@@ -113,6 +114,9 @@ def test_whole_reading_matches_read_at_phi_with_dense_pieces(points, name):
         assert float((got.projection - want.projection).norm()) <= (1e-9 if name == "gaussian" else size ** 2) * size
         assert got.residual <= TOL[name] and got.corrected != got.raw
     assert len(reader.cost["seconds"]) >= 2 and min(reader.cost["projection_cg"][-4:]) > 0
+    for total, pieces in zip(reader.cost["seconds"][-2:], reader.cost["pieces"][-2:]):
+        assert set(pieces) == {"projection", "trace", "lambda_max", "flow"} and min(pieces.values()) > 0
+        assert sum(pieces.values()) <= total          # each second counted once, and within the reading
 
 
 def test_an_unconverged_projection_is_refused(points):
