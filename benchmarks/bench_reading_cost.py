@@ -187,9 +187,10 @@ def breakdown_table(rows: list[dict]) -> str:
              "32x32, D = 51,033, Gaussian label noise 0.1): one seed of the study's SGD rule (B = 8) over its window "
              "(slow time 0.05, 2 checkpoints), read at Phi with the study's passes. A reading is two projections "
              "(Pi(theta) and Pi(z - x)), tr H and lambda_max at both, and the flow term. Seconds per reading, "
-             "summed over its pieces; the rest of the measurement is the runs. 2 torch threads.", "",
+             "summed over its pieces; rest: the measurement's other seconds (the runs, the reader's setup with its "
+             "tangent gradients, lambda_max at zeta). 2 torch threads.", "",
              "| N | N m | passes | eta lambda_max, steps | s per reading | projections | tr H | lambda_max | flow | "
-             "CG its per projection | Lanczos products per lambda_max | flow ranks | runs s | peak GB | date, load |",
+             "CG its per projection | Lanczos products per lambda_max | flow ranks | rest s | peak GB | date, load |",
              "|---:|---:|---|---|---:|---|---|---|---|---|---|---|---:|---:|---|"]
     for r in rows:
         count = len(r["reading_seconds"])

@@ -19,6 +19,8 @@ BENCHMARKS = {
                                 "(`bench_reading_cost --eigen`): time and peak memory",
     "bench_reading_cost_passes": "float32 Jacobian passes in the matrix-free reading against float64, the same "
                                  "runs side by side (`bench_reading_cost --passes`): speed-up and differences",
+    "bench_reading_cost_breakdown": "where a reading's seconds go at a study's own point "
+                                    "(`bench_reading_cost --breakdown`): projections, tr H, lambda_max, flow term",
     "bench_sde_em": "Euler-Maruyama core against torchsde",
     "bench_loader": "data loading and augmentation as a share of a training step",
     "bench_trainer": "Local SGD throughput against single-model SGD; serial against vmap workers",
