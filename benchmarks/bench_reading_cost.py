@@ -13,6 +13,10 @@ own point (OUT of `experiments.comparison.full_resolution`, with its zeta.pt and
 here): its SGD rule at eta = ETA_LAMBDA / lambda_max (default 0.1) over the study's window and checkpoints, one
 seed, read with the study's passes; per reading the seconds in the two projections, the two tr H, the two
 lambda_max and the flow term, appended to benchmarks/results/bench_reading_cost_breakdown.md and .json.
+`python -m benchmarks.bench_reading_cost --levers OUT`: what two cheaper settings would change there, at a real
+checkpoint (one seed of the SGD rule at eta lambda_max 0.1, half the window): the flow term's ranks, seconds and
+value at flow_rtol 1e-10 (the default), 1e-8 and 1e-6, and tr H from float32 per-sample Jacobians against float64,
+appended to benchmarks/results/bench_reading_cost_levers.md and .json.
 
 Setting: full resolution, the GELU CNN `cnn-wide` (`experiments.models.build_small_cnn`, hidden 48, 9 outputs: D =
 51,033) on N class-balanced real CIFAR-10 training images at 32x32, squared loss with Gaussian label noise sigma =
@@ -149,23 +153,29 @@ def passes_table(rows: list[dict]) -> str:
     return "\n".join(lines + ["", "Command: `python -m benchmarks.bench_reading_cost --passes N`."])
 
 
-def breakdown_one(out: str, eta_lambda: float = 0.1) -> dict:
-    """At the study in `out`: one seed of its SGD rule over its window, each reading's seconds by piece."""
-    from experiments.comparison.compare import parse_rule
-    from experiments.comparison.continuation import ContinuationConfig, run_continuation, run_schedule
+def _study(out: str):
+    """(the study's point read from `out`, its config, its pass dtype); refused if the point would be built."""
     from experiments.comparison.full_resolution import EIGEN_CACHE, study_point
     from experiments.comparison.noise import parse_noise
     from experiments.data import cifar_subset, resolve_cifar10_dir
     folder = Path(out)
     missing = [name for name in ("plan.json", "zeta.pt", EIGEN_CACHE) if not (folder / name).is_file()]
     if missing:
-        raise SystemExit(f"--breakdown reads a study's point, not builds it: {folder} lacks {', '.join(missing)}")
+        raise SystemExit(f"this mode reads a study's point, not builds it: {folder} lacks {', '.join(missing)}")
     config = json.loads((folder / "plan.json").read_text())["provenance"]["config"]
     torch.set_num_threads(2)
     images, labels = cifar_subset(resolve_cifar10_dir(config["data_dir"], search=True), config["n"], image_size=32)
     pass_dtype = None if config.get("passes") is None else getattr(torch, config["passes"])
     point = study_point(folder, images, labels, parse_noise(config["noise"]), seed=config["seed"],
                         pass_dtype=pass_dtype)
+    return point, config, pass_dtype
+
+
+def breakdown_one(out: str, eta_lambda: float = 0.1) -> dict:
+    """At the study in `out`: one seed of its SGD rule over its window, each reading's seconds by piece."""
+    from experiments.comparison.compare import parse_rule
+    from experiments.comparison.continuation import ContinuationConfig, run_continuation, run_schedule
+    point, config, pass_dtype = _study(out)
     rule = parse_rule("sgd", batch=config["batch"])
     eta = eta_lambda * len(point.targets) / float(point.preconditioner.values[0])     # lambda_max = kappa_1 / N
     schedule = run_schedule(rule, eta, slow_time=config["slow_time"], checkpoints=config["checkpoints"], seeds=1)
@@ -205,6 +215,74 @@ def breakdown_table(rows: list[dict]) -> str:
                      f"{r['date']}, {r['load']:.1f} |")
     return "\n".join(lines + ["", "Command: `python -m benchmarks.bench_reading_cost --breakdown OUT [ETA_LAMBDA]` "
                                    "(OUT a study's folder, e.g. runs/full_resolution/n2000)."])
+
+
+def levers_one(out: str) -> dict:
+    """At the study in `out`, at a real checkpoint: the flow term against flow_rtol, tr H in float32 and float64."""
+    from dynamics.jacobian import per_sample_gram_blocks
+    from experiments.comparison.compare import parse_rule
+    from experiments.comparison.continuation import ContinuationConfig, run_continuation, run_schedule
+    from experiments.comparison.reading_mf import MatrixFreeReader
+    point, config, pass_dtype = _study(out)
+    readers, original = [], MatrixFreeReader.reading
+
+    def keep(self, theta, seed=0):
+        readers.append((self, theta.clone()))
+        return original(self, theta, seed)
+    MatrixFreeReader.reading = keep
+    rule = parse_rule("sgd", batch=config["batch"])
+    eta = 0.1 * len(point.targets) / float(point.preconditioner.values[0])
+    schedule = run_schedule(rule, eta, slow_time=config["slow_time"] / 2, checkpoints=1, seeds=1)
+    result = run_continuation(point, ContinuationConfig(rule=rule, eta=eta, pass_dtype=pass_dtype, **schedule),
+                              generator=torch.Generator().manual_seed(config["seed"]))
+    MatrixFreeReader.reading = original
+    reader, theta = readers[-1]
+    z, _ = reader.project(theta)
+    x, correction = theta - z, reader.correction
+    row = dict(n=config["n"], passes=config.get("passes"), offset_norm=float(x.norm()),
+               half_window_change=float(result.trace[-1, 0] - result.trace[0, 0]), flow={}, trace={},
+               date=datetime.date.today().isoformat(), load=os.getloadavg()[0])
+    for rtol in (1e-10, 1e-8, 1e-6):
+        correction.flow_rtol, start = rtol, time.perf_counter()
+        terms = correction.flow_terms(x)
+        row["flow"][f"{rtol:g}"] = dict(terms=terms, ranks=correction.cost["ranks"],
+                                        seconds=time.perf_counter() - start)
+    obj, metric = point.objective, reader.metric
+    for dtype in (torch.float64, torch.float32):
+        start = time.perf_counter()
+        passes = obj.to(dtype)
+        blocks = per_sample_gram_blocks(passes, z.detach().to(dtype)).to(torch.float64)
+        row["trace"][str(dtype).removeprefix("torch.")] = dict(
+            value=float(metric.reduce_blocks(blocks).diagonal(dim1=-2, dim2=-1).sum()) / obj.num_samples,
+            seconds=time.perf_counter() - start)
+    return row
+
+
+def levers_table(rows: list[dict]) -> str:
+    lines = ["What: two settings that would make a reading cheaper, at a full-resolution study's own point and a real "
+             "checkpoint (one seed of its SGD rule, B = 8, eta lambda_max = 0.1, after half the window: slow time "
+             "0.025). The flow term (tr H part) at flow_rtol 1e-8 and 1e-6 against the default 1e-10: ranks, "
+             "seconds, and its change relative to the term and to the reading's change of tr H over the half "
+             "window; tr H from float32 per-sample Jacobians against float64. 2 torch threads.", "",
+             "| N | passes | offset norm | tr H change over the half window | flow ranks 1e-10 / 1e-8 / 1e-6 | "
+             "flow s | flow change 1e-8, 1e-6 (of the term) | (of the tr H change) | tr H float32 - float64 | "
+             "(of the tr H change) | tr H s float64 / float32 | date, load |",
+             "|---:|---|---:|---:|---|---|---|---|---:|---:|---|---|"]
+    for r in rows:
+        flow, change = r["flow"], abs(r["half_window_change"])
+        ref = flow["1e-10"]["terms"][0]
+        delta = [abs(flow[k]["terms"][0] - ref) for k in ("1e-08", "1e-06")]
+        diff = r["trace"]["float32"]["value"] - r["trace"]["float64"]["value"]
+        seconds = [f"{flow[k]['seconds']:.0f}" for k in ("1e-10", "1e-08", "1e-06")]
+        lines.append(f"| {r['n']:,} | {r['passes'] or 'float64'} | {r['offset_norm']:.3f} | "
+                     f"{r['half_window_change']:.4f} | "
+                     f"{' / '.join(str(flow[k]['ranks']) for k in ('1e-10', '1e-08', '1e-06'))} | "
+                     f"{' / '.join(seconds)} | "
+                     f"{delta[0] / abs(ref):.1e}, {delta[1] / abs(ref):.1e} | {delta[0] / change:.1e}, "
+                     f"{delta[1] / change:.1e} | {diff:.2e} | {abs(diff) / change:.1e} | "
+                     f"{r['trace']['float64']['seconds']:.0f} / {r['trace']['float32']['seconds']:.0f} | "
+                     f"{r['date']}, {r['load']:.1f} |")
+    return "\n".join(lines + ["", "Command: `python -m benchmarks.bench_reading_cost --levers OUT`."])
 
 
 def eigen_only(n: int, gib: float) -> dict:
@@ -298,13 +376,17 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["--passes-one"]:
         print(json.dumps(passes_one(int(args[1]))))
         return
+    if args[:1] == ["--levers-one"]:
+        print(json.dumps(levers_one(args[1])))
+        return
     if args[:1] == ["--breakdown-one"]:
         print(json.dumps(breakdown_one(args[1], *map(float, args[2:3]))))
         return
     appended = {"--eigen": ("_eigen", "--eigen-one", 3, eigen_table, lambda r: (r["n"], r["limit_gib"])),
                 "--passes": ("_passes", "--passes-one", 2, passes_table, lambda r: r["n"]),
                 "--breakdown": ("_breakdown", "--breakdown-one", 3, breakdown_table,
-                                lambda r: (r["n"], r["eta_lambda"], r["date"]))}
+                                lambda r: (r["n"], r["eta_lambda"], r["date"])),
+                "--levers": ("_levers", "--levers-one", 2, levers_table, lambda r: (r["n"], r["date"]))}
     if args[:1] and args[0] in appended:           # one process, its row added to the section's table
         suffix, flag, count, render, key = appended[args[0]]
         out = subprocess.run([sys.executable, "-m", "benchmarks.bench_reading_cost", flag, *args[1:count]],
