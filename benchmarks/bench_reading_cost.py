@@ -229,13 +229,15 @@ def levers_one(out: str) -> dict:
     def keep(self, theta, seed=0):
         readers.append((self, theta.clone()))
         return original(self, theta, seed)
-    MatrixFreeReader.reading = keep
     rule = parse_rule("sgd", batch=config["batch"])
     eta = 0.1 * len(point.targets) / float(point.preconditioner.values[0])
     schedule = run_schedule(rule, eta, slow_time=config["slow_time"] / 2, checkpoints=1, seeds=1)
-    result = run_continuation(point, ContinuationConfig(rule=rule, eta=eta, pass_dtype=pass_dtype, **schedule),
-                              generator=torch.Generator().manual_seed(config["seed"]))
-    MatrixFreeReader.reading = original
+    MatrixFreeReader.reading = keep                   # the run's reader and its last theta, kept for the levers
+    try:
+        result = run_continuation(point, ContinuationConfig(rule=rule, eta=eta, pass_dtype=pass_dtype, **schedule),
+                                  generator=torch.Generator().manual_seed(config["seed"]))
+    finally:
+        MatrixFreeReader.reading = original
     reader, theta = readers[-1]
     z, _ = reader.project(theta)
     x, correction = theta - z, reader.correction
