@@ -30,6 +30,8 @@ fourth eta for the rule whose finite-eta curvature needs it; the plan keeps ever
 reading's projection CG, flow ranks and Lanczos: `reading_mf.MatrixFreeReader(pass_dtype=)`, 5-8x faster CPU
 convolutions); residuals, distances, Gauss-Newton steps, tr H and lambda_max stay float64. A resumed study keeps
 the passes it was made with.
+--flow-rtol sets the readings' flow-term truncation (default 1e-10; 1e-6 saves ~13% of a reading at N = 2,000,
+BENCHMARKS.md bench_reading_cost_levers); a resumed study keeps its own.
 """
 from __future__ import annotations
 
@@ -163,6 +165,8 @@ def _parser() -> ArgumentParser:
     add("--passes", choices=["float32"], default=None, help="the dtype of the readings' Jacobian passes (projection "
         "CG, flow ranks, Lanczos; 5-8x faster on CPU); residuals, steps, tr H and lambda_max stay float64 "
         "(default: all float64)")
+    add("--flow-rtol", type=float, default=None, help="the readings' flow-term truncation (default 1e-10; 1e-6 "
+        "keeps ~17 of 30 ranks at N = 2,000 and moves the term by ~4e-4 of itself, BENCHMARKS.md)")
     add("--batch", type=int, default=8, help="total batch B of every rule")
     add("--seed", type=int, default=0)
     add("--qsr-alpha", type=float, default=None, help="QSR's alpha for a new study (default: beta = alpha^2 / eta "
@@ -194,7 +198,7 @@ def network_outputs(noise: LabelNoise) -> int:
 
 # what a resumed study (or one given paths) must share with the rows it already has
 STUDY_OPTIONS = ("n", "seed", "batch")      # and the rows' noise
-MEASUREMENT_OPTIONS = ("seeds", "slow_time", "checkpoints", "passes")
+MEASUREMENT_OPTIONS = ("seeds", "slow_time", "checkpoints", "passes", "flow_rtol")
 
 
 def _study_rows(out: Path, noise: LabelNoise, args, keys) -> tuple[list[str], dict]:
@@ -252,6 +256,8 @@ def _main(argv: list[str] | None) -> int:
                                          ("--qsr-alpha", args.qsr_alpha is not None)) if given]
     if args.resume and excluded:
         raise ValueError(f"--resume continues the study in --out; it excludes {excluded[0]}")
+    if args.flow_rtol is not None and not 0 < args.flow_rtol < 1:
+        raise ValueError(f"--flow-rtol must be in (0, 1), got {args.flow_rtol}")
     if args.qsr_alpha is not None and not args.qsr_alpha > 0:
         raise ValueError(f"--qsr-alpha must be positive, got {args.qsr_alpha}")
     outputs = network_outputs(noise)
@@ -318,7 +324,7 @@ def _main(argv: list[str] | None) -> int:
     made = compare(None, point=point, noise=noise, rules=chosen["rules"], etas=chosen["etas"], seeds=args.seeds,
                    seed=args.seed, slow_time=args.slow_time, checkpoints=args.checkpoints, method="cg",
                    path_dt=args.path_dt, measured=done, progress=say,
-                   pass_dtype=pass_dtype,
+                   pass_dtype=pass_dtype, **({} if args.flow_rtol is None else {"flow_rtol": args.flow_rtol}),
                    on_row=rows_writer(out / "rows.jsonl", record, previous=lines))
     return _finish(out, rows + made, args.n, point.objective.dim, record)
 

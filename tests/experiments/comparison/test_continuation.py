@@ -238,3 +238,23 @@ def test_a_matrix_free_point_is_read_matrix_free(points):
     for field in ("trace", "lambda_max", "raw_trace"):
         torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-6, atol=0)
     assert float(got.projection_residual.max()) <= 1e-10
+
+
+def test_flow_rtol_reaches_the_matrix_free_reader(points):
+    """ContinuationConfig.flow_rtol is the readings' flow-term truncation: at 1e-4 the same draws keep fewer ranks
+    than at the default 1e-10, and the readings at Phi move by far less than the flow term (the Lyapunov factor's
+    dropped part is bounded by rtol x its trace); the raw readings do not move. Outside (0, 1) it is refused."""
+    dense = points["gaussian"]
+    mf = point_at(dense.objective, dense.noise, dense.zeta, method="cg", rank=40)
+    runs = {}
+    for rtol in (1e-10, 1e-4):
+        cfg = ContinuationConfig(LocalSGD(2, 2, 0.008), eta=0.004, rounds=2, seeds=2, max_relative_change=10.0,
+                                 flow_rtol=rtol)
+        runs[rtol] = run_continuation(mf, cfg, generator=torch.Generator().manual_seed(0))
+    tight, loose = runs[1e-10], runs[1e-4]
+    assert max(loose.reading_cost["flow_ranks"]) < min(tight.reading_cost["flow_ranks"])
+    torch.testing.assert_close(loose.raw_trace, tight.raw_trace, rtol=1e-12, atol=0)
+    flow = (tight.raw_trace - tight.trace)[1:].abs()             # the correction the flow term is part of
+    assert float((loose.trace - tight.trace).abs().max()) <= 1e-3 * float(flow.max())
+    with pytest.raises(ValueError, match="flow_rtol"):
+        ContinuationConfig(SGD(4), eta=0.004, rounds=1, flow_rtol=1.0)
