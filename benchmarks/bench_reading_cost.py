@@ -171,21 +171,29 @@ def _study(out: str):
     return point, config, pass_dtype
 
 
-def breakdown_one(out: str, eta_lambda: float = 0.1) -> dict:
-    """At the study in `out`: one seed of its SGD rule over its window, each reading's seconds by piece."""
+def _study_sgd_run(point, config: dict, pass_dtype, eta_lambda: float, slow_time: float, checkpoints: int):
+    """(one seed of the study's SGD rule at eta = eta_lambda / lambda_max over slow_time, read at `checkpoints`:
+    its `ContinuationResult`, eta, steps)."""
     from experiments.comparison.compare import parse_rule
     from experiments.comparison.continuation import ContinuationConfig, run_continuation, run_schedule
-    point, config, pass_dtype = _study(out)
     rule = parse_rule("sgd", batch=config["batch"])
     eta = eta_lambda * len(point.targets) / float(point.preconditioner.values[0])     # lambda_max = kappa_1 / N
-    schedule = run_schedule(rule, eta, slow_time=config["slow_time"], checkpoints=config["checkpoints"], seeds=1)
-    start = time.perf_counter()
+    schedule = run_schedule(rule, eta, slow_time=slow_time, checkpoints=checkpoints, seeds=1)
     result = run_continuation(point, ContinuationConfig(rule=rule, eta=eta, pass_dtype=pass_dtype, **schedule),
                               generator=torch.Generator().manual_seed(config["seed"]))
+    return result, eta, schedule["rounds"] * schedule["steps_per_round_sgd"]
+
+
+def breakdown_one(out: str, eta_lambda: float = 0.1) -> dict:
+    """At the study in `out`: one seed of its SGD rule over its window, each reading's seconds by piece."""
+    point, config, pass_dtype = _study(out)
+    start = time.perf_counter()
+    result, eta, steps = _study_sgd_run(point, config, pass_dtype, eta_lambda, config["slow_time"],
+                                        config["checkpoints"])
     seconds = time.perf_counter() - start
     cost = result.reading_cost
     return dict(n=config["n"], rows=len(point.targets) * point.classes, eta_lambda=eta_lambda, eta=eta,
-                passes=config.get("passes"), steps=schedule["rounds"] * schedule["steps_per_round_sgd"],
+                passes=config.get("passes"), steps=steps,
                 measurement_seconds=seconds, reading_seconds=cost["seconds"], pieces=cost["pieces"],
                 projection_cg=cost["projection_cg"], eigen_matvecs=cost["eigen_matvecs"],
                 flow_ranks=cost["flow_ranks"], peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
@@ -219,9 +227,6 @@ def breakdown_table(rows: list[dict]) -> str:
 
 def levers_one(out: str) -> dict:
     """At the study in `out`, at a real checkpoint: the flow term against flow_rtol, tr H in float32 and float64."""
-    from dynamics.jacobian import per_sample_gram_blocks
-    from experiments.comparison.compare import parse_rule
-    from experiments.comparison.continuation import ContinuationConfig, run_continuation, run_schedule
     from experiments.comparison.reading_mf import MatrixFreeReader
     point, config, pass_dtype = _study(out)
     readers, original = [], MatrixFreeReader.reading
@@ -229,13 +234,9 @@ def levers_one(out: str) -> dict:
     def keep(self, theta, seed=0):
         readers.append((self, theta.clone()))
         return original(self, theta, seed)
-    rule = parse_rule("sgd", batch=config["batch"])
-    eta = 0.1 * len(point.targets) / float(point.preconditioner.values[0])
-    schedule = run_schedule(rule, eta, slow_time=config["slow_time"] / 2, checkpoints=1, seeds=1)
     MatrixFreeReader.reading = keep                   # the run's reader and its last theta, kept for the levers
     try:
-        result = run_continuation(point, ContinuationConfig(rule=rule, eta=eta, pass_dtype=pass_dtype, **schedule),
-                                  generator=torch.Generator().manual_seed(config["seed"]))
+        result, *_ = _study_sgd_run(point, config, pass_dtype, 0.1, config["slow_time"] / 2, 1)
     finally:
         MatrixFreeReader.reading = original
     reader, theta = readers[-1]
@@ -249,14 +250,10 @@ def levers_one(out: str) -> dict:
         terms = correction.flow_terms(x)
         row["flow"][f"{rtol:g}"] = dict(terms=terms, ranks=correction.cost["ranks"],
                                         seconds=time.perf_counter() - start)
-    obj, metric = point.objective, reader.metric
     for dtype in (torch.float64, torch.float32):
         start = time.perf_counter()
-        passes = obj.to(dtype)
-        blocks = per_sample_gram_blocks(passes, z.detach().to(dtype)).to(torch.float64)
-        row["trace"][str(dtype).removeprefix("torch.")] = dict(
-            value=float(metric.reduce_blocks(blocks).diagonal(dim1=-2, dim2=-1).sum()) / obj.num_samples,
-            seconds=time.perf_counter() - start)
+        value = reader.trace(z, passes=point.objective.to(dtype))
+        row["trace"][str(dtype).removeprefix("torch.")] = dict(value=value, seconds=time.perf_counter() - start)
     return row
 
 

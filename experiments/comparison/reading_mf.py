@@ -196,11 +196,18 @@ class MatrixFreeReader:
         self._pieces["projection"] += time.perf_counter() - start
         return z, report.distance
 
+    def trace(self, z: Tensor, passes=None) -> float:
+        """tr H = ||Jt||_F^2 / N at z (D,) on Gamma from per-sample Jacobian chunks, in the dtype of `passes`
+        (an `Objective`; default the point's)."""
+        obj = self.point.objective if passes is None else passes
+        blocks = per_sample_gram_blocks(obj, z.detach().to(obj.params.dtype), chunk_size=self.chunk_size)
+        return float(self.metric.reduce_blocks(blocks.to(self.point.zeta.dtype)).diagonal(dim1=-2, dim2=-1).sum()) / \
+            obj.num_samples
+
     def sharpness(self, z: Tensor) -> tuple[float, float]:
         """(tr H, lambda_max) at z on Gamma (module docstring); the top vector is kept for this seed."""
         obj, metric, start = self.point.objective, self.metric, time.perf_counter()
-        blocks = per_sample_gram_blocks(obj, z.detach(), chunk_size=self.chunk_size)
-        trace = float(metric.reduce_blocks(blocks).diagonal(dim1=-2, dim2=-1).sum()) / obj.num_samples
+        trace = self.trace(z)
         middle = time.perf_counter()
         self._pieces["trace"] += middle - start
         eig = top_eigenpairs(GramOperator(obj, z, metric, passes=self.passes), 1, tol=self.eig_tol,
