@@ -17,6 +17,10 @@ lambda_max and the flow term, appended to benchmarks/results/bench_reading_cost_
 checkpoint (one seed of the SGD rule at eta lambda_max 0.1, half the window): the flow term's ranks, seconds and
 value at flow_rtol 1e-10 (the default), 1e-8 and 1e-6, and tr H from float32 per-sample Jacobians against float64,
 appended to benchmarks/results/bench_reading_cost_levers.md and .json.
+`python -m benchmarks.bench_reading_cost --tolerances OUT`: the two cheaper settings end to end there: --breakdown's
+run read with the default `reading_mf.ReadingTolerances` and with LOOSE (first CG step 1e-2, flow term 1e-6) on the
+same draws: seconds per reading, CG iterations and flow ranks, and how far the readings move against the window's
+change, appended to benchmarks/results/bench_reading_cost_tolerances.md and .json.
 
 Setting: full resolution, the GELU CNN `cnn-wide` (`experiments.models.build_small_cnn`, hidden 48, 9 outputs: D =
 51,033) on N class-balanced real CIFAR-10 training images at 32x32, squared loss with Gaussian label noise sigma =
@@ -50,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_reading_cost"
 SIZES = (200, 500, 1000, 2000)
 ETA_LAMBDA, STEPS, SEEDS, BATCH, SIGMA = 0.2, 1000, 2, 8, 0.1
+LOOSE = dict(first_cg_rtol=1e-2, flow_rtol=1e-6)      # --tolerances: the loosened `ReadingTolerances`
 
 
 def _point(n: int):
@@ -171,25 +176,32 @@ def _study(out: str):
     return point, config, pass_dtype
 
 
-def _study_sgd_run(point, config: dict, pass_dtype, eta_lambda: float, slow_time: float, checkpoints: int):
-    """(one seed of the study's SGD rule at eta = eta_lambda / lambda_max over slow_time, read at `checkpoints`:
-    its `ContinuationResult`, eta, steps)."""
+def _study_sgd_run(point, config: dict, pass_dtype, eta_lambda: float, slow_time: float, checkpoints: int,
+                   tolerances=None):
+    """(one seed of the study's SGD rule at eta = eta_lambda / lambda_max over slow_time, read at `checkpoints`
+    with `tolerances` (a `ReadingTolerances`; None: the default): its `ContinuationResult`, eta, steps)."""
     from experiments.comparison.compare import parse_rule
     from experiments.comparison.continuation import ContinuationConfig, run_continuation, run_schedule
     rule = parse_rule("sgd", batch=config["batch"])
     eta = eta_lambda * len(point.targets) / float(point.preconditioner.values[0])     # lambda_max = kappa_1 / N
     schedule = run_schedule(rule, eta, slow_time=slow_time, checkpoints=checkpoints, seeds=1)
-    result = run_continuation(point, ContinuationConfig(rule=rule, eta=eta, pass_dtype=pass_dtype, **schedule),
+    result = run_continuation(point, ContinuationConfig(rule=rule, eta=eta, pass_dtype=pass_dtype, **schedule,
+                                                        **({} if tolerances is None else {"tolerances": tolerances})),
                               generator=torch.Generator().manual_seed(config["seed"]))
     return result, eta, schedule["rounds"] * schedule["steps_per_round_sgd"]
 
 
 def breakdown_one(out: str, eta_lambda: float = 0.1) -> dict:
     """At the study in `out`: one seed of its SGD rule over its window, each reading's seconds by piece."""
-    point, config, pass_dtype = _study(out)
+    return _breakdown(*_study(out), eta_lambda)
+
+
+def _breakdown(point, config: dict, pass_dtype, eta_lambda: float, tolerances=None) -> dict:
+    """`breakdown_one` at the study's point, read with `tolerances` (None: the default); with its readings at Phi
+    (tr H and lambda_max per checkpoint)."""
     start = time.perf_counter()
     result, eta, steps = _study_sgd_run(point, config, pass_dtype, eta_lambda, config["slow_time"],
-                                        config["checkpoints"])
+                                        config["checkpoints"], tolerances)
     seconds = time.perf_counter() - start
     cost = result.reading_cost
     return dict(n=config["n"], rows=len(point.targets) * point.classes, eta_lambda=eta_lambda, eta=eta,
@@ -197,7 +209,49 @@ def breakdown_one(out: str, eta_lambda: float = 0.1) -> dict:
                 measurement_seconds=seconds, reading_seconds=cost["seconds"], pieces=cost["pieces"],
                 projection_cg=cost["projection_cg"], eigen_matvecs=cost["eigen_matvecs"],
                 flow_ranks=cost["flow_ranks"], peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                trace=result.trace[:, 0].tolist(), lambda_max=result.lambda_max[:, 0].tolist(),
                 date=datetime.date.today().isoformat(), load=os.getloadavg()[0])
+
+
+def tolerances_one(out: str) -> dict:
+    """At the study in `out`: `breakdown_one`'s run (SGD at eta lambda_max 0.1, one seed, the study's window) read
+    twice on the same draws, with the default `ReadingTolerances` and with LOOSE."""
+    from experiments.comparison.reading_mf import ReadingTolerances
+    point, config, pass_dtype = _study(out)
+    runs = [_breakdown(point, config, pass_dtype, 0.1, ReadingTolerances(**options)) for options in ({}, LOOSE)]
+    return dict(n=config["n"], loose=LOOSE, default=runs[0], loosened=runs[1],
+                date=datetime.date.today().isoformat(), load=os.getloadavg()[0])
+
+
+def tolerances_table(rows: list[dict]) -> str:
+    lines = ["What: the readings' two loosened tolerances (`reading_mf.ReadingTolerances`: the first Gauss-Newton "
+             "step's CG tolerance of each projection, default 1e-4 like the later steps, and the flow term's "
+             "truncation, default 1e-10) at a full-resolution study's own point, end to end: one seed of its SGD "
+             "rule (B = 8, eta lambda_max 0.1) over its window (slow time 0.05, 2 checkpoints) read twice on the "
+             "same draws, with the defaults and loosened, in one process. Seconds per reading (and the "
+             "projections' and flow term's share of them), CG iterations per projection, flow ranks; how far the "
+             "loosened readings at Phi land from the default ones, relative to the window's change of each. "
+             "2 torch threads.", "",
+             "| N | loosened | s per reading | ratio | projections s | CG its per projection | flow s | flow ranks "
+             "| tr H moved / window change | lambda_max moved / window change | date, load |",
+             "|---:|---|---|---:|---|---|---|---|---:|---:|---|"]
+    for r in rows:
+        a, b = r["default"], r["loosened"]
+        per = lambda run, key: sum(p[key] for p in run["pieces"]) / len(run["pieces"])    # noqa: E731
+        secs = [sum(run["reading_seconds"]) / len(run["reading_seconds"]) for run in (a, b)]
+        moved = {}
+        for key in ("trace", "lambda_max"):
+            change = abs(a[key][-1] - a[key][0])
+            moved[key] = max(abs(x - y) for x, y in zip(a[key], b[key])) / change
+        loose = ", ".join(f"{k} {v:g}" for k, v in r["loose"].items())
+        lines.append(f"| {r['n']:,} | {loose} | {secs[0]:.0f} -> {secs[1]:.0f} | {secs[1] / secs[0]:.2f} | "
+                     f"{per(a, 'projection'):.0f} -> {per(b, 'projection'):.0f} | "
+                     f"{', '.join(map(str, a['projection_cg']))} -> {', '.join(map(str, b['projection_cg']))} | "
+                     f"{per(a, 'flow'):.0f} -> {per(b, 'flow'):.0f} | "
+                     f"{', '.join(map(str, a['flow_ranks']))} -> {', '.join(map(str, b['flow_ranks']))} | "
+                     f"{moved['trace']:.1e} | {moved['lambda_max']:.1e} | {r['date']}, {r['load']:.1f} |")
+    return "\n".join(lines + ["", "Command: `python -m benchmarks.bench_reading_cost --tolerances OUT` (OUT a "
+                                   "study's folder, e.g. runs/full_resolution/n2000)."])
 
 
 def breakdown_table(rows: list[dict]) -> str:
@@ -378,6 +432,9 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["--levers-one"]:
         print(json.dumps(levers_one(args[1])))
         return
+    if args[:1] == ["--tolerances-one"]:
+        print(json.dumps(tolerances_one(args[1])))
+        return
     if args[:1] == ["--breakdown-one"]:
         print(json.dumps(breakdown_one(args[1], *map(float, args[2:3]))))
         return
@@ -385,7 +442,9 @@ def main(argv: list[str] | None = None) -> None:
                 "--passes": ("_passes", "--passes-one", 2, passes_table, lambda r: r["n"]),
                 "--breakdown": ("_breakdown", "--breakdown-one", 3, breakdown_table,
                                 lambda r: (r["n"], r["eta_lambda"], r["date"])),
-                "--levers": ("_levers", "--levers-one", 2, levers_table, lambda r: (r["n"], r["date"]))}
+                "--levers": ("_levers", "--levers-one", 2, levers_table, lambda r: (r["n"], r["date"])),
+                "--tolerances": ("_tolerances", "--tolerances-one", 2, tolerances_table,
+                                 lambda r: (r["n"], r["date"]))}
     if args[:1] and args[0] in appended:           # one process, its row added to the section's table
         suffix, flag, count, render, key = appended[args[0]]
         out = subprocess.run([sys.executable, "-m", "benchmarks.bench_reading_cost", flag, *args[1:count]],

@@ -46,7 +46,7 @@ from experiments.cli import ArgumentParser, run_main
 from experiments.comparison.continuation import ContinuationConfig, RegimeWarning, measure as measure_rule, run_schedule
 from experiments.comparison.noise import LabelNoise, parse_noise, simplex_targets
 from experiments.comparison.point import Point, build_point
-from experiments.comparison.reading_mf import with_eigendecomposition
+from experiments.comparison.reading_mf import ReadingTolerances, with_eigendecomposition
 from experiments.comparison.summary import summarize, summary_lines, write_summary
 from experiments.models import build_small_cnn, build_small_mlp
 from sde.rules import QSR, SGD, LocalSGD
@@ -241,7 +241,8 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
             train_steps: int = 3000, lr: float = 3e-3, point: Point | None = None, method: str = "dense",
             max_eta_lambda: float = 0.5, max_relative_change: float = 0.2, measure: bool = True,
             nystrom_rank: int = 200, cg_rtol: float = 1e-10, curvature_floor: float = 0.0, cache=None,
-            fit_dtype: torch.dtype | None = None, pass_dtype: torch.dtype | None = None, flow_rtol: float = 1e-10,
+            fit_dtype: torch.dtype | None = None, pass_dtype: torch.dtype | None = None,
+            tolerances: ReadingTolerances = ReadingTolerances(),
             measured: Callable[[object, float], bool] | None = None,
             progress: Progress = None, on_row: Callable[[Row], None] | None = None, **mf_options) -> list[Row]:
     """Predicted vs measured d tr H / dt for every rule at every eta (see the module docstring).
@@ -262,13 +263,10 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
     Adam stage (`point.fit`; e.g. torch.float32), the projection is float64. pass_dtype: the dtype of the matrix-free
     readings' Jacobian passes (`reading_mf.MatrixFreeReader`; e.g. torch.float32) and of the predictions' psi-trace
     products. A point holding its exact Gram eigendecomposition (`Point.gram_spectrum`) gives the psi traces
-    exact psi(2 beta G) z, no Lanczos. flow_rtol: the matrix-free readings' flow-term truncation
-    (`ContinuationConfig`)."""
+    exact psi(2 beta G) z, no Lanczos. tolerances: the matrix-free readings' `reading_mf.ReadingTolerances`."""
     noise = parse_noise(noise) if isinstance(noise, str) else noise
     rules = [parse_rule(r, batch=batch, local_batch=local_batch) if isinstance(r, str) else r for r in rules]
     etas = [float(e) for e in etas]
-    if not 0 < flow_rtol < 1:
-        raise ValueError(f"flow_rtol must be in (0, 1), got {flow_rtol}")
     if not rules or not etas:
         raise ValueError("need at least one rule and one eta")
     if any(not (math.isfinite(e) and e > 0) for e in etas):
@@ -319,7 +317,7 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
         if measure:
             config = ContinuationConfig(rule=rule, eta=eta, max_eta_lambda=max_eta_lambda,
                                         max_relative_change=max_relative_change, pass_dtype=pass_dtype,
-                                        flow_rtol=flow_rtol, **schedule)
+                                        tolerances=tolerances, **schedule)
             say(f"{rule!r} at eta = {eta:g}: {config.rounds} rounds of {config.local_steps} steps, {seeds} seeds")
             row = _measured_row(point, config, pred, limit, seed=seed, path_dt=path_dt, progress=progress,
                                 seconds=seconds)

@@ -23,7 +23,7 @@ from experiments.comparison.path import fit_slope, predicted_path
 from experiments.comparison.phi import read_at_phi
 from experiments.comparison.point import Point, check_on_gamma
 from experiments.comparison.projection import project, sharpness_at
-from experiments.comparison.reading_mf import MatrixFreeReader
+from experiments.comparison.reading_mf import MatrixFreeReader, ReadingTolerances
 from sde.discrete import run_local_sgd
 from sde.rules import check_rule
 
@@ -41,9 +41,8 @@ class ContinuationConfig:
     `steps_per_round_sgd`), read every `checkpoint_every` rounds; gd_steps: the gradient-descent prefix of the
     projection when phi=False; vectorize: one vmap over seeds x workers (None: when the local batch is < 4);
     guards eta lambda_max <= max_eta_lambda, relative change of tr H <= max_relative_change; pass_dtype: the dtype
-    of a matrix-free reading's Jacobian passes (`reading_mf.MatrixFreeReader`; None: the point's); flow_rtol: its
-    flow term's truncation (`reading_mf.lyapunov_factors`; 1e-6 keeps ~17 of 30 ranks at N = 2,000 and moves the
-    term by ~4e-4 of itself, BENCHMARKS.md bench_reading_cost_levers)."""
+    of a matrix-free reading's Jacobian passes (`reading_mf.MatrixFreeReader`; None: the point's); tolerances:
+    its `reading_mf.ReadingTolerances` (flow term, first CG step of a projection)."""
     rule: object
     eta: float
     rounds: int
@@ -55,7 +54,7 @@ class ContinuationConfig:
     max_eta_lambda: float = 0.5
     max_relative_change: float = 0.2
     pass_dtype: torch.dtype | None = None
-    flow_rtol: float = 1e-10
+    tolerances: ReadingTolerances = ReadingTolerances()
 
     def __post_init__(self):
         check_rule(self.rule)
@@ -64,8 +63,6 @@ class ContinuationConfig:
         for name in ("rounds", "checkpoint_every", "seeds", "steps_per_round_sgd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.flow_rtol < 1:
-            raise ValueError(f"flow_rtol must be in (0, 1), got {self.flow_rtol}")
         self.rule.local_steps(self.eta)      # QSR without alpha: ValueError now, not mid-run
 
     @property
@@ -120,7 +117,7 @@ def run_continuation(point: Point, config: ContinuationConfig, *, generator: tor
     if method == "dense" and point.reference.shape[0] != noise.equations(*targets.shape):
         raise ValueError(f"the preconditioner has {point.reference.shape[0]} rows, the point has "
                          f"{noise.equations(*targets.shape)} equations: build it at this zeta")
-    reader = MatrixFreeReader(point, pass_dtype=cfg.pass_dtype, flow=dict(flow_rtol=cfg.flow_rtol)) \
+    reader = MatrixFreeReader(point, pass_dtype=cfg.pass_dtype, tolerances=cfg.tolerances) \
         if method == "cg" else None
     read = reader.sharpness if reader else lambda z: sharpness_at(obj, noise, z, reference=point.reference)
     trace0, lmax0 = read(zeta)

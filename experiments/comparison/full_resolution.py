@@ -30,8 +30,10 @@ fourth eta for the rule whose finite-eta curvature needs it; the plan keeps ever
 reading's projection CG, flow ranks and Lanczos: `reading_mf.MatrixFreeReader(pass_dtype=)`, 5-8x faster CPU
 convolutions); residuals, distances, Gauss-Newton steps, tr H and lambda_max stay float64. A resumed study keeps
 the passes it was made with.
---flow-rtol sets the readings' flow-term truncation (default 1e-10; 1e-6 drops 13 of 30 flow ranks at N = 2,000,
-~13% of a reading, BENCHMARKS.md bench_reading_cost_levers); a resumed study keeps its own.
+--flow-rtol and --first-cg-rtol loosen two of the readings' tolerances (`reading_mf.ReadingTolerances`): the flow
+term's truncation (default 1e-10) and the CG tolerance of each projection's first Gauss-Newton step (default the
+later steps' 1e-4). At N = 2,000, 1e-6 and 1e-2 read in SECONDS of the default's time and move the readings by
+SHIFT of a window's tr H change (BENCHMARKS.md bench_reading_cost_tolerances); a resumed study keeps its own.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ from experiments.comparison.path import predicted_path
 from experiments.comparison.noise import GaussianLabelNoise, LabelNoise, parse_noise, simplex_targets
 from experiments.comparison.point import Point, build_point
 from experiments.comparison.projection import GramPreconditioner, physical_memory
-from experiments.comparison.reading_mf import with_eigendecomposition
+from experiments.comparison.reading_mf import ReadingTolerances, with_eigendecomposition
 from experiments.comparison.summary import summarize, summary_lines, write_summary
 from sde.analysis import spectrum_beta
 from sde.rules import QSR, SGD, LocalSGD
@@ -167,6 +169,8 @@ def _parser() -> ArgumentParser:
         "(default: all float64)")
     add("--flow-rtol", type=float, default=None, help="the readings' flow-term truncation (default 1e-10; 1e-6 "
         "keeps ~17 of 30 ranks at N = 2,000 and moves the term by ~4e-4 of itself, BENCHMARKS.md)")
+    add("--first-cg-rtol", type=float, default=None, help="the CG tolerance of each projection's first "
+        "Gauss-Newton step (default: the later steps' 1e-4; 1e-2 halves the projections' CG at N = 2,000)")
     add("--batch", type=int, default=8, help="total batch B of every rule")
     add("--seed", type=int, default=0)
     add("--qsr-alpha", type=float, default=None, help="QSR's alpha for a new study (default: beta = alpha^2 / eta "
@@ -198,7 +202,7 @@ def network_outputs(noise: LabelNoise) -> int:
 
 # what a resumed study (or one given paths) must share with the rows it already has
 STUDY_OPTIONS = ("n", "seed", "batch")      # and the rows' noise
-MEASUREMENT_OPTIONS = ("seeds", "slow_time", "checkpoints", "passes", "flow_rtol")
+MEASUREMENT_OPTIONS = ("seeds", "slow_time", "checkpoints", "passes", "flow_rtol", "first_cg_rtol")
 
 
 def _study_rows(out: Path, noise: LabelNoise, args, keys) -> tuple[list[str], dict]:
@@ -256,8 +260,8 @@ def _main(argv: list[str] | None) -> int:
                                          ("--qsr-alpha", args.qsr_alpha is not None)) if given]
     if args.resume and excluded:
         raise ValueError(f"--resume continues the study in --out; it excludes {excluded[0]}")
-    if args.flow_rtol is not None and not 0 < args.flow_rtol < 1:
-        raise ValueError(f"--flow-rtol must be in (0, 1), got {args.flow_rtol}")
+    tolerances = ReadingTolerances(**{name: getattr(args, name) for name in ("flow_rtol", "first_cg_rtol")
+                                      if getattr(args, name) is not None})       # ValueError naming a bad one, now
     if args.qsr_alpha is not None and not args.qsr_alpha > 0:
         raise ValueError(f"--qsr-alpha must be positive, got {args.qsr_alpha}")
     outputs = network_outputs(noise)
@@ -324,7 +328,7 @@ def _main(argv: list[str] | None) -> int:
     made = compare(None, point=point, noise=noise, rules=chosen["rules"], etas=chosen["etas"], seeds=args.seeds,
                    seed=args.seed, slow_time=args.slow_time, checkpoints=args.checkpoints, method="cg",
                    path_dt=args.path_dt, measured=done, progress=say,
-                   pass_dtype=pass_dtype, **({} if args.flow_rtol is None else {"flow_rtol": args.flow_rtol}),
+                   pass_dtype=pass_dtype, tolerances=tolerances,
                    on_row=rows_writer(out / "rows.jsonl", record, previous=lines))
     return _finish(out, rows + made, args.n, point.objective.dim, record)
 

@@ -281,8 +281,8 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
             gd_steps: int = 0, gd_lr: float | None = None, max_gauss_newton: int = 30, preconditioner=None,
             cg_rtol: float = 1e-4, cg_max_iter: int = 5000, preconditioner_rank: int = 200,
             refresh_after: int | None = 500, generator: torch.Generator | None = None,
-            x0: Tensor | None = None, raise_on_failure: bool = True,
-            passes: Objective | None = None) -> tuple[Tensor, ProjectionReport]:
+            x0: Tensor | None = None, raise_on_failure: bool = True, passes: Objective | None = None,
+            first_cg_rtol: float | None = None) -> tuple[Tensor, ProjectionReport]:
     """(theta, default the model's parameters, projected onto Gamma; `ProjectionReport`) (module docstring).
 
     "dense": `preconditioner` a `GramPreconditioner` at a nearby point of Gamma, or None (dense solves). "cg":
@@ -292,8 +292,11 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
     Nystrom preconditioner's build) run on, e.g. obj.to(torch.float32) (`dynamics.jacobian.gram_solve_cg`, 5-8x
     faster CPU convolutions); residuals, distances and each step J^T a stay in obj's dtype, so the steps are normal at their
     iterate and the end point is on Gamma to tol as before (a less exact solve only slows the Gauss-Newton
-    contraction). ValueError if the equations exceed D; RuntimeError naming steps and distance (raise_on_failure)
-    if > tol."""
+    contraction). first_cg_rtol ("cg"): the first Gauss-Newton step's CG tolerance (None: cg_rtol), a forcing term
+    of inexact Newton (Eisenstat & Walker, SISC 1996): near Gamma that step's distance after it is set by its
+    quadratic remainder, not by the CG residual, so a looser first solve costs the later steps nothing (N = 2,000:
+    1e-2 instead of 1e-4 halves a projection's CG iterations, BENCHMARKS.md bench_reading_cost_tolerances).
+    ValueError if the equations exceed D; RuntimeError naming steps and distance (raise_on_failure) if > tol."""
     theta0 = (obj.params if theta is None else theta).detach().clone()
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol}")
@@ -303,6 +306,8 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
         raise ValueError(f"method must be 'dense' or 'cg', got {method!r}")
     if method == "cg" and not 0 < cg_rtol < 1:
         raise ValueError(f"cg_rtol must be in (0, 1), got {cg_rtol}")
+    if first_cg_rtol is not None and not 0 < first_cg_rtol < 1:
+        raise ValueError(f"first_cg_rtol must be in (0, 1), got {first_cg_rtol}")
     outputs, targets = outputs_and_targets(obj, theta0)
     metric = noise.metric(targets.to(theta0.dtype))
     equations = noise.equations(*outputs.shape)
@@ -327,7 +332,8 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
                                                                                      equations - 1),
                                                          generator=generator, passes=passes)
             r = noise.residual(outputs_and_targets(obj, theta)[0].detach(), targets)
-            a, its = gram_solve_cg(obj, theta, r, preconditioner, rtol=cg_rtol, max_iter=cg_max_iter, metric=metric,
+            rtol = cg_rtol if steps or first_cg_rtol is None else first_cg_rtol
+            a, its = gram_solve_cg(obj, theta, r, preconditioner, rtol=rtol, max_iter=cg_max_iter, metric=metric,
                                    x0=None if steps else x0, passes=passes)
             first = a if first is None else first
             iterations.append(its)

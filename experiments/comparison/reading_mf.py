@@ -6,7 +6,8 @@ at zeta (`projection.GramPreconditioner`, built by Jacobian row blocks once per 
 checkpoint). Pieces:
 - projection: `projection.project(method="cg")` preconditioned by K^-1 at zeta (never refreshed); a projection that
   does not converge is refused (`ProjectionNotConverged`, naming CG iterations and residual). Inexact Newton steps
-  are normal at their iterate, so cg_rtol moves z along Gamma by cg_rtol x O(|x|^2) only.
+  are normal at their iterate, so cg_rtol moves z along Gamma by cg_rtol x O(|x|^2) only; the first step may be
+  solved more loosely (`ReadingTolerances.first_cg_rtol`): its distance after it is its quadratic remainder.
 - sharpness at z on Gamma: tr H = ||Jt||_F^2 / N exactly from per-sample Jacobian chunks; lambda_max by thick-restart
   Lanczos on G (`dynamics.lanczos.top_eigenpairs`) from the seed's previous top vector, to ||G u - l u|| <= eig_tol l.
 - the flow term of s in {tr H, lambda_max} (`FlowCorrection`): 1/2 <d_g H, X>, X = int_0^inf e^{-tH} n n^T e^{-tH} dt
@@ -38,7 +39,7 @@ from experiments.comparison.phi import PhiReading, read_at_phi
 from experiments.comparison.projection import GramPreconditioner, project
 from sde.label_noise_mf import GramOperator, lambda_max_pairing_grad
 
-__all__ = ["ProjectionNotConverged", "FlowCorrection", "lyapunov_factors", "tangent_gradients",
+__all__ = ["ProjectionNotConverged", "ReadingTolerances", "FlowCorrection", "lyapunov_factors", "tangent_gradients",
            "with_eigendecomposition", "MatrixFreeReader"]
 
 
@@ -47,6 +48,25 @@ PIECES = ("projection", "trace", "lambda_max", "flow")   # where a reading's sec
 
 class ProjectionNotConverged(RuntimeError):
     """A projection onto Gamma (or its CG solves) stopped short: no reading is reported from it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadingTolerances:
+    """The tolerances a study may loosen to read faster, each measured against a window's change of tr H at
+    N = 2,000 (BENCHMARKS.md bench_reading_cost_levers and _tolerances); the defaults are the committed studies'.
+
+    flow_rtol: the flow term's truncation (`lyapunov_factors`; 1e-6 keeps 17 of 30 ranks and moves the term by
+    4e-4 of itself). first_cg_rtol: the CG tolerance of each projection's first Gauss-Newton step (`project`;
+    None: the reader's cg_rtol, like the later steps; 1e-2 halves the projections' CG iterations).
+    """
+    flow_rtol: float = 1e-10
+    first_cg_rtol: float | None = None
+
+    def __post_init__(self):
+        if not 0 < self.flow_rtol < 1:
+            raise ValueError(f"flow_rtol must be in (0, 1), got {self.flow_rtol}")
+        if self.first_cg_rtol is not None and not 0 < self.first_cg_rtol < 1:
+            raise ValueError(f"first_cg_rtol must be in (0, 1), got {self.first_cg_rtol}")
 
 
 def lyapunov_factors(a: Tensor, kappa: Tensor, *, rtol: float = 1e-10, step: float = 0.3) -> tuple[Tensor, Tensor]:
@@ -141,7 +161,8 @@ class MatrixFreeReader:
     or one built here, truncated to rank_tol); a dense point's gradients are reused, a "cg" point's computed here.
     `cost` lists the projection CG iterations and Lanczos products per call (two a reading), the flow ranks, seconds
     and `pieces` per reading (seconds in the two projections, the two tr H, the two lambda_max and the flow term),
-    and `build_seconds` the eigendecomposition. `project_options` go to `project`.
+    and `build_seconds` the eigendecomposition. `tolerances`: `ReadingTolerances` (flow term, first CG step);
+    `project_options` go to `project`.
 
     pass_dtype (e.g. torch.float32; default the point's): the dtype of the Jacobian passes that dominate a reading,
     the projection's CG products (and a copy of the eigendecomposition preconditioning them), the flow ranks and
@@ -155,7 +176,8 @@ class MatrixFreeReader:
     def __init__(self, point, *, tol: float = 1e-10, cg_rtol: float = 1e-4, cg_max_iter: int = 5000,
                  eig_tol: float | None = None, chunk_size: int = 64, memory_limit: int | None = None,
                  rank_tol: float = 1e-12, pass_dtype: torch.dtype | None = None,
-                 generator: torch.Generator | None = None, flow: dict | None = None, **project_options):
+                 generator: torch.Generator | None = None, tolerances: ReadingTolerances = ReadingTolerances(),
+                 **project_options):
         start = time.perf_counter()
         point = with_eigendecomposition(point, rank_tol=rank_tol, chunk_size=chunk_size, memory_limit=memory_limit)
         self.build_seconds = time.perf_counter() - start
@@ -164,10 +186,10 @@ class MatrixFreeReader:
         self.passes = obj if pass_dtype is None else obj.to(pass_dtype)
         self.solver = self.preconditioner.to(self.passes.dtype)        # the projections' CG preconditioner
         self.eig_tol = eig_tol if eig_tol is not None else 1e-10 if self.passes is obj else 1e-6
-        self.chunk_size, self.project_options = chunk_size, project_options
+        self.chunk_size, self.tolerances, self.project_options = chunk_size, tolerances, project_options
         self.metric = point.noise.metric(point.targets.to(zeta.dtype))
         gram = GramOperator(obj, zeta, self.metric, passes=self.passes)
-        self.correction = FlowCorrection(gram, self.preconditioner, **(flow or {}))
+        self.correction = FlowCorrection(gram, self.preconditioner, flow_rtol=tolerances.flow_rtol)
         gradients = point.gradients
         self.correction.gradients = (gradients.trace, gradients.lambda_max) if gradients is not None else \
             tangent_gradients(gram, self.correction, chunk_size=chunk_size)
@@ -183,7 +205,8 @@ class MatrixFreeReader:
             z, report = project(pt.objective, pt.noise, theta, tol=self.tol, method="cg",
                                 preconditioner=self.solver, cg_rtol=self.cg_rtol, x0=x0,
                                 cg_max_iter=self.cg_max_iter, refresh_after=None, raise_on_failure=False,
-                                passes=self.passes, **self.project_options)
+                                passes=self.passes, first_cg_rtol=self.tolerances.first_cg_rtol,
+                                **self.project_options)
         except GramSolveNotConverged as exc:
             raise ProjectionNotConverged(f"no reading: a Gauss-Newton step's CG failed ({exc})") from None
         if not report.converged:

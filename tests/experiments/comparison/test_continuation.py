@@ -18,6 +18,7 @@ from experiments.comparison.path import fit_slope, predicted_path
 from experiments.comparison.phi import read_at_phi
 from experiments.comparison.point import point_at
 from experiments.comparison.projection import GramPreconditioner, project, sharpness_at
+from experiments.comparison.reading_mf import ReadingTolerances
 from experiments.schedules import QSR as QSRSchedule
 from sde.discrete import local_steps_for_beta, qsr_local_steps
 from sde.label_noise import predict_rates
@@ -240,21 +241,41 @@ def test_a_matrix_free_point_is_read_matrix_free(points):
     assert float(got.projection_residual.max()) <= 1e-10
 
 
-def test_flow_rtol_reaches_the_matrix_free_reader(points):
-    """ContinuationConfig.flow_rtol is the readings' flow-term truncation: at 1e-4 the same draws keep fewer ranks
-    than at the default 1e-10, and the readings at Phi move by far less than the flow term (the Lyapunov factor's
-    dropped part is bounded by rtol x its trace); the raw readings do not move. Outside (0, 1) it is refused."""
+def _loosened_runs(points, **loose):
+    """The same draws of a Local SGD run at the tiny Gaussian point, read with the default `ReadingTolerances`
+    and with `loose` ones: (tight, loose) `ContinuationResult`s."""
     dense = points["gaussian"]
     mf = point_at(dense.objective, dense.noise, dense.zeta, method="cg", rank=40)
-    runs = {}
-    for rtol in (1e-10, 1e-4):
+    runs = []
+    for tolerances in (ReadingTolerances(), ReadingTolerances(**loose)):
         cfg = ContinuationConfig(LocalSGD(2, 2, 0.008), eta=0.004, rounds=2, seeds=2, max_relative_change=10.0,
-                                 flow_rtol=rtol)
-        runs[rtol] = run_continuation(mf, cfg, generator=torch.Generator().manual_seed(0))
-    tight, loose = runs[1e-10], runs[1e-4]
+                                 tolerances=tolerances)
+        runs.append(run_continuation(mf, cfg, generator=torch.Generator().manual_seed(0)))
+    return runs
+
+
+def test_flow_rtol_reaches_the_matrix_free_reader(points):
+    """ReadingTolerances.flow_rtol is the readings' flow-term truncation: at 1e-4 the same draws keep fewer ranks
+    than at the default 1e-10, and the readings at Phi move by far less than the flow term (the Lyapunov factor's
+    dropped part is bounded by rtol x its trace); the raw readings do not move. Outside (0, 1) it is refused."""
+    tight, loose = _loosened_runs(points, flow_rtol=1e-4)
     assert max(loose.reading_cost["flow_ranks"]) < min(tight.reading_cost["flow_ranks"])
     torch.testing.assert_close(loose.raw_trace, tight.raw_trace, rtol=1e-12, atol=0)
     flow = (tight.raw_trace - tight.trace)[1:].abs()             # the correction the flow term is part of
     assert float((loose.trace - tight.trace).abs().max()) <= 1e-3 * float(flow.max())
     with pytest.raises(ValueError, match="flow_rtol"):
-        ContinuationConfig(SGD(4), eta=0.004, rounds=1, flow_rtol=1.0)
+        ReadingTolerances(flow_rtol=1.0)
+
+
+def test_first_cg_rtol_reaches_the_projections(points):
+    """ReadingTolerances.first_cg_rtol reaches each projection's first Gauss-Newton solve: at 0.5 the same draws
+    read differently, every projection still ends on Gamma to 1e-10, and the readings move by at most rtol x the
+    second-order correction (the end point moves along Gamma by rtol x O(|x|^2); the iteration savings are
+    test_projection's). Outside (0, 1) it is refused."""
+    rtol = 0.5
+    tight, loose = _loosened_runs(points, first_cg_rtol=rtol)
+    assert float(loose.projection_residual.max()) <= 1e-10
+    moved = float((loose.trace - tight.trace).abs().max())
+    assert 0 < moved <= rtol * float((tight.raw_trace - tight.trace).abs().max())
+    with pytest.raises(ValueError, match="first_cg_rtol"):
+        ReadingTolerances(first_cg_rtol=0.0)

@@ -353,6 +353,29 @@ def test_float32_gram_products_still_land_on_gamma_in_float64(small):
     torch.testing.assert_close(ends[1], ref, rtol=0, atol=2e-7)
 
 
+def test_a_looser_first_cg_step_saves_iterations_and_moves_the_end_along_gamma_by_rtol_x_offset_squared(small):
+    """first_cg_rtol loosens the first Gauss-Newton step's CG only: from a point |x| = 0.14 off Gamma under
+    block-Jacobi (CG needs ~110 iterations a step at cg_rtol 1e-8), the first step takes less than half its
+    iterations and the later steps as many, the projection still reaches tol, and its end moves along Gamma by
+    at most 2 rtol |x|^2 (inexact Newton: 3.3e-4 at 1e-2, 1.8e-3 at 1e-1). Outside (0, 1) it is refused."""
+    obj = small
+    far, _ = project(obj, GAUSS, obj.params, tol=1e-24, max_gauss_newton=60)
+    theta = far + 1e-2 * torch.randn(obj.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref, _ = project(obj, GAUSS, theta, tol=1e-24, max_gauss_newton=60)
+    offset2 = float((theta - ref).norm()) ** 2
+    pre = GramPreconditionerMF.at(obj, GAUSS, far, rank=0)
+    options = dict(tol=1e-22, method="cg", cg_rtol=1e-8, preconditioner=pre, max_gauss_newton=60)
+    _, tight = project(obj, GAUSS, theta, **options)
+    for rtol in (1e-2, 1e-1):
+        z, loose = project(obj, GAUSS, theta, first_cg_rtol=rtol, **options)
+        assert loose.converged and loose.distance <= 1e-22
+        assert loose.cg_iterations[0] < tight.cg_iterations[0] / 2
+        assert sum(loose.cg_iterations) < sum(tight.cg_iterations)
+        assert float((z - ref).norm()) <= 2 * rtol * offset2
+    with pytest.raises(ValueError, match="first_cg_rtol"):
+        project(obj, GAUSS, theta, first_cg_rtol=1.0, **options)
+
+
 def test_cg_warm_start_and_callback_track_the_tangent_projection(small):
     """r = J v: the callback's J^T a_k is the CG iterate's J^T a, ||v - J^T a_k||^2 decreases monotonically to
     ||P v||^2 (Craig's method), a warm start from a nearby right-hand side saves iterations, and the Tikhonov

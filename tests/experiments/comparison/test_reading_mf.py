@@ -13,7 +13,8 @@ from experiments.comparison.continuation import ContinuationConfig, run_continua
 from experiments.comparison.phi import read_at_phi
 from experiments.comparison.point import point_at
 from experiments.comparison.projection import project, sharpness_at
-from experiments.comparison.reading_mf import MatrixFreeReader, ProjectionNotConverged, lyapunov_factors
+from experiments.comparison.reading_mf import (MatrixFreeReader, ProjectionNotConverged, ReadingTolerances,
+                                               lyapunov_factors)
 from sde.rules import SGD
 from tests.experiments.comparison.test_projection import tiny_points
 
@@ -27,7 +28,7 @@ def points(cifar10_dir):
     out = {}
     for name, dense in tiny_points(cifar10_dir).items():
         cg = point_at(dense.objective, dense.noise, dense.zeta, method="cg")
-        out[name] = dense, MatrixFreeReader(cg, tol=TOL[name], cg_rtol=1e-10, flow=dict(flow_rtol=1e-12),
+        out[name] = dense, MatrixFreeReader(cg, tol=TOL[name], cg_rtol=1e-10, tolerances=ReadingTolerances(flow_rtol=1e-12),
                                             max_gauss_newton=60)
     return out
 
@@ -160,7 +161,7 @@ def test_float32_passes_keep_the_reading_in_float64(points):
     dense, _ = points["gaussian"]
     obj, noise = dense.objective, dense.noise
     low = MatrixFreeReader(point_at(obj, noise, dense.zeta, method="cg"), tol=TOL["gaussian"],
-                           pass_dtype=torch.float32, flow=dict(flow_rtol=1e-12), max_gauss_newton=60)
+                           pass_dtype=torch.float32, tolerances=ReadingTolerances(flow_rtol=1e-12), max_gauss_newton=60)
     assert low.passes.dtype == low.solver.vectors.dtype == torch.float32 and low.eig_tol == 1e-6
 
     def dense_projection(theta):
