@@ -182,12 +182,13 @@ def _study_sgd_run(point, config: dict, pass_dtype, eta_lambda: float, slow_time
     with `tolerances` (a `ReadingTolerances`; None: the default): its `ContinuationResult`, eta, steps)."""
     from experiments.comparison.compare import parse_rule
     from experiments.comparison.continuation import ContinuationConfig, run_continuation, run_schedule
+    from experiments.comparison.reading_mf import ReadingTolerances
     rule = parse_rule("sgd", batch=config["batch"])
     eta = eta_lambda * len(point.targets) / float(point.preconditioner.values[0])     # lambda_max = kappa_1 / N
     schedule = run_schedule(rule, eta, slow_time=slow_time, checkpoints=checkpoints, seeds=1)
-    result = run_continuation(point, ContinuationConfig(rule=rule, eta=eta, pass_dtype=pass_dtype, **schedule,
-                                                        **({} if tolerances is None else {"tolerances": tolerances})),
-                              generator=torch.Generator().manual_seed(config["seed"]))
+    run = ContinuationConfig(rule=rule, eta=eta, pass_dtype=pass_dtype, tolerances=tolerances or ReadingTolerances(),
+                             **schedule)
+    result = run_continuation(point, run, generator=torch.Generator().manual_seed(config["seed"]))
     return result, eta, schedule["rounds"] * schedule["steps_per_round_sgd"]
 
 
@@ -215,12 +216,21 @@ def _breakdown(point, config: dict, pass_dtype, eta_lambda: float, tolerances=No
 
 def tolerances_one(out: str) -> dict:
     """At the study in `out`: `breakdown_one`'s run (SGD at eta lambda_max 0.1, one seed, the study's window) read
-    twice on the same draws, with the default `ReadingTolerances` and with LOOSE."""
+    on the same draws with the default `ReadingTolerances` and with LOOSE, each in its own process (a second run in
+    one process ran 1.1-1.7x slower per CG iteration and flow rank than the first)."""
+    runs = {}
+    for setting in ("default", "loose"):
+        printed = subprocess.run([sys.executable, "-m", "benchmarks.bench_reading_cost", "--tolerances-run", out,
+                                  setting], cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
+        runs[setting] = json.loads(printed.strip().splitlines()[-1])
+    return dict(n=runs["default"]["n"], loose=LOOSE, default=runs["default"], loosened=runs["loose"],
+                processes=2, date=datetime.date.today().isoformat(), load=os.getloadavg()[0])
+
+
+def _tolerances_run(out: str, setting: str) -> dict:
+    """One of `tolerances_one`'s runs: `setting` "default" or "loose"."""
     from experiments.comparison.reading_mf import ReadingTolerances
-    point, config, pass_dtype = _study(out)
-    runs = [_breakdown(point, config, pass_dtype, 0.1, ReadingTolerances(**options)) for options in ({}, LOOSE)]
-    return dict(n=config["n"], loose=LOOSE, default=runs[0], loosened=runs[1],
-                date=datetime.date.today().isoformat(), load=os.getloadavg()[0])
+    return _breakdown(*_study(out), 0.1, ReadingTolerances(**(LOOSE if setting == "loose" else {})))
 
 
 def tolerances_table(rows: list[dict]) -> str:
@@ -228,13 +238,15 @@ def tolerances_table(rows: list[dict]) -> str:
              "step's CG tolerance of each projection, default 1e-4 like the later steps, and the flow term's "
              "truncation, default 1e-10) at a full-resolution study's own point, end to end: one seed of its SGD "
              "rule (B = 8, eta lambda_max 0.1) over its window (slow time 0.05, 2 checkpoints) read twice on the "
-             "same draws, with the defaults and loosened, in one process. Seconds per reading (and the "
-             "projections' and flow term's share of them), CG iterations per projection, flow ranks; how far the "
+             "same draws, with the defaults and loosened, each in its own process (processes 1: both in one "
+             "process, the loosened second, which ran 1.1-1.7x slower per CG iteration and flow rank). Seconds "
+             "per reading (and the projections' and flow term's share of them), CG iterations per projection, "
+             "flow ranks; how far the "
              "loosened readings at Phi land from the default ones, relative to the window's change of each. "
              "2 torch threads.", "",
-             "| N | loosened | s per reading | ratio | projections s | CG its per projection | flow s | flow ranks "
-             "| tr H moved / window change | lambda_max moved / window change | date, load |",
-             "|---:|---|---|---:|---|---|---|---|---:|---:|---|"]
+             "| N | loosened | processes | s per reading | ratio | projections s | CG its per projection | flow s "
+             "| flow ranks | tr H moved / window change | lambda_max moved / window change | date, load |",
+             "|---:|---|---:|---|---:|---|---|---|---|---:|---:|---|"]
     for r in rows:
         a, b = r["default"], r["loosened"]
         per = lambda run, key: sum(p[key] for p in run["pieces"]) / len(run["pieces"])    # noqa: E731
@@ -244,7 +256,8 @@ def tolerances_table(rows: list[dict]) -> str:
             change = abs(a[key][-1] - a[key][0])
             moved[key] = max(abs(x - y) for x, y in zip(a[key], b[key])) / change
         loose = ", ".join(f"{k} {v:g}" for k, v in r["loose"].items())
-        lines.append(f"| {r['n']:,} | {loose} | {secs[0]:.0f} -> {secs[1]:.0f} | {secs[1] / secs[0]:.2f} | "
+        lines.append(f"| {r['n']:,} | {loose} | {r.get('processes', 1)} | {secs[0]:.0f} -> {secs[1]:.0f} | "
+                     f"{secs[1] / secs[0]:.2f} | "
                      f"{per(a, 'projection'):.0f} -> {per(b, 'projection'):.0f} | "
                      f"{', '.join(map(str, a['projection_cg']))} -> {', '.join(map(str, b['projection_cg']))} | "
                      f"{per(a, 'flow'):.0f} -> {per(b, 'flow'):.0f} | "
@@ -431,6 +444,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args[:1] == ["--levers-one"]:
         print(json.dumps(levers_one(args[1])))
+        return
+    if args[:1] == ["--tolerances-run"]:
+        print(json.dumps(_tolerances_run(args[1], args[2])))
         return
     if args[:1] == ["--tolerances-one"]:
         print(json.dumps(tolerances_one(args[1])))

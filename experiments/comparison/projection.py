@@ -295,7 +295,8 @@ def project(obj: Objective, noise, theta: Tensor | None = None, *, tol: float = 
     contraction). first_cg_rtol ("cg"): the first Gauss-Newton step's CG tolerance (None: cg_rtol), a forcing term
     of inexact Newton (Eisenstat & Walker, SISC 1996): near Gamma that step's distance after it is set by its
     quadratic remainder, not by the CG residual, so a looser first solve costs the later steps nothing (N = 2,000:
-    1e-2 instead of 1e-4 halves a projection's CG iterations, BENCHMARKS.md bench_reading_cost_tolerances).
+    1e-2 instead of 1e-4 cuts a projection's CG iterations from 47 to 28, BENCHMARKS.md
+    bench_reading_cost_tolerances).
     ValueError if the equations exceed D; RuntimeError naming steps and distance (raise_on_failure) if > tol."""
     theta0 = (obj.params if theta is None else theta).detach().clone()
     if tol <= 0:

@@ -28,8 +28,8 @@ def points(cifar10_dir):
     out = {}
     for name, dense in tiny_points(cifar10_dir).items():
         cg = point_at(dense.objective, dense.noise, dense.zeta, method="cg")
-        out[name] = dense, MatrixFreeReader(cg, tol=TOL[name], cg_rtol=1e-10, tolerances=ReadingTolerances(flow_rtol=1e-12),
-                                            max_gauss_newton=60)
+        out[name] = dense, MatrixFreeReader(cg, tol=TOL[name], cg_rtol=1e-10, max_gauss_newton=60,
+                                            tolerances=ReadingTolerances(flow_rtol=1e-12))
     return out
 
 
