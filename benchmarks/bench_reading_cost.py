@@ -218,11 +218,7 @@ def tolerances_one(out: str) -> dict:
     """At the study in `out`: `breakdown_one`'s run (SGD at eta lambda_max 0.1, one seed, the study's window) read
     on the same draws with the default `ReadingTolerances` and with LOOSE, each in its own process (a second run in
     one process ran 1.1-1.7x slower per CG iteration and flow rank than the first)."""
-    runs = {}
-    for setting in ("default", "loose"):
-        printed = subprocess.run([sys.executable, "-m", "benchmarks.bench_reading_cost", "--tolerances-run", out,
-                                  setting], cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
-        runs[setting] = json.loads(printed.strip().splitlines()[-1])
+    runs = {setting: _child("--tolerances-run", out, setting) for setting in ("default", "loose")}
     return dict(n=runs["default"]["n"], loose=LOOSE, default=runs["default"], loosened=runs["loose"],
                 processes=2, date=datetime.date.today().isoformat(), load=os.getloadavg()[0])
 
@@ -231,6 +227,14 @@ def _tolerances_run(out: str, setting: str) -> dict:
     """One of `tolerances_one`'s runs: `setting` "default" or "loose"."""
     from experiments.comparison.reading_mf import ReadingTolerances
     return _breakdown(*_study(out), 0.1, ReadingTolerances(**(LOOSE if setting == "loose" else {})))
+
+
+def _child(flag: str, *args: str) -> dict:
+    """The row a mode of this script prints (its last line, JSON), run in its own process (its peak memory and
+    its seconds its own)."""
+    printed = subprocess.run([sys.executable, "-m", "benchmarks.bench_reading_cost", flag, *args], cwd=ROOT,
+                             check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(printed.strip().splitlines()[-1])
 
 
 def tolerances_table(rows: list[dict]) -> str:
@@ -432,28 +436,14 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["--one"]:
-        print(json.dumps(one(int(args[1]))))
+    children = {"--one": lambda n: one(int(n)), "--eigen-one": lambda n, gib: eigen_only(int(n), float(gib)),
+                "--passes-one": lambda n: passes_one(int(n)), "--levers-one": levers_one,
+                "--tolerances-run": _tolerances_run, "--tolerances-one": tolerances_one,
+                "--breakdown-one": lambda out, *eta: breakdown_one(out, *map(float, eta))}
+    if args[:1] and args[0] in children:          # a mode run in its own process: its row as JSON
+        print(json.dumps(children[args[0]](*args[1:])))
         return
     from experiments.metrics import atomic_write_bytes
-    if args[:1] == ["--eigen-one"]:
-        print(json.dumps(eigen_only(int(args[1]), float(args[2]))))
-        return
-    if args[:1] == ["--passes-one"]:
-        print(json.dumps(passes_one(int(args[1]))))
-        return
-    if args[:1] == ["--levers-one"]:
-        print(json.dumps(levers_one(args[1])))
-        return
-    if args[:1] == ["--tolerances-run"]:
-        print(json.dumps(_tolerances_run(args[1], args[2])))
-        return
-    if args[:1] == ["--tolerances-one"]:
-        print(json.dumps(tolerances_one(args[1])))
-        return
-    if args[:1] == ["--breakdown-one"]:
-        print(json.dumps(breakdown_one(args[1], *map(float, args[2:3]))))
-        return
     appended = {"--eigen": ("_eigen", "--eigen-one", 3, eigen_table, lambda r: (r["n"], r["limit_gib"])),
                 "--passes": ("_passes", "--passes-one", 2, passes_table, lambda r: r["n"]),
                 "--breakdown": ("_breakdown", "--breakdown-one", 3, breakdown_table,
@@ -463,20 +453,17 @@ def main(argv: list[str] | None = None) -> None:
                                  lambda r: (r["n"], r["date"]))}
     if args[:1] and args[0] in appended:           # one process, its row added to the section's table
         suffix, flag, count, render, key = appended[args[0]]
-        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_reading_cost", flag, *args[1:count]],
-                             cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
+        row = _child(flag, *args[1:count])
         where = RESULTS.with_name(RESULTS.name + suffix)
         rows = json.loads(where.with_suffix(".json").read_text()) if where.with_suffix(".json").exists() else []
-        rows = sorted(rows + [json.loads(out.strip().splitlines()[-1])], key=key)
+        rows = sorted(rows + [row], key=key)
         atomic_write_bytes(where.with_suffix(".json"), (json.dumps(rows, indent=1) + "\n").encode())
         atomic_write_bytes(where.with_suffix(".md"), (render(rows) + "\n").encode())
         print(render(rows))
         return
     rows = []
     for n in [int(a) for a in args] or SIZES:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_reading_cost", "--one", str(n)],
-                             cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
-        rows = sorted(rows + [json.loads(out.strip().splitlines()[-1])], key=lambda r: r["n"])
+        rows = sorted(rows + [_child("--one", str(n))], key=lambda r: r["n"])
         print(rows[-1], flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(RESULTS.with_suffix(".json"), (json.dumps(rows, indent=1) + "\n").encode())
