@@ -17,10 +17,11 @@ lambda_max and the flow term, appended to benchmarks/results/bench_reading_cost_
 checkpoint (one seed of the SGD rule at eta lambda_max 0.1, half the window): the flow term's ranks, seconds and
 value at flow_rtol 1e-10 (the default), 1e-8 and 1e-6, and tr H from float32 per-sample Jacobians against float64,
 appended to benchmarks/results/bench_reading_cost_levers.md and .json.
-`python -m benchmarks.bench_reading_cost --tolerances OUT`: the two cheaper settings end to end there: --breakdown's
-run read with the default `reading_mf.ReadingTolerances` and with LOOSE (first CG step 1e-2, flow term 1e-6) on the
-same draws: seconds per reading, CG iterations and flow ranks, and how far the readings move against the window's
-change, appended to benchmarks/results/bench_reading_cost_tolerances.md and .json.
+`python -m benchmarks.bench_reading_cost --tolerances OUT [SETTING]`: cheaper settings end to end there: --breakdown's
+run read with the default `reading_mf.ReadingTolerances` and with SETTING on the same draws, "loose" (first CG step
+1e-2, flow term 1e-6; the default) or "formula" (those and the reflected reading by its formula at zeta, one
+projection a reading): seconds per reading, CG iterations and flow ranks, and how far the readings move against
+the window's change, appended to benchmarks/results/bench_reading_cost_tolerances.md and .json.
 
 Setting: full resolution, the GELU CNN `cnn-wide` (`experiments.models.build_small_cnn`, hidden 48, 9 outputs: D =
 51,033) on N class-balanced real CIFAR-10 training images at 32x32, squared loss with Gaussian label noise sigma =
@@ -55,6 +56,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "bench_reading_cost"
 SIZES = (200, 500, 1000, 2000)
 ETA_LAMBDA, STEPS, SEEDS, BATCH, SIGMA = 0.2, 1000, 2, 8, 0.1
 LOOSE = dict(first_cg_rtol=1e-2, flow_rtol=1e-6)      # --tolerances: the loosened `ReadingTolerances`
+SETTINGS = {"default": {}, "loose": LOOSE, "formula": dict(LOOSE, reflected="formula")}   # --tolerances OUT SETTING
 
 
 def _point(n: int):
@@ -214,19 +216,22 @@ def _breakdown(point, config: dict, pass_dtype, eta_lambda: float, tolerances=No
                 date=datetime.date.today().isoformat(), load=os.getloadavg()[0])
 
 
-def tolerances_one(out: str) -> dict:
+def tolerances_one(out: str, setting: str = "loose") -> dict:
     """At the study in `out`: `breakdown_one`'s run (SGD at eta lambda_max 0.1, one seed, the study's window) read
-    on the same draws with the default `ReadingTolerances` and with LOOSE, each in its own process (a second run in
-    one process ran 1.1-1.7x slower per CG iteration and flow rank than the first)."""
-    runs = {setting: _child("--tolerances-run", out, setting) for setting in ("default", "loose")}
-    return dict(n=runs["default"]["n"], loose=LOOSE, default=runs["default"], loosened=runs["loose"],
+    on the same draws with the default `ReadingTolerances` and with SETTINGS[setting], each in its own process (a
+    second run in one process ran 1.1-1.7x slower per CG iteration and flow rank than the first)."""
+    if setting not in SETTINGS or setting == "default":
+        raise ValueError(f"--tolerances OUT SETTING: SETTING is one of {sorted(set(SETTINGS) - {'default'})}, "
+                         f"got {setting!r}")
+    runs = {name: _child("--tolerances-run", out, name) for name in ("default", setting)}
+    return dict(n=runs["default"]["n"], loose=SETTINGS[setting], default=runs["default"], loosened=runs[setting],
                 processes=2, date=datetime.date.today().isoformat(), load=os.getloadavg()[0])
 
 
 def _tolerances_run(out: str, setting: str) -> dict:
-    """One of `tolerances_one`'s runs: `setting` "default" or "loose"."""
+    """One of `tolerances_one`'s runs, read with SETTINGS[setting]."""
     from experiments.comparison.reading_mf import ReadingTolerances
-    return _breakdown(*_study(out), 0.1, ReadingTolerances(**(LOOSE if setting == "loose" else {})))
+    return _breakdown(*_study(out), 0.1, ReadingTolerances(**SETTINGS[setting]))
 
 
 def _child(flag: str, *args: str) -> dict:
@@ -238,9 +243,10 @@ def _child(flag: str, *args: str) -> dict:
 
 
 def tolerances_table(rows: list[dict]) -> str:
-    lines = ["What: the readings' two loosened tolerances (`reading_mf.ReadingTolerances`: the first Gauss-Newton "
-             "step's CG tolerance of each projection, default 1e-4 like the later steps, and the flow term's "
-             "truncation, default 1e-10) at a full-resolution study's own point, end to end: one seed of its SGD "
+    lines = ["What: the readings' cheaper settings (`reading_mf.ReadingTolerances`: the first Gauss-Newton "
+             "step's CG tolerance of each projection, default 1e-4 like the later steps, the flow term's "
+             "truncation, default 1e-10, and the reflected reading s(Pi(z - x)) by its formula at zeta instead of "
+             "a second projection) at a full-resolution study's own point, end to end: one seed of its SGD "
              "rule (B = 8, eta lambda_max 0.1) over its window (slow time 0.05, 2 checkpoints) read twice on the "
              "same draws, with the defaults and loosened, each in its own process (processes 1: both in one "
              "process, the loosened second, which ran 1.1-1.7x slower per CG iteration and flow rank). Seconds "
@@ -259,7 +265,7 @@ def tolerances_table(rows: list[dict]) -> str:
         for key in ("trace", "lambda_max"):
             change = abs(a[key][-1] - a[key][0])
             moved[key] = max(abs(x - y) for x, y in zip(a[key], b[key])) / change
-        loose = ", ".join(f"{k} {v:g}" for k, v in r["loose"].items())
+        loose = ", ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {v:g}" for k, v in r["loose"].items())
         lines.append(f"| {r['n']:,} | {loose} | {r.get('processes', 1)} | {secs[0]:.0f} -> {secs[1]:.0f} | "
                      f"{secs[1] / secs[0]:.2f} | "
                      f"{per(a, 'projection'):.0f} -> {per(b, 'projection'):.0f} | "
@@ -449,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
                 "--breakdown": ("_breakdown", "--breakdown-one", 3, breakdown_table,
                                 lambda r: (r["n"], r["eta_lambda"], r["date"])),
                 "--levers": ("_levers", "--levers-one", 2, levers_table, lambda r: (r["n"], r["date"])),
-                "--tolerances": ("_tolerances", "--tolerances-one", 2, tolerances_table,
+                "--tolerances": ("_tolerances", "--tolerances-one", 3, tolerances_table,
                                  lambda r: (r["n"], r["date"]))}
     if args[:1] and args[0] in appended:           # one process, its row added to the section's table
         suffix, flag, count, render, key = appended[args[0]]

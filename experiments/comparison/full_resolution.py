@@ -172,6 +172,9 @@ def _parser() -> ArgumentParser:
         "keeps ~17 of 30 ranks at N = 2,000 and moves the term by ~4e-4 of itself, BENCHMARKS.md)")
     add("--first-cg-rtol", type=float, default=None, help="the CG tolerance of each projection's first "
         "Gauss-Newton step (default: the later steps' 1e-4; 1e-2 cuts the projections' CG by 40% at N = 2,000)")
+    add("--reflected", choices=["projected", "formula"], default=None, help="how each reading takes s(Pi(z - x)): "
+        "by a second projection and reading (default), or by its second-order formula at zeta (half the "
+        "projections and readings; reading_mf.ReadingTolerances)")
     add("--batch", type=int, default=8, help="total batch B of every rule")
     add("--seed", type=int, default=0)
     add("--qsr-alpha", type=float, default=None, help="QSR's alpha for a new study (default: beta = alpha^2 / eta "
@@ -203,7 +206,8 @@ def network_outputs(noise: LabelNoise) -> int:
 
 # what a resumed study (or one given paths) must share with the rows it already has
 STUDY_OPTIONS = ("n", "seed", "batch")      # and the rows' noise
-MEASUREMENT_OPTIONS = ("seeds", "slow_time", "checkpoints", "passes", "flow_rtol", "first_cg_rtol")
+READING_OPTIONS = ("flow_rtol", "first_cg_rtol", "reflected")     # `ReadingTolerances`' fields, None: its default
+MEASUREMENT_OPTIONS = ("seeds", "slow_time", "checkpoints", "passes") + READING_OPTIONS
 
 
 def _study_rows(out: Path, noise: LabelNoise, args, keys) -> tuple[list[str], dict]:
@@ -261,7 +265,7 @@ def _main(argv: list[str] | None) -> int:
                                          ("--qsr-alpha", args.qsr_alpha is not None)) if given]
     if args.resume and excluded:
         raise ValueError(f"--resume continues the study in --out; it excludes {excluded[0]}")
-    tolerances = ReadingTolerances(**{name: getattr(args, name) for name in ("flow_rtol", "first_cg_rtol")
+    tolerances = ReadingTolerances(**{name: getattr(args, name) for name in READING_OPTIONS
                                       if getattr(args, name) is not None})       # ValueError naming a bad one, now
     if args.qsr_alpha is not None and not args.qsr_alpha > 0:
         raise ValueError(f"--qsr-alpha must be positive, got {args.qsr_alpha}")

@@ -8,7 +8,8 @@ With z = Pi(theta), d2Phi[x x^T] = -P d3L[Lyap^-1(x x^T)] (THEORY.md, the d2Phi 
     s(Phi(theta)) = s(z) - (s(Pi(z - x)) - s(z)) / 2 - 1/2 a^T (dH / (lambda_i + lambda_j)) a + O(|x|^3),
 
 a = U^T x, U (D, r) the normal Hessian eigenvectors, dH = U^T (d_g Hessian) U for g the tangent gradient of s, all
-taken once at zeta (error O(|z - zeta| |x|^2)).
+taken once at zeta (error O(|z - zeta| |x|^2)). The reflected reading s(Pi(z - x)) - s(z) is read at a second
+projection, or given to second order (`read_at_phi(reflected=)`; `reading_mf.FlowCorrection.reflected_terms`).
 """
 from __future__ import annotations
 
@@ -75,16 +76,23 @@ class PhiReading:
 
 
 def read_at_phi(theta: Tensor, correction: PhiCorrection, project: Callable[[Tensor], tuple[Tensor, float]],
-                sharpness: Callable[[Tensor], Sharpness]) -> PhiReading:
+                sharpness: Callable[[Tensor], Sharpness],
+                reflected: Callable[[Tensor], Sharpness] | None = None) -> PhiReading:
     """(tr H, lambda_max) at Phi(theta) to second order in the normal offset (module docstring).
 
     project(theta) -> (Pi(theta), final distance): a Gauss-Newton projection without gradient-descent prefix.
-    sharpness(z) -> (tr H, lambda_max) at a point z of Gamma. Two projections and two readings per call.
+    sharpness(z) -> (tr H, lambda_max) at a point z of Gamma. reflected(x) -> s(Pi(z - x)) - s(z) to second order
+    in x (e.g. `reading_mf.FlowCorrection.reflected_terms`); None: read there, by a second projection and reading.
     """
     z, residual = project(theta)
     x = theta - z
-    reflected, residual2 = project(z - x)
-    s_z, s_reflected = sharpness(z), sharpness(reflected)
+    if reflected is None:
+        point, residual2 = project(z - x)
+        residual = max(residual, residual2)
+        s_z, s_point = sharpness(z), sharpness(point)
+        shift = tuple(p - s for p, s in zip(s_point, s_z))
+    else:
+        s_z, shift = sharpness(z), reflected(x)
     flow = correction.flow_terms(x)
-    corrected = tuple(s_z[k] - 0.5 * (s_reflected[k] - s_z[k]) - flow[k] for k in range(2))
-    return PhiReading(corrected=corrected, raw=s_z, projection=z, residual=max(residual, residual2))
+    corrected = tuple(s_z[k] - 0.5 * shift[k] - flow[k] for k in range(2))
+    return PhiReading(corrected=corrected, raw=s_z, projection=z, residual=residual)

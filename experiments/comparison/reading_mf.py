@@ -23,6 +23,12 @@ checkpoint). Pieces:
   kept rank is a unit vector w_k = sum_i y_ki v_i (one VJP) with Jt w_k = Q (sqrt(kappa) o y_k) known, and
   (Jt'_s w_k) . (Jt w_k) = g_s . DJ[w_k]^T lift(Jt w_k) (DJ symmetric): one reverse-over-forward pass per rank gives
   both terms. |w_k| = 1 bounds what a dropped rank changes by sigma_k^2 |DJ| |J|. `cost` reports the ranks.
+- the reflected reading s(Pi(z - x)) - s(z), by a second projection and reading (default) or by its second-order
+  value at zeta (`ReadingTolerances.reflected = "formula"`, `FlowCorrection.reflected_terms`): a Gauss-Newton
+  projection from zeta + n (n = U U^T x normal, n = Jt^T c) lands at zeta - P DJt[n]^T c + O(|n|^3) (its first step
+  is normal at zeta + n, whose row space is Jt + DJt[n]), and Pi(z - x) - z is twice that (x's tangent part at z is
+  minus it), so the reflected reading is -2 g_s . DJt[n]^T c: one VJP and one reverse-over-forward pass in place of
+  a projection and a reading, with the flow term's error O(|z - zeta| |x|^2).
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ __all__ = ["ProjectionNotConverged", "ReadingTolerances", "FlowCorrection", "lya
 
 
 PIECES = ("projection", "trace", "lambda_max", "flow")   # where a reading's seconds go (`MatrixFreeReader.cost`)
+REFLECTED = ("projected", "formula")                    # `ReadingTolerances.reflected`
 
 
 class ProjectionNotConverged(RuntimeError):
@@ -58,11 +65,16 @@ class ReadingTolerances:
     flow_rtol: the flow term's truncation (`lyapunov_factors`; 1e-6 keeps 17 of 30 ranks and moves the term by
     4e-4 of itself). first_cg_rtol: the CG tolerance of each projection's first Gauss-Newton step (`project`;
     None: the reader's cg_rtol, like the later steps; 1e-2 cuts the projections' CG iterations from 47 to 28).
+    reflected: how the reflected reading s(Pi(z - x)) - s(z) is taken, "projected" (a second projection and
+    reading) or "formula" (its second-order value at zeta, module docstring: half the projections and readings).
     """
     flow_rtol: float = 1e-10
     first_cg_rtol: float | None = None
+    reflected: str = "projected"
 
     def __post_init__(self):
+        if self.reflected not in REFLECTED:
+            raise ValueError(f"reflected must be one of {REFLECTED}, got {self.reflected!r}")
         if not 0 < self.flow_rtol < 1:
             raise ValueError(f"flow_rtol must be in (0, 1), got {self.flow_rtol}")
         if self.first_cg_rtol is not None and not 0 < self.first_cg_rtol < 1:
@@ -128,6 +140,14 @@ class FlowCorrection:
         self.cost = dict(ranks=len(sigma2), seconds=time.perf_counter() - start)
         return tuple(float(direction @ pulled) for direction in self.gradients)
 
+    def reflected_terms(self, offset: Tensor) -> tuple[float, ...]:
+        """s(Pi(z - offset)) - s(z) to second order, -2 g_s . DJt[n]^T c with n = U U^T offset = Jt^T c, for s =
+        tr H and lambda_max (module docstring): a JVP, a VJP and a reverse-over-forward pass."""
+        a = self.coordinates(offset)
+        c = self.basis @ (a / self.kappa.sqrt())                  # Jt^T c = along(a) = n
+        pulled = self.gram.derivative_transpose_times(self.along(a), c)
+        return tuple(-2 * float(direction @ pulled) for direction in self.gradients)
+
 
 def tangent_gradients(gram: GramOperator, correction: FlowCorrection, *, chunk_size: int = 64) -> tuple[Tensor, Tensor]:
     """Tangent gradients (D,) of tr H and lambda_max at zeta, matrix-free (as `sde.label_noise_mf`): grad ||Jt||_F^2 / N
@@ -159,8 +179,9 @@ class MatrixFreeReader:
     (Pi(z - x)'s from minus Pi(theta)'s: the residual there is -r(theta) + O(|x|^2)) and the Lanczos of lambda_max
     from the previous top vector. Reads on `with_eigendecomposition(point)` (the point's own eigendecomposition
     or one built here, truncated to rank_tol); a dense point's gradients are reused, a "cg" point's computed here.
-    `cost` lists the projection CG iterations and Lanczos products per call (two a reading), the flow ranks, seconds
-    and `pieces` per reading (seconds in the two projections, the two tr H, the two lambda_max and the flow term),
+    `cost` lists the projection CG iterations and Lanczos products per call (two a reading, one with
+    `tolerances.reflected` "formula"), the flow ranks, seconds and `pieces` per reading (seconds in the projections,
+    tr H, lambda_max, and the terms at zeta: the flow term and, by formula, the reflected reading),
     and `build_seconds` the eigendecomposition. `tolerances`: `ReadingTolerances` (flow term, first CG step);
     `project_options` go to `project`.
 
@@ -256,9 +277,15 @@ class MatrixFreeReader:
             out = self.project(point, x0)
             firsts.append(self.coefficients)
             return out
-        reading = read_at_phi(theta, self.correction, warm_project, self.sharpness)
+        def reflected(x: Tensor) -> tuple[float, ...]:
+            begin = time.perf_counter()
+            terms = self.correction.reflected_terms(x)
+            self._pieces["flow"] += time.perf_counter() - begin
+            return terms
+        reading = read_at_phi(theta, self.correction, warm_project, self.sharpness,
+                              reflected if self.tolerances.reflected == "formula" else None)
         self.starts[seed] = firsts[0]
         self.cost["flow_ranks"].append(self.correction.cost["ranks"])
         self.cost["seconds"].append(time.perf_counter() - start)
-        self.cost["pieces"].append(dict(self._pieces, flow=self.correction.cost["seconds"]))
+        self.cost["pieces"].append(dict(self._pieces, flow=self._pieces["flow"] + self.correction.cost["seconds"]))
         return reading

@@ -279,3 +279,14 @@ def test_first_cg_rtol_reaches_the_projections(points):
     assert 0 < moved <= rtol * float((tight.raw_trace - tight.trace).abs().max())
     with pytest.raises(ValueError, match="first_cg_rtol"):
         ReadingTolerances(first_cg_rtol=0.0)
+
+
+def test_reflected_formula_reaches_the_readings(points):
+    """ReadingTolerances(reflected="formula") reaches the continuation's readings: the same draws make half the
+    projections, the raw readings do not move, and the readings at Phi move by at most 1e-2 of the second-order
+    correction (O(|x|^3) and O(|z - zeta| |x|^2) against its O(|x|^2))."""
+    tight, formula = _loosened_runs(points, reflected="formula")
+    assert 2 * len(formula.reading_cost["projection_cg"]) == len(tight.reading_cost["projection_cg"])
+    torch.testing.assert_close(formula.raw_trace, tight.raw_trace, rtol=1e-12, atol=0)
+    moved = float((formula.trace - tight.trace).abs().max())
+    assert 0 < moved <= 1e-2 * float((tight.raw_trace - tight.trace).abs().max())
