@@ -279,6 +279,8 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
         raise ValueError(f"slow_time must be positive, got {slow_time}")
     if method not in ("dense", "cg"):
         raise ValueError(f"method must be 'dense' or 'cg', got {method!r}")
+    if method == "dense" and tolerances != ReadingTolerances():
+        raise ValueError(f"{tolerances} set matrix-free readings: give them with method='cg'")
     schedules = {(r, e): run_schedule(r, e, slow_time=slow_time, checkpoints=checkpoints, seeds=seeds)
                  for e in etas for r in rules}                          # a rule's bad settings: ValueError now
     if point is None:

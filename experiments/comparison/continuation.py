@@ -42,7 +42,7 @@ class ContinuationConfig:
     projection when phi=False; vectorize: one vmap over seeds x workers (None: when the local batch is < 4);
     guards eta lambda_max <= max_eta_lambda, relative change of tr H <= max_relative_change; pass_dtype: the dtype
     of a matrix-free reading's Jacobian passes (`reading_mf.MatrixFreeReader`; None: the point's); tolerances:
-    its `reading_mf.ReadingTolerances` (flow term, first CG step of a projection)."""
+    its `reading_mf.ReadingTolerances` (flow term, first CG step of a projection, the reflected reading)."""
     rule: object
     eta: float
     rounds: int
@@ -117,6 +117,9 @@ def run_continuation(point: Point, config: ContinuationConfig, *, generator: tor
     if method == "dense" and point.reference.shape[0] != noise.equations(*targets.shape):
         raise ValueError(f"the preconditioner has {point.reference.shape[0]} rows, the point has "
                          f"{noise.equations(*targets.shape)} equations: build it at this zeta")
+    if method == "dense" and cfg.tolerances != ReadingTolerances():
+        raise ValueError(f"{cfg.tolerances} set matrix-free readings; this point is dense (build it with "
+                         "method='cg' to read it matrix-free)")
     reader = MatrixFreeReader(point, pass_dtype=cfg.pass_dtype, tolerances=cfg.tolerances) \
         if method == "cg" else None
     read = reader.sharpness if reader else lambda z: sharpness_at(obj, noise, z, reference=point.reference)

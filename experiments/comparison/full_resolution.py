@@ -34,7 +34,10 @@ the passes it was made with.
 term's truncation (default 1e-10) and the CG tolerance of each projection's first Gauss-Newton step (default the
 later steps' 1e-4). At N = 2,000, 1e-2 cuts a projection's CG iterations from 47 to 28 and 1e-6 the flow ranks
 from 30 to 17; together a reading takes 0.87x the time and moves by 6e-4 (tr H) and 1e-3 (lambda_max) of a
-window's change (BENCHMARKS.md bench_reading_cost_tolerances). A resumed study keeps its own.
+window's change (BENCHMARKS.md bench_reading_cost_tolerances). --reflected formula reads the reflected term
+s(Pi(z - x)) - s(z) by its second-order value at zeta instead of a second projection and sharpness reading
+(`reading_mf.FlowCorrection.reflected_terms`; error O(|z - zeta| |x|^2), the flow term's). A resumed study keeps
+its own.
 """
 from __future__ import annotations
 

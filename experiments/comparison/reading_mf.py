@@ -26,8 +26,8 @@ checkpoint). Pieces:
 - the reflected reading s(Pi(z - x)) - s(z), by a second projection and reading (default) or by its second-order
   value at zeta (`ReadingTolerances.reflected = "formula"`, `FlowCorrection.reflected_terms`): a Gauss-Newton
   projection from zeta + n (n = U U^T x normal, n = Jt^T c) lands at zeta - P DJt[n]^T c + O(|n|^3) (its first step
-  is normal at zeta + n, whose row space is Jt + DJt[n]), and Pi(z - x) - z is twice that (x's tangent part at z is
-  minus it), so the reflected reading is -2 g_s . DJt[n]^T c: one VJP and one reverse-over-forward pass in place of
+  lies in the row space of Jt + DJt[n], the Jacobian at zeta + n), and Pi(z - x) - z is twice that (x's tangent part
+  at z is minus it), so the reflected reading is -2 g_s . DJt[n]^T c: one VJP and one reverse-over-forward pass in place of
   a projection and a reading, with the flow term's error O(|z - zeta| |x|^2).
 """
 from __future__ import annotations

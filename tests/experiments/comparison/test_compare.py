@@ -23,7 +23,7 @@ from experiments.compare import MODELS, compare, main, parse_rule, predict_row
 from experiments.comparison.continuation import ContinuationConfig, measure, run_schedule
 from experiments.comparison.noise import FlippedLabels, GaussianLabelNoise, parse_noise
 from experiments.comparison.point import build_point, check_model
-from experiments.comparison.reading_mf import with_eigendecomposition
+from experiments.comparison.reading_mf import ReadingTolerances, with_eigendecomposition
 from experiments.data import cifar_subset, load_cifar10, normalize
 from sde.label_noise import gauss_newton_geometry, predict_rates, sharpness_gradients
 from sde.rules import QSR, SGD, LocalSGD
@@ -161,6 +161,9 @@ def test_bad_networks_and_points_are_refused_before_training(data):
         compare(None, noise=noise, rules=["sgd"], etas=[0.6 / point.lambda_max], point=point)
     with pytest.raises(ValueError, match="built for gaussian:0.1, not flip:0.1"):
         compare(None, noise="flip:0.1", rules=["sgd"], etas=[0.01], point=point)
+    with pytest.raises(ValueError, match="set matrix-free readings: give them with method='cg'"):
+        compare(None, noise=noise, rules=["sgd"], etas=[0.01], point=point,
+                tolerances=ReadingTolerances(reflected="formula"))
     # predictions alone (no runs) are the measured rows' predictions; a run leaving the linear regime
     # (here: any change of tr H beyond 1e-9 relative) keeps its row and names the RegimeWarning in it
     kw = dict(noise=noise, rules=["sgd", "qsr:K=2,alpha=0.1"], etas=[0.01], seeds=2, slow_time=0.005, checkpoints=3)

@@ -289,4 +289,8 @@ def test_reflected_formula_reaches_the_readings(points):
     assert 2 * len(formula.reading_cost["projection_cg"]) == len(tight.reading_cost["projection_cg"])
     torch.testing.assert_close(formula.raw_trace, tight.raw_trace, rtol=1e-12, atol=0)
     moved = float((formula.trace - tight.trace).abs().max())
-    assert 0 < moved <= 1e-2 * float((tight.raw_trace - tight.trace).abs().max())
+    assert 0 < moved <= 1e-2 * float((tight.raw_trace - tight.trace).abs().max())     # measured 5e-3
+    dense = points["gaussian"]                      # a dense point's readings have no such settings: refused
+    cfg = ContinuationConfig(SGD(8), eta=0.004, rounds=1, seeds=1, tolerances=ReadingTolerances(reflected="formula"))
+    with pytest.raises(ValueError, match="set matrix-free readings; this point is dense"):
+        run_continuation(dense, cfg, generator=torch.Generator().manual_seed(0))
