@@ -17,11 +17,12 @@ lambda_max and the flow term, appended to benchmarks/results/bench_reading_cost_
 checkpoint (one seed of the SGD rule at eta lambda_max 0.1, half the window): the flow term's ranks, seconds and
 value at flow_rtol 1e-10 (the default), 1e-8 and 1e-6, and tr H from float32 per-sample Jacobians against float64,
 appended to benchmarks/results/bench_reading_cost_levers.md and .json.
-`python -m benchmarks.bench_reading_cost --tolerances OUT [SETTING]`: cheaper settings end to end there: --breakdown's
-run read with the default `reading_mf.ReadingTolerances` and with SETTING on the same draws, "loose" (first CG step
-1e-2, flow term 1e-6; the default) or "formula" (those and the reflected reading by its formula at zeta, one
-projection a reading): seconds per reading, CG iterations and flow ranks, and how far the readings move against
-the window's change, appended to benchmarks/results/bench_reading_cost_tolerances.md and .json.
+`python -m benchmarks.bench_reading_cost --tolerances OUT [SETTING [ETA_LAMBDA]]`: cheaper settings end to end
+there: --breakdown's run (at ETA_LAMBDA, default 0.1) read with the default `reading_mf.ReadingTolerances` and
+with SETTING on the same draws, "loose" (first CG step 1e-2, flow term 1e-6; the default) or "formula" (those and
+the reflected reading by its formula at zeta, one projection a reading): seconds per reading, CG iterations and
+flow ranks, how far the readings move against the window's change and the window's slopes, appended to
+benchmarks/results/bench_reading_cost_tolerances.md and .json.
 
 Setting: full resolution, the GELU CNN `cnn-wide` (`experiments.models.build_small_cnn`, hidden 48, 9 outputs: D =
 51,033) on N class-balanced real CIFAR-10 training images at 32x32, squared loss with Gaussian label noise sigma =
@@ -216,22 +217,22 @@ def _breakdown(point, config: dict, pass_dtype, eta_lambda: float, tolerances=No
                 date=datetime.date.today().isoformat(), load=os.getloadavg()[0])
 
 
-def tolerances_one(out: str, setting: str = "loose") -> dict:
-    """At the study in `out`: `breakdown_one`'s run (SGD at eta lambda_max 0.1, one seed, the study's window) read
-    on the same draws with the default `ReadingTolerances` and with SETTINGS[setting], each in its own process (a
-    second run in one process ran 1.1-1.7x slower per CG iteration and flow rank than the first)."""
+def tolerances_one(out: str, setting: str = "loose", eta_lambda: str = "0.1") -> dict:
+    """At the study in `out`: `breakdown_one`'s run (SGD at eta lambda_max `eta_lambda`, one seed, the study's
+    window) read on the same draws with the default `ReadingTolerances` and with SETTINGS[setting], each in its own
+    process (a second run in one process ran 1.1-1.7x slower per CG iteration and flow rank than the first)."""
     if setting not in SETTINGS or setting == "default":
         raise ValueError(f"--tolerances OUT SETTING: SETTING is one of {sorted(set(SETTINGS) - {'default'})}, "
                          f"got {setting!r}")
-    runs = {name: _child("--tolerances-run", out, name) for name in ("default", setting)}
+    runs = {name: _child("--tolerances-run", out, name, eta_lambda) for name in ("default", setting)}
     return dict(n=runs["default"]["n"], loose=SETTINGS[setting], default=runs["default"], loosened=runs[setting],
                 processes=2, date=datetime.date.today().isoformat(), load=os.getloadavg()[0])
 
 
-def _tolerances_run(out: str, setting: str) -> dict:
+def _tolerances_run(out: str, setting: str, eta_lambda: str) -> dict:
     """One of `tolerances_one`'s runs, read with SETTINGS[setting]."""
     from experiments.comparison.reading_mf import ReadingTolerances
-    return _breakdown(*_study(out), 0.1, ReadingTolerances(**SETTINGS[setting]))
+    return _breakdown(*_study(out), float(eta_lambda), ReadingTolerances(**SETTINGS[setting]))
 
 
 def _child(flag: str, *args: str) -> dict:
@@ -247,34 +248,38 @@ def tolerances_table(rows: list[dict]) -> str:
              "step's CG tolerance of each projection, default 1e-4 like the later steps, the flow term's "
              "truncation, default 1e-10, and the reflected reading s(Pi(z - x)) by its formula at zeta instead of "
              "a second projection) at a full-resolution study's own point, end to end: one seed of its SGD "
-             "rule (B = 8, eta lambda_max 0.1) over its window (slow time 0.05, 2 checkpoints) read twice on the "
+             "rule (B = 8, at an eta lambda_max) over its window (slow time 0.05, 2 checkpoints) read twice on the "
              "same draws, with the defaults and loosened, each in its own process (processes 1: both in one "
              "process, the loosened second, which ran 1.1-1.7x slower per CG iteration and flow rank). Seconds "
              "per reading (and the projections' and flow term's share of them), CG iterations per projection, "
              "flow ranks; how far the "
-             "loosened readings at Phi land from the default ones, relative to the window's change of each. "
-             "2 torch threads.", "",
-             "| N | loosened | processes | s per reading | ratio | projections s | CG its per projection | flow s "
-             "| flow ranks | tr H moved / window change | lambda_max moved / window change | date, load |",
-             "|---:|---|---:|---|---:|---|---|---|---|---:|---:|---|"]
+             "loosened readings at Phi land from the default ones, relative to the window's change of each, and "
+             "the ratio of the window's slopes (loosened / default) of tr H and lambda_max. 2 torch threads.", "",
+             "| N | eta lambda_max | loosened | processes | s per reading | ratio | projections s | CG its per projection | flow s "
+             "| flow ranks | tr H moved / window change | lambda_max moved / window change | slope ratio tr H, "
+             "lambda_max | date, load |",
+             "|---:|---:|---|---:|---|---:|---|---|---|---|---:|---:|---|---|"]
     for r in rows:
         a, b = r["default"], r["loosened"]
         per = lambda run, key: sum(p[key] for p in run["pieces"]) / len(run["pieces"])    # noqa: E731
         secs = [sum(run["reading_seconds"]) / len(run["reading_seconds"]) for run in (a, b)]
-        moved = {}
+        moved, slopes = {}, []
         for key in ("trace", "lambda_max"):
             change = abs(a[key][-1] - a[key][0])
             moved[key] = max(abs(x - y) for x, y in zip(a[key], b[key])) / change
+            slopes.append(f"{(b[key][-1] - b[key][0]) / (a[key][-1] - a[key][0]):.4f}")
         loose = ", ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {v:g}" for k, v in r["loose"].items())
-        lines.append(f"| {r['n']:,} | {loose} | {r.get('processes', 1)} | {secs[0]:.0f} -> {secs[1]:.0f} | "
+        lines.append(f"| {r['n']:,} | {a['eta_lambda']:g} | {loose} | {r.get('processes', 1)} | {secs[0]:.0f} -> {secs[1]:.0f} | "
                      f"{secs[1] / secs[0]:.2f} | "
                      f"{per(a, 'projection'):.0f} -> {per(b, 'projection'):.0f} | "
                      f"{', '.join(map(str, a['projection_cg']))} -> {', '.join(map(str, b['projection_cg']))} | "
                      f"{per(a, 'flow'):.0f} -> {per(b, 'flow'):.0f} | "
                      f"{', '.join(map(str, a['flow_ranks']))} -> {', '.join(map(str, b['flow_ranks']))} | "
-                     f"{moved['trace']:.1e} | {moved['lambda_max']:.1e} | {r['date']}, {r['load']:.1f} |")
-    return "\n".join(lines + ["", "Command: `python -m benchmarks.bench_reading_cost --tolerances OUT` (OUT a "
-                                   "study's folder, e.g. runs/full_resolution/n2000)."])
+                     f"{moved['trace']:.1e} | {moved['lambda_max']:.1e} | {', '.join(slopes)} | "
+                     f"{r['date']}, {r['load']:.1f} |")
+    return "\n".join(lines + ["", "Command: `python -m benchmarks.bench_reading_cost --tolerances OUT [SETTING "
+                                   "[ETA_LAMBDA]]` (OUT a study's folder, e.g. runs/full_resolution/n2000; SETTING "
+                                   "loose (default) or formula; ETA_LAMBDA default 0.1)."])
 
 
 def breakdown_table(rows: list[dict]) -> str:
@@ -455,8 +460,8 @@ def main(argv: list[str] | None = None) -> None:
                 "--breakdown": ("_breakdown", "--breakdown-one", 3, breakdown_table,
                                 lambda r: (r["n"], r["eta_lambda"], r["date"])),
                 "--levers": ("_levers", "--levers-one", 2, levers_table, lambda r: (r["n"], r["date"])),
-                "--tolerances": ("_tolerances", "--tolerances-one", 3, tolerances_table,
-                                 lambda r: (r["n"], r["date"]))}
+                "--tolerances": ("_tolerances", "--tolerances-one", 4, tolerances_table,
+                                 lambda r: (r["n"], r["date"], r["default"]["eta_lambda"]))}
     if args[:1] and args[0] in appended:           # one process, its row added to the section's table
         suffix, flag, count, render, key = appended[args[0]]
         row = _child(flag, *args[1:count])

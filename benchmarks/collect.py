@@ -23,8 +23,9 @@ BENCHMARKS = {
                                     "(`bench_reading_cost --breakdown`): projections, tr H, lambda_max, flow term",
     "bench_reading_cost_levers": "what two cheaper settings change at a real checkpoint (`bench_reading_cost "
                                  "--levers`): the flow term's truncation, tr H in float32",
-    "bench_reading_cost_tolerances": "the loosened reading tolerances end to end, the same runs read twice "
-                                     "(`bench_reading_cost --tolerances`): seconds and how far the readings move",
+    "bench_reading_cost_tolerances": "the cheaper reading settings end to end, the same runs read twice "
+                                     "(`bench_reading_cost --tolerances`): seconds, how far the readings and "
+                                     "slopes move",
     "bench_sde_em": "Euler-Maruyama core against torchsde",
     "bench_loader": "data loading and augmentation as a share of a training step",
     "bench_trainer": "Local SGD throughput against single-model SGD; serial against vmap workers",
