@@ -26,6 +26,8 @@ BENCHMARKS = {
     "bench_reading_cost_tolerances": "the cheaper reading settings end to end, the same runs read twice "
                                      "(`bench_reading_cost --tolerances`): seconds, how far the readings and "
                                      "slopes move",
+    "bench_run_steps": "a step of the full-resolution study's runs, float64 against float32 gradients "
+                       "(`bench_run_steps`)",
     "bench_sde_em": "Euler-Maruyama core against torchsde",
     "bench_loader": "data loading and augmentation as a share of a training step",
     "bench_trainer": "Local SGD throughput against single-model SGD; serial against vmap workers",

@@ -242,7 +242,7 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
             max_eta_lambda: float = 0.5, max_relative_change: float = 0.2, measure: bool = True,
             nystrom_rank: int = 200, cg_rtol: float = 1e-10, curvature_floor: float = 0.0, cache=None,
             fit_dtype: torch.dtype | None = None, pass_dtype: torch.dtype | None = None,
-            tolerances: ReadingTolerances = ReadingTolerances(),
+            tolerances: ReadingTolerances = ReadingTolerances(), gradient_dtype: torch.dtype | None = None,
             measured: Callable[[object, float], bool] | None = None,
             progress: Progress = None, on_row: Callable[[Row], None] | None = None, **mf_options) -> list[Row]:
     """Predicted vs measured d tr H / dt for every rule at every eta (see the module docstring).
@@ -263,7 +263,8 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
     Adam stage (`point.fit`; e.g. torch.float32), the projection is float64. pass_dtype: the dtype of the matrix-free
     readings' Jacobian passes (`reading_mf.MatrixFreeReader`; e.g. torch.float32) and of the predictions' psi-trace
     products. A point holding its exact Gram eigendecomposition (`Point.gram_spectrum`) gives the psi traces
-    exact psi(2 beta G) z, no Lanczos. tolerances: the matrix-free readings' `reading_mf.ReadingTolerances`."""
+    exact psi(2 beta G) z, no Lanczos. tolerances: the matrix-free readings' `reading_mf.ReadingTolerances`.
+    gradient_dtype: the dtype of the runs' stochastic gradients (`ContinuationConfig.gradient_dtype`)."""
     noise = parse_noise(noise) if isinstance(noise, str) else noise
     rules = [parse_rule(r, batch=batch, local_batch=local_batch) if isinstance(r, str) else r for r in rules]
     etas = [float(e) for e in etas]
@@ -319,7 +320,7 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
         if measure:
             config = ContinuationConfig(rule=rule, eta=eta, max_eta_lambda=max_eta_lambda,
                                         max_relative_change=max_relative_change, pass_dtype=pass_dtype,
-                                        tolerances=tolerances, **schedule)
+                                        tolerances=tolerances, gradient_dtype=gradient_dtype, **schedule)
             say(f"{rule!r} at eta = {eta:g}: {config.rounds} rounds of {config.local_steps} steps, {seeds} seeds")
             row = _measured_row(point, config, pred, limit, seed=seed, path_dt=path_dt, progress=progress,
                                 seconds=seconds)

@@ -27,8 +27,8 @@ from experiments.comparison.reading_mf import MatrixFreeReader, ReadingTolerance
 from sde.discrete import run_local_sgd
 from sde.rules import check_rule
 
-__all__ = ["RegimeWarning", "ContinuationConfig", "ContinuationResult", "run_schedule", "run_continuation",
-           "check_regime", "progress_line", "extrapolate_to_zero_eta", "Measurement", "measure"]
+__all__ = ["RegimeWarning", "ContinuationConfig", "ContinuationResult", "run_schedule", "gradient_sampler",
+           "run_continuation", "check_regime", "progress_line", "extrapolate_to_zero_eta", "Measurement", "measure"]
 
 
 class RegimeWarning(UserWarning):
@@ -41,8 +41,12 @@ class ContinuationConfig:
     `steps_per_round_sgd`), read every `checkpoint_every` rounds; gd_steps: the gradient-descent prefix of the
     projection when phi=False; vectorize: one vmap over seeds x workers (None: when the local batch is < 4);
     guards eta lambda_max <= max_eta_lambda, relative change of tr H <= max_relative_change; pass_dtype: the dtype
-    of a matrix-free reading's Jacobian passes (`reading_mf.MatrixFreeReader`; None: the point's); tolerances:
-    its `reading_mf.ReadingTolerances` (flow term, first CG step of a projection, the reflected reading)."""
+    of a matrix-free reading's Jacobian passes (`reading_mf.MatrixFreeReader`; None: the point's); tolerances: its
+    `reading_mf.ReadingTolerances` (flow term, first CG step of a projection, the reflected reading);
+    gradient_dtype: the dtype of the runs' stochastic gradients (e.g. torch.float32: 1.65-1.86x faster steps for the
+    full-resolution CNN on CPU, BENCHMARKS.md bench_run_steps; None: the point's): the iterates, the averaging and
+    the noise draws stay in the point's dtype, so the same draws are made and only each gradient is rounded
+    (relative ~1e-7, against label noise of order one)."""
     rule: object
     eta: float
     rounds: int
@@ -55,6 +59,7 @@ class ContinuationConfig:
     max_relative_change: float = 0.2
     pass_dtype: torch.dtype | None = None
     tolerances: ReadingTolerances = ReadingTolerances()
+    gradient_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         check_rule(self.rule)
@@ -103,6 +108,27 @@ class ContinuationResult:
     reading_cost: dict | None = None
 
 
+def gradient_sampler(obj, noise, targets: Tensor, config: ContinuationConfig) -> Callable:
+    """The runs' stochastic gradients: sampler(theta (seeds, workers, D), b, generator) -> (seeds, workers, D), each
+    model's gradient of noise.loss on b images drawn with replacement from obj's data with fresh noisy targets
+    (drawn from `targets` (N, C) in their dtype), one vmap over all models or a loop (`config.vectorize`), in
+    `config.gradient_dtype` (`sde.discrete.run_local_sgd`'s sampler)."""
+    runs = obj if config.gradient_dtype is None else obj.to(config.gradient_dtype)
+    x = torch.cat([xb for xb, _ in runs.data])
+    loss = lambda t, xb, yb: noise.loss(runs.forward(t, xb), yb)                 # noqa: E731
+    vectorize = config.vectorize if config.vectorize is not None else config.rule.local_batch < 4
+    batched, single = vmap(grad(loss)), grad(loss)
+
+    def sampler(theta: Tensor, b: int, gen: torch.Generator) -> Tensor:
+        flat = theta.reshape(-1, theta.shape[-1]).to(runs.dtype)
+        idx = torch.randint(0, len(x), (len(flat), b), generator=gen)
+        xb, yb = x[idx], noise.draw(targets[idx], gen).to(runs.dtype)
+        g = batched(flat, xb, yb) if vectorize else torch.stack([single(flat[m], xb[m], yb[m])
+                                                                 for m in range(len(flat))])
+        return g.to(theta.dtype).reshape(theta.shape)
+    return sampler
+
+
 def run_continuation(point: Point, config: ContinuationConfig, *, generator: torch.Generator, phi: bool = True,
                      progress: Callable[[str], None] | None = None) -> ContinuationResult:
     """Run `config` from point.zeta, reading tr H and lambda_max at every checkpoint (module docstring); a point
@@ -112,7 +138,7 @@ def run_continuation(point: Point, config: ContinuationConfig, *, generator: tor
     progress(line) at every checkpoint (quiet when None)."""
     cfg, obj, noise, zeta = config, point.objective, point.noise, point.zeta
     check_on_gamma(obj, noise, zeta)
-    x, targets = torch.cat([xb for xb, _ in obj.data]), point.targets
+    targets = point.targets
     method = "dense" if point.geometry is not None else "cg"      # a matrix-free point: `reading_mf` (issue 13)
     if method == "dense" and point.reference.shape[0] != noise.equations(*targets.shape):
         raise ValueError(f"the preconditioner has {point.reference.shape[0]} rows, the point has "
@@ -127,18 +153,7 @@ def run_continuation(point: Point, config: ContinuationConfig, *, generator: tor
     if cfg.eta * lmax0 > cfg.max_eta_lambda:
         raise ValueError(f"eta x lambda_max = {cfg.eta * lmax0:.3f} exceeds {cfg.max_eta_lambda}: "
                          "outside the small-learning-rate regime of the slow SDE")
-    loss = lambda t, xb, yb: noise.loss(obj.forward(t, xb), yb)                  # noqa: E731
-    vectorize = cfg.vectorize if cfg.vectorize is not None else cfg.rule.local_batch < 4
-    batched, single = vmap(grad(loss)), grad(loss)
-
-    def sampler(theta: Tensor, b: int, gen: torch.Generator) -> Tensor:         # theta (seeds, workers, D)
-        flat = theta.reshape(-1, theta.shape[-1])
-        idx = torch.randint(0, len(x), (len(flat), b), generator=gen)
-        xb, yb = x[idx], noise.draw(targets[idx], gen)
-        g = batched(flat, xb, yb) if vectorize else torch.stack([single(flat[m], xb[m], yb[m])
-                                                                 for m in range(len(flat))])
-        return g.reshape(theta.shape)
-
+    sampler = gradient_sampler(obj, noise, targets, cfg)
     def projection(theta: Tensor, **gd) -> tuple[Tensor, float]:
         z, report = project(obj, noise, theta, preconditioner=point.preconditioner, method=method, **gd)
         return z, report.distance

@@ -175,6 +175,10 @@ def test_bad_networks_and_points_are_refused_before_training(data):
         assert math.isnan(a.measured) and a.seeds == 0 and not math.isnan(b.measured)
         assert len(b.warnings) == 1 and b.warnings[0].startswith("RegimeWarning: tr H changed by")
     assert only[1].predicted != only[1].predicted_limit     # QSR at eta: Local SGD with beta = eta H
+    # gradient_dtype reaches the runs: the same draws, each gradient rounded to float32, measure nearly the same
+    low = compare(None, point=point, max_relative_change=1.0, gradient_dtype=torch.float32, **kw)
+    for a, b in zip(low, full):
+        assert a.measured != b.measured and a.measured == pytest.approx(b.measured, rel=1e-4)    # measured 1e-6
 
 
 @contextlib.contextmanager

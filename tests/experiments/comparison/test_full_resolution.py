@@ -142,7 +142,8 @@ def test_a_resumed_study_measures_only_the_rows_it_lacks(cifar10_dir, tiny_study
     assert (out / "rows.jsonl").read_bytes() == before
     capsys.readouterr()
     for other in (["--seeds", "3"], ["--noise", "gaussian:0.2"], ["--noise", "flip:0.1"], ["--passes", "float32"],
-                  ["--flow-rtol", "1e-6"], ["--first-cg-rtol", "1e-2"], ["--reflected", "formula"]):
+                  ["--flow-rtol", "1e-6"], ["--first-cg-rtol", "1e-2"], ["--reflected", "formula"],
+                  ["--gradients", "float32"]):
         assert main(common + ["--resume", *other]) == 2
         assert "were made with" in capsys.readouterr().err and (out / "rows.jsonl").read_bytes() == before
     for other in (["--overwrite"], ["--paths-only"], ["--qsr-alpha", "0.1"]):
