@@ -68,6 +68,8 @@ class ContinuationConfig:
         for name in ("rounds", "checkpoint_every", "seeds", "steps_per_round_sgd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gradient_dtype is not None and not self.gradient_dtype.is_floating_point:
+            raise ValueError(f"gradient_dtype must be a floating dtype, got {self.gradient_dtype}")
         self.rule.local_steps(self.eta)      # QSR without alpha: ValueError now, not mid-run
 
     @property

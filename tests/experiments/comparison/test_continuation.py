@@ -310,3 +310,5 @@ def test_float32_gradients_make_the_same_runs_to_rounding(points, name):
     change = float((high.trace[-1] - high.trace[0]).abs().max())
     moved = float((low.trace - high.trace).abs().max())
     assert change > 0 and 0 < moved <= 1e-4 * change
+    with pytest.raises(ValueError, match="gradient_dtype must be a floating dtype"):
+        ContinuationConfig(SGD(8), eta=0.004, rounds=1, gradient_dtype=torch.int32)
