@@ -162,11 +162,13 @@ class Row:
         return self.measured / self.predicted_path
 
 
-def _predictions(point: Point, rules: Sequence, eta: float, *, method: str, options: dict) -> list[tuple]:
-    """For each rule, (prediction at eta, eta -> 0 limit) at zeta: the `PredictedRates` of the rule as run and of
-    the rule. Matrix-free, every rule is priced in one call: rules sharing a beta (Local SGD at K = 4 and K = 8)
-    share its psi trace, and all betas share the probes' DG products, the cost that dominates."""
-    needed = list(dict.fromkeys(r for rule in rules for r in (rule.at_eta(eta), rule)))
+def _predictions(point: Point, rules: Sequence, etas: Sequence[float], *, method: str,
+                 options: dict) -> dict[float, list[tuple]]:
+    """eta -> for each rule, (prediction at eta, eta -> 0 limit) at zeta: the `PredictedRates` of the rule as run and
+    of the rule. Matrix-free, every rule at every eta is priced in one call: rules sharing a beta (Local SGD at K = 4
+    and K = 8, at every eta) share its psi trace, and all betas (QSR's one per eta) share the probes' DG products,
+    the cost that dominates (the same probes, so each eta's rates are those of a call for that eta alone)."""
+    needed = list(dict.fromkeys(r for eta in etas for rule in rules for r in (rule.at_eta(eta), rule)))
     scale = point.noise.noise_scale
     if method == "cg":              # the point's preconditioner serves the tangent projections (one projector)
         from sde.label_noise_mf import predict_rates_matrix_free
@@ -180,7 +182,7 @@ def _predictions(point: Point, rules: Sequence, eta: float, *, method: str, opti
         rates = [predict_rates(point.objective, point.geometry, r, noise_scale=scale, gradients=point.gradients)
                  for r in needed]
     by_rule = dict(zip(needed, rates))
-    return [(by_rule[rule.at_eta(eta)], by_rule[rule]) for rule in rules]
+    return {eta: [(by_rule[rule.at_eta(eta)], by_rule[rule]) for rule in rules] for eta in etas}
 
 
 def _projector(point: Point, *, cg_rtol: float = 1e-10, curvature_floor: float = 0.0):
@@ -195,7 +197,7 @@ def _projector(point: Point, *, cg_rtol: float = 1e-10, curvature_floor: float =
 def predict_row(point: Point, rule, eta: float, *, method: str = "dense", **options) -> Row:
     """A row without runs: the rates at zeta of the rule as run at eta and of its eta -> 0 limit."""
     start = time.perf_counter()
-    [(pred, limit)] = _predictions(point, [rule], eta, method=method, options=options)
+    [(pred, limit)] = _predictions(point, [rule], [eta], method=method, options=options)[eta]
     return _predicted_row(point, rule, eta, pred, limit, seconds=time.perf_counter() - start)
 
 
@@ -308,13 +310,14 @@ def compare(model, images: Tensor | None = None, labels: Tensor | None = None, *
         mf_options["projector"] = _projector(point, cg_rtol=cg_rtol, curvature_floor=curvature_floor)
     if method == "cg" and pass_dtype is not None:      # the psi traces' DG products in the readings' pass dtype
         mf_options.setdefault("passes", point.objective.to(pass_dtype))
-    predicted = {}          # eta -> [(at eta, limit) per rule]: priced once per eta, for every rule (as uninterrupted)
-    for (rule, eta), schedule in schedules.items():
-        if measured is not None and measured(rule, eta):
-            continue
+    pending = [(rule, eta) for rule, eta in schedules if measured is None or not measured(rule, eta)]
+    predicted = {}          # eta -> [(at eta, limit) per rule]: every rule at every pending eta, priced at once
+    for rule, eta in pending:
+        schedule = schedules[rule, eta]
         start = time.perf_counter()
-        if eta not in predicted:
-            predicted[eta] = _predictions(point, rules, eta, method=method, options=mf_options)
+        if not predicted:
+            predicted = _predictions(point, rules, list(dict.fromkeys(e for _, e in pending)), method=method,
+                                     options=mf_options)
         pred, limit = predicted[eta][rules.index(rule)]
         seconds = time.perf_counter() - start
         if measure:

@@ -326,7 +326,9 @@ def _main(argv: list[str] | None) -> int:
         setup = {**{k: v for k, v in chosen.items() if k != "rules"}, "rules": [repr(r) for r in chosen["rules"]],
                  "D": point.objective.dim, "point_seconds": time.perf_counter() - start, "provenance": record}
     else:                              # the study's own plan and provenance stay; the etas are the union
-        setup = {**saved, "etas": sorted({*saved["etas"], *chosen["etas"]}),
+        added = [eta for eta in chosen["etas"]        # an eta recomputed from lambda_max may differ in its last bit
+                 if not any(math.isclose(eta, old, rel_tol=1e-12) for old in saved["etas"])]
+        setup = {**saved, "etas": sorted(saved["etas"] + added),
                  "resumed": [*saved.get("resumed", []), record]}
     atomic_write_bytes(out / "plan.json", (json.dumps(setup, indent=1) + "\n").encode())
     if say:

@@ -382,18 +382,24 @@ def test_matrix_free_predictions_equal_the_exact_ones(cifar10_dir, tmp_path, mon
     assert mf_row.predicted == pytest.approx(dense_row.predicted, rel=1e-6)
     # a point holding its exact Gram eigendecomposition (as compare's measuring points do) gives a psi rule's trace
     # with exact psi(2 beta G) z, no Lanczos: the same prediction within the probes' error (k2 below). compare prices
-    # every rule at an eta in one call: Local SGD at K = 2 and K = 4 (same beta, same B) share one psi trace, so
-    # their psi parts stand exactly in the ratio (K - 1) = 3 (separate probes would miss it by ~1e-2)
+    # every rule at every eta in one call: Local SGD at K = 2 and K = 4 (same beta, same B) share one psi trace, so
+    # their psi parts stand exactly in the ratio (K - 1) = 3 (separate probes would miss it by ~1e-2), and QSR's
+    # beta at each eta is priced on the same probes as a call for that eta alone
     exact_point = with_eigendecomposition(point)
     assert point.gram_spectrum is None and exact_point.gram_spectrum.dim == 300
     assert float(exact_point.gram_spectrum.values.sum()) == pytest.approx(exact_point.trace, rel=1e-9)
     import sde.label_noise_mf as mf
     calls, priced = [], mf.predict_rates_matrix_free
     monkeypatch.setattr(mf, "predict_rates_matrix_free", lambda *a, **k: calls.append(a[2]) or priced(*a, **k))
-    sgd, k2, k4 = compare(None, point=exact_point, noise="gaussian:0.1", method="cg", measure=False, etas=[0.01, 0.02],
-                          rules=[SGD(8), LocalSGD(2, 4, 0.2), LocalSGD(4, 2, 0.2)])[:3]
-    assert len(calls) == 2 and all(len(rules) == 3 for rules in calls)        # one call per eta, every rule in it
+    qsr = QSR(4, 2, alpha=0.03)
+    rows = compare(None, point=exact_point, noise="gaussian:0.1", method="cg", measure=False, etas=[0.01, 0.02],
+                   rules=[SGD(8), LocalSGD(2, 4, 0.2), LocalSGD(4, 2, 0.2), qsr])
+    sgd, k2, k4 = rows[:3]
+    assert len(calls) == 1 and len(calls[0]) == 6       # one call: 3 rules, QSR's limit and QSR as run at each eta
     assert (k4.predicted - sgd.predicted) / (k2.predicted - sgd.predicted) == pytest.approx(3.0, rel=1e-10)
+    for row in rows[3::4]:
+        alone = predict_row(exact_point, qsr, row.eta, method="cg")
+        assert row.predicted != row.predicted_limit and row.predicted == pytest.approx(alone.predicted, rel=1e-10)
     assert k2.predicted == pytest.approx(dense[1].predicted, rel=1e-2)
     # predict_row (one rule) prices it on the same probes as compare: the same number (the spectrum is the default)
     assert predict_row(exact_point, LocalSGD(2, 4, 0.2), 0.01, method="cg").predicted == pytest.approx(k2.predicted,

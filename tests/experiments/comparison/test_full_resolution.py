@@ -2,6 +2,7 @@
 CIFAR-10 images at 32x32, the D = 51,033 CNN), its plan checked against a dense reference at the point it built
 (Hessian spectrum from the dense Jacobian), and its memory check before any work."""
 import json
+import math
 import shutil
 
 import pytest
@@ -138,8 +139,15 @@ def test_a_resumed_study_measures_only_the_rows_it_lacks(cifar10_dir, tiny_study
     summary = json.loads((out / "summary.json").read_text())
     assert {r["rule"] for r in summary["rules"]} == {json.loads(line)["rule"] for line in study}
     before = (out / "rows.jsonl").read_bytes()
+    etas, plan = json.loads((out / "plan.json").read_text())["etas"], full_resolution.plan
+
+    def nudged(*args, **kwargs):               # lambda_max read again may move an eta by its last bit
+        chosen = plan(*args, **kwargs)
+        return {**chosen, "etas": [math.nextafter(eta, 1.0) for eta in chosen["etas"]]}
+    monkeypatch.setattr(full_resolution, "plan", nudged)
     assert main(common + ["--resume"]) == 0                                      # nothing left to measure
     assert (out / "rows.jsonl").read_bytes() == before
+    assert json.loads((out / "plan.json").read_text())["etas"] == etas           # and no eta twice in the plan
     capsys.readouterr()
     for other in (["--seeds", "3"], ["--noise", "gaussian:0.2"], ["--noise", "flip:0.1"], ["--passes", "float32"],
                   ["--flow-rtol", "1e-6"], ["--first-cg-rtol", "1e-2"], ["--reflected", "formula"],
