@@ -255,7 +255,8 @@ def tolerances_table(rows: list[dict]) -> str:
              "flow ranks; how far the "
              "loosened readings at Phi land from the default ones, relative to the window's change of each, and "
              "the ratio of the window's slopes (loosened / default) of tr H and lambda_max. 2 torch threads.", "",
-             "| N | eta lambda_max | loosened | processes | s per reading | ratio | projections s | CG its per projection | flow s "
+             "| N | eta lambda_max | loosened | processes | s per reading | ratio | projections s "
+             "| CG its per projection | flow s "
              "| flow ranks | tr H moved / window change | lambda_max moved / window change | slope ratio tr H, "
              "lambda_max | date, load |",
              "|---:|---:|---|---:|---|---:|---|---|---|---|---:|---:|---|---|"]
@@ -269,7 +270,8 @@ def tolerances_table(rows: list[dict]) -> str:
             moved[key] = max(abs(x - y) for x, y in zip(a[key], b[key])) / change
             slopes.append(f"{(b[key][-1] - b[key][0]) / (a[key][-1] - a[key][0]):.4f}")
         loose = ", ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {v:g}" for k, v in r["loose"].items())
-        lines.append(f"| {r['n']:,} | {a['eta_lambda']:g} | {loose} | {r.get('processes', 1)} | {secs[0]:.0f} -> {secs[1]:.0f} | "
+        lines.append(f"| {r['n']:,} | {a['eta_lambda']:g} | {loose} | {r.get('processes', 1)} | "
+                     f"{secs[0]:.0f} -> {secs[1]:.0f} | "
                      f"{secs[1] / secs[0]:.2f} | "
                      f"{per(a, 'projection'):.0f} -> {per(b, 'projection'):.0f} | "
                      f"{', '.join(map(str, a['projection_cg']))} -> {', '.join(map(str, b['projection_cg']))} | "

@@ -23,12 +23,12 @@ checkpoint). Pieces:
   kept rank is a unit vector w_k = sum_i y_ki v_i (one VJP) with Jt w_k = Q (sqrt(kappa) o y_k) known, and
   (Jt'_s w_k) . (Jt w_k) = g_s . DJ[w_k]^T lift(Jt w_k) (DJ symmetric): one reverse-over-forward pass per rank gives
   both terms. |w_k| = 1 bounds what a dropped rank changes by sigma_k^2 |DJ| |J|. `cost` reports the ranks.
-- the reflected reading s(Pi(z - x)) - s(z), by a second projection and reading (default) or by its second-order
-  value at zeta (`ReadingTolerances.reflected = "formula"`, `FlowCorrection.reflected_terms`): a Gauss-Newton
-  projection from zeta + n (n = U U^T x normal, n = Jt^T c) lands at zeta - P DJt[n]^T c + O(|n|^3) (its first step
-  lies in the row space of Jt + DJt[n], the Jacobian at zeta + n), and Pi(z - x) - z is twice that (x's tangent part
-  at z is minus it), so the reflected reading is -2 g_s . DJt[n]^T c: one VJP and one reverse-over-forward pass in place of
-  a projection and a reading, with the flow term's error O(|z - zeta| |x|^2).
+- the reflected reading s(Pi(z - x)) - s(z), by a second projection and reading (default) or by its second-order value
+  at zeta (`ReadingTolerances.reflected = "formula"`, `FlowCorrection.reflected_terms`): a Gauss-Newton projection
+  from zeta + n (n = U U^T x normal, n = Jt^T c) lands at zeta - P DJt[n]^T c + O(|n|^3) (its first step lies in the
+  row space of Jt + DJt[n], the Jacobian at zeta + n), and Pi(z - x) - z is twice that (x's tangent part at z is minus
+  it), so the reflected reading is -2 g_s . DJt[n]^T c: one VJP and one reverse-over-forward pass in place of a
+  projection and a reading, with the flow term's error O(|z - zeta| |x|^2).
 """
 from __future__ import annotations
 
