@@ -52,6 +52,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from benchmarks import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_reading_cost"
 SIZES = (200, 500, 1000, 2000)
@@ -456,7 +458,6 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] and args[0] in children:          # a mode run in its own process: its row as JSON
         print(json.dumps(children[args[0]](*args[1:])))
         return
-    from experiments.metrics import atomic_write_bytes
     appended = {"--eigen": ("_eigen", "--eigen-one", 3, eigen_table, lambda r: (r["n"], r["limit_gib"])),
                 "--passes": ("_passes", "--passes-one", 2, passes_table, lambda r: r["n"]),
                 "--breakdown": ("_breakdown", "--breakdown-one", 3, breakdown_table,
@@ -470,17 +471,14 @@ def main(argv: list[str] | None = None) -> None:
         where = RESULTS.with_name(RESULTS.name + suffix)
         rows = json.loads(where.with_suffix(".json").read_text()) if where.with_suffix(".json").exists() else []
         rows = sorted(rows + [row], key=key)
-        atomic_write_bytes(where.with_suffix(".json"), (json.dumps(rows, indent=1) + "\n").encode())
-        atomic_write_bytes(where.with_suffix(".md"), (render(rows) + "\n").encode())
+        write_result(where, rows, render(rows))
         print(render(rows))
         return
     rows = []
     for n in [int(a) for a in args] or SIZES:
         rows = sorted(rows + [_child("--one", str(n))], key=lambda r: r["n"])
         print(rows[-1], flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(RESULTS.with_suffix(".json"), (json.dumps(rows, indent=1) + "\n").encode())
-        atomic_write_bytes(RESULTS.with_suffix(".md"), (table(rows) + "\n").encode())
+        write_result(RESULTS, rows, table(rows))
     print(table(rows))
 
 

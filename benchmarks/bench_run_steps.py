@@ -16,13 +16,14 @@ how far those moved.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_run_steps"
@@ -35,7 +36,7 @@ def measure(n: int) -> dict:
     torch.set_num_threads(2)
     from experiments.comparison.compare import MODELS, parse_rule
     from experiments.comparison.continuation import ContinuationConfig, gradient_sampler
-    from experiments.comparison.full_resolution import CLASSES, MODEL
+    from experiments.comparison.full_resolution import CLASSES, MODEL, network_outputs
     from experiments.comparison.noise import GaussianLabelNoise, simplex_targets
     from experiments.comparison.point import objective
     from experiments.data import cifar_subset, resolve_cifar10_dir
@@ -43,8 +44,8 @@ def measure(n: int) -> dict:
 
     images, labels = cifar_subset(resolve_cifar10_dir(search=True), n, image_size=32)
     torch.manual_seed(0)
-    model = MODELS[MODEL](image_size=32, classes=CLASSES - 1).double()
     noise = GaussianLabelNoise(0.1)
+    model = MODELS[MODEL](image_size=32, classes=network_outputs(noise)).double()
     targets = simplex_targets(labels, CLASSES).double()
     obj = objective(model, images.double(), targets, noise)
     theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -87,12 +88,9 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from experiments.metrics import atomic_write_bytes
     args = sys.argv[1:] if argv is None else argv
     result = measure(int(args[0]) if args else 2000)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(RESULTS.with_suffix(".json"), (json.dumps(result, indent=1) + "\n").encode())
-    atomic_write_bytes(RESULTS.with_suffix(".md"), (table(result) + "\n").encode())
+    write_result(RESULTS, result, table(result))
     print(table(result))
 
 

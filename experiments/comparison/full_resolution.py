@@ -44,6 +44,7 @@ at N = 2,000 (BENCHMARKS.md bench_run_steps). A resumed study keeps its own.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -214,7 +215,7 @@ def network_outputs(noise: LabelNoise) -> int:
 
 # what a resumed study (or one given paths) must share with the rows it already has
 STUDY_OPTIONS = ("n", "seed", "batch")      # and the rows' noise
-READING_OPTIONS = ("flow_rtol", "first_cg_rtol", "reflected")     # `ReadingTolerances`' fields, None: its default
+READING_OPTIONS = tuple(f.name for f in dataclasses.fields(ReadingTolerances))   # flags named as its fields
 MEASUREMENT_OPTIONS = ("seeds", "slow_time", "checkpoints", "passes", "gradients") + READING_OPTIONS
 
 
@@ -234,9 +235,14 @@ def _study_rows(out: Path, noise: LabelNoise, args, keys) -> tuple[list[str], di
     return lines, json.loads(plan_path.read_text())
 
 
+def _same_eta(a: float, b: float) -> bool:
+    """Whether two etas are one (an eta recomputed from lambda_max may differ in its last bit)."""
+    return math.isclose(a, b, rel_tol=1e-12)
+
+
 def _is_row_of(row: dict, rule: str, eta: float) -> bool:
     """Whether a study's JSON row is the rule (its repr, as plan.json lists it) as run at eta."""
-    return row["rule"] == rule and math.isclose(row["eta"], eta, rel_tol=1e-12)
+    return row["rule"] == rule and _same_eta(row["eta"], eta)
 
 
 def _measured(rows: list[dict]) -> Callable[[object, float], bool]:
@@ -326,8 +332,8 @@ def _main(argv: list[str] | None) -> int:
         setup = {**{k: v for k, v in chosen.items() if k != "rules"}, "rules": [repr(r) for r in chosen["rules"]],
                  "D": point.objective.dim, "point_seconds": time.perf_counter() - start, "provenance": record}
     else:                              # the study's own plan and provenance stay; the etas are the union
-        added = [eta for eta in chosen["etas"]        # an eta recomputed from lambda_max may differ in its last bit
-                 if not any(math.isclose(eta, old, rel_tol=1e-12) for old in saved["etas"])]
+        added = [eta for eta in chosen["etas"]
+                 if not any(_same_eta(eta, old) for old in saved["etas"])]
         setup = {**saved, "etas": sorted(saved["etas"] + added),
                  "resumed": [*saved.get("resumed", []), record]}
     atomic_write_bytes(out / "plan.json", (json.dumps(setup, indent=1) + "\n").encode())

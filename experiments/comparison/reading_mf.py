@@ -114,11 +114,14 @@ class FlowCorrection:
             raise ValueError(f"need 0 < flow_rtol < 1, got {flow_rtol}")
         self.gram, self.gradients, self.flow_rtol = gram, gradients, flow_rtol
         self.kappa, self.basis = eigen.values[:eigen.rank], eigen.vectors[:, :eigen.rank]   # (r,), (N m, r) views
-        self.cost = {}
+        self.cost, self._last = {}, None
 
     def coordinates(self, v: Tensor) -> Tensor:
-        """a (r,): v's coordinates along H's eigenvectors v_i at zeta (one JVP)."""
-        return (self.basis.T @ self.gram.times(v)) / self.kappa.sqrt()
+        """a (r,): v's coordinates along H's eigenvectors v_i at zeta (one JVP; the last v's are kept, as a reading
+        asks for its offset's twice, for the flow term and the reflected reading)."""
+        if self._last is None or self._last[0] is not v:
+            self._last = (v, (self.basis.T @ self.gram.times(v)) / self.kappa.sqrt())
+        return self._last[1]
 
     def along(self, y: Tensor) -> Tensor:
         """sum_i y_i v_i (D,) for coefficients y (r,) (one VJP)."""
