@@ -177,7 +177,7 @@ def _study(out: str):
     images, labels = cifar_subset(resolve_cifar10_dir(config["data_dir"], search=True), config["n"], image_size=32)
     pass_dtype = None if config.get("passes") is None else getattr(torch, config["passes"])
     point = study_point(folder, images, labels, parse_noise(config["noise"]), seed=config["seed"],
-                        pass_dtype=pass_dtype)
+                        pass_dtype=pass_dtype, fit_patience=config.get("fit_patience"))
     return point, config, pass_dtype
 
 

@@ -186,6 +186,9 @@ def _parser() -> ArgumentParser:
         "(iterates, averaging and noise draws stay float64; 1.65-1.86x faster steps; default float64)")
     add("--batch", type=int, default=8, help="total batch B of every rule")
     add("--seed", type=int, default=0)
+    add("--fit-patience", type=int, default=None, help="stop the point's Adam once its lowest loss has not halved "
+        "in this many steps (point.fit; default: up to 3,000 steps; 200 at N = 2,000 stops it after ~820 steps "
+        "instead of 3,000 on a plateau, and the projection takes one more Gauss-Newton step)")
     add("--qsr-alpha", type=float, default=None, help="QSR's alpha for a new study (default: beta = alpha^2 / eta "
         "equals Local SGD's beta at the middle eta), e.g. another study's, to measure its QSR at other etas")
     add("--data-dir", default=None, help="CIFAR-10 folder (default: CIFAR10_DIR, else a search)")
@@ -214,7 +217,7 @@ def network_outputs(noise: LabelNoise) -> int:
 
 
 # what a resumed study (or one given paths) must share with the rows it already has
-STUDY_OPTIONS = ("n", "seed", "batch")      # and the rows' noise
+STUDY_OPTIONS = ("n", "seed", "batch", "fit_patience")      # and the rows' noise
 READING_OPTIONS = tuple(f.name for f in dataclasses.fields(ReadingTolerances))   # flags named as its fields
 MEASUREMENT_OPTIONS = ("seeds", "slow_time", "checkpoints", "passes", "gradients") + READING_OPTIONS
 
@@ -253,17 +256,19 @@ def _measured(rows: list[dict]) -> Callable[[object, float], bool]:
 
 
 def study_point(out: Path, images: Tensor, labels: Tensor, noise: LabelNoise, *, seed: int = 0,
-                pass_dtype: torch.dtype | None = None, memory_limit: int | None = None, progress=None) -> Point:
+                pass_dtype: torch.dtype | None = None, memory_limit: int | None = None, progress=None,
+                fit_patience: int | None = None) -> Point:
     """The study's point on images (N, 3, 32, 32) with integer labels (N,), with its Gram eigendecomposition
     (module docstring), read from out/zeta.pt and out/gram_eigen.pt when they hold this setup's (else built and
-    written there); pass_dtype as --passes."""
+    written there); pass_dtype as --passes, fit_patience as --fit-patience."""
     outputs = network_outputs(noise)
     targets = simplex_targets(labels, CLASSES) if outputs < CLASSES else labels
     point = build_point(lambda *, image_size: MODELS[MODEL](image_size=image_size, classes=outputs), images,
                         targets, noise=noise, method="cg", seed=seed,
                         fit_dtype=torch.float32, exact_preconditioner=True, memory_limit=memory_limit,
                         cache=out / "zeta.pt", eigen_cache=out / EIGEN_CACHE, progress=progress,
-                        pass_dtype=pass_dtype, generator=torch.Generator().manual_seed(seed))
+                        pass_dtype=pass_dtype, fit_patience=fit_patience,
+                        generator=torch.Generator().manual_seed(seed))
     return with_eigendecomposition(point)
 
 
@@ -272,8 +277,8 @@ def _main(argv: list[str] | None) -> int:
     from experiments.metrics import atomic_write_bytes, atomic_write_json_lines, provenance
     args = _parser().parse_args(argv)
     noise = parse_noise(args.noise)
-    for name in ("n", "seeds", "checkpoints", "batch"):
-        if getattr(args, name) < 1:
+    for name in ("n", "seeds", "checkpoints", "batch", "fit_patience"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     excluded = [flag for flag, given in (("--paths-only", args.paths_only), ("--overwrite", args.overwrite),
                                          ("--qsr-alpha", args.qsr_alpha is not None)) if given]
@@ -316,7 +321,7 @@ def _main(argv: list[str] | None) -> int:
     start = time.perf_counter()
     pass_dtype = None if args.passes is None else getattr(torch, args.passes)
     point = study_point(out, images, labels, noise, seed=args.seed, pass_dtype=pass_dtype, memory_limit=memory,
-                        progress=say)
+                        progress=say, fit_patience=args.fit_patience)
     chosen = plan(point, eta_lambdas=args.eta_lambda, batch=args.batch,
                   alpha=args.qsr_alpha if saved is None else saved["alpha"])
     if saved is not None and not math.isclose(chosen["beta"], saved["beta"], rel_tol=1e-9):

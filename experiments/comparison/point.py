@@ -132,23 +132,37 @@ def objective(model: nn.Module, images: Tensor, targets: Tensor, noise) -> Objec
 
 
 def fit(obj: Objective, noise, *, steps: int = 3000, lr: float = 3e-3, gap: float | None = None,
-        dtype: torch.dtype | None = None) -> Tensor:
+        dtype: torch.dtype | None = None, patience: int | None = None) -> Tensor:
     """Full-batch Adam from the model's parameters until L - noise.minimum_loss <= gap (default noise.fit_gap)
     or `steps`: the flat parameters reached, in obj's dtype (the model is not modified). dtype: run Adam on a copy
     of the objective in this dtype (torch.float32: ~3x faster CPU convolutions; only the start of the float64
-    projection that follows, so zeta is as exact)."""
+    projection that follows, so zeta is as exact).
+
+    patience: also stop once the lowest loss seen has not halved in `patience` steps, and return the iterate
+    that reached it (with patience, the best iterate also when `steps` run out). At a fixed step size Adam ends
+    on a plateau where its loss oscillates (N = 2,000 at 32x32: gap 1e-4 to 6e-4 over the last ~1,400 of 3,000
+    steps, RESULTS.md 2d); from there the Gauss-Newton projection does the rest."""
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be a positive number of steps, got {patience}")
     gap = noise.fit_gap if gap is None else gap
     floor = noise.minimum_loss(objective_targets(obj))
     work = obj if dtype is None else obj.to(dtype)
     theta = work.params.clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
+    best, best_theta, level, since = math.inf, None, math.inf, 0
     for _ in range(steps):
         loss, g = work.loss_and_grad(theta.detach())
-        if loss.item() - floor <= gap:
+        excess = loss.item() - floor
+        if excess <= gap:
+            return theta.detach().to(obj.dtype)
+        if excess < best:
+            best, best_theta = excess, theta.detach().clone()
+        level, since = (best, 0) if best <= level / 2 else (level, since + 1)
+        if patience is not None and since >= patience:
             break
         theta.grad = g
         opt.step()
-    return theta.detach().to(obj.dtype)
+    return (theta if patience is None or best_theta is None else best_theta).detach().to(obj.dtype)
 
 
 def point_at(obj: Objective, noise, zeta: Tensor, *, method: str = "dense", labels: Tensor | None = None,
@@ -188,9 +202,10 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: in
                 cache: str | Path | None = None, fit_dtype: torch.dtype | None = None,
                 exact_preconditioner: bool = False, memory_limit: int | None = None,
                 pass_dtype: torch.dtype | None = None, eigen_cache: str | Path | None = None,
-                **projection) -> Point:
+                fit_patience: int | None = None, **projection) -> Point:
     """Train `model` (a module, or a factory called with image_size, torch seeded by `seed`) toward Gamma by
-    full-batch Adam (`train_steps`, 0 for none; in `fit_dtype` if given, e.g. torch.float32), project onto Gamma
+    full-batch Adam (`train_steps`, 0 for none; in `fit_dtype` if given, e.g. torch.float32; stopped at a plateau
+    after `fit_patience` steps if given, `fit`), project onto Gamma
     (distance <= tol; "cg": its Gram products in `pass_dtype` if given, `project`'s passes; `projection` kwargs go to
     `project`, e.g. cg_rtol) and build the point there (`point_at`). Images (N, 3, s, s) and the model in
     float64; labels integer (N,) or float (N, C) (`LabelNoise.targets`). noise: a model or "gaussian:0.1".
@@ -215,14 +230,16 @@ def build_point(model, images: Tensor, labels: Tensor, *, noise, train_steps: in
            "shape": list(images.shape), "dim": obj.dim, "sizes": [float(images.norm()), float(obj.params.norm()),
                                                                   float(targets.norm())],
            **({"fit_dtype": str(fit_dtype)} if fit_dtype is not None else {}),
-           **({"pass_dtype": str(pass_dtype)} if pass_dtype is not None else {})}
+           **({"pass_dtype": str(pass_dtype)} if pass_dtype is not None else {}),
+           **({"fit_patience": fit_patience} if fit_patience is not None else {})}
     saved = torch.load(cache, weights_only=True) if cache is not None and Path(cache).exists() else {}
     if saved.get("setup") == key:
         zeta = saved["zeta"]
         say(f"point: zeta loaded from {cache}")
     else:
         say(f"point: Adam on {noise} for up to {train_steps} steps (N = {len(images)}, D = {obj.dim})")
-        theta = fit(obj, noise, steps=train_steps, lr=lr, dtype=fit_dtype) if train_steps else obj.params
+        theta = (fit(obj, noise, steps=train_steps, lr=lr, dtype=fit_dtype, patience=fit_patience) if train_steps
+                 else obj.params)
         zeta, report = project(obj, noise, theta, tol=tol, method=method, raise_on_failure=False,
                                passes=None if pass_dtype is None else obj.to(pass_dtype), **projection)
         its = f" (CG iterations {', '.join(map(str, report.cg_iterations))})" if report.cg_iterations else ""

@@ -68,6 +68,27 @@ def test_build_point_lands_on_gamma_with_its_tools(data, noise):
         build_point(tiny_mlp(), x, y, noise=noise, train_steps=1, max_gauss_newton=1)
 
 
+def test_fit_stops_on_a_plateau_with_its_best_iterate(data):
+    """patience: Adam at a step size too large to settle stops once its lowest loss has not halved in that many
+    steps, and returns the iterate with that loss, not the last one."""
+    x, y = data
+    obj = objective(tiny_mlp(), x, GAUSS.targets(y, 10), GAUSS)
+    losses = []
+    evaluate = obj.loss_and_grad
+    obj.loss_and_grad = lambda theta: (lambda out: (losses.append(out[0].item()), out)[1])(evaluate(theta))
+    theta = fit(obj, GAUSS, steps=4000, lr=0.05, gap=1e-12, patience=100)
+    calls, recorded = len(losses), list(losses)
+    assert 100 < calls < 4000                                              # stopped on the plateau
+    assert min(recorded[-100:]) > min(recorded[:-100]) / 2                 # no halving in its last 100 steps
+    assert evaluate(theta)[0].item() == pytest.approx(min(recorded), rel=1e-12)
+    assert min(recorded) < recorded[-1]                                   # the best iterate, not the last
+    losses.clear()
+    fit(obj, GAUSS, steps=calls + 50, lr=0.05, gap=1e-12)                  # without patience: every step
+    assert len(losses) == calls + 50 and losses[:calls] == recorded        # the same trajectory until the stop
+    with pytest.raises(ValueError, match="patience"):
+        fit(obj, GAUSS, patience=0)
+
+
 def test_build_point_keeps_zeta_in_a_cache_keyed_by_the_setup(data, tmp_path):
     x, y = data
     cache, lines = tmp_path / "zeta.pt", []
