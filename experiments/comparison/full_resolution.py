@@ -279,7 +279,7 @@ def _main(argv: list[str] | None) -> int:
     noise = parse_noise(args.noise)
     for name in ("n", "seeds", "checkpoints", "batch", "fit_patience"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     excluded = [flag for flag, given in (("--paths-only", args.paths_only), ("--overwrite", args.overwrite),
                                          ("--qsr-alpha", args.qsr_alpha is not None)) if given]
     if args.resume and excluded:

@@ -110,6 +110,9 @@ def test_a_study_that_cannot_fit_in_memory_is_refused_before_any_work(monkeypatc
         code = main(["--n", "2000", flag, "1.5", "--data-dir", str(tmp_path / "nowhere"), "--out",
                      str(tmp_path / "o")])
         assert code == 2 and f"{name} must be in (0, 1), got 1.5" in capsys.readouterr().err
+    code = main(["--n", "2000", "--fit-patience", "0", "--data-dir", str(tmp_path / "nowhere"), "--out",
+                 str(tmp_path / "o")])
+    assert code == 2 and "--fit-patience must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -151,7 +154,7 @@ def test_a_resumed_study_measures_only_the_rows_it_lacks(cifar10_dir, tiny_study
     capsys.readouterr()
     for other in (["--seeds", "3"], ["--noise", "gaussian:0.2"], ["--noise", "flip:0.1"], ["--passes", "float32"],
                   ["--flow-rtol", "1e-6"], ["--first-cg-rtol", "1e-2"], ["--reflected", "formula"],
-                  ["--gradients", "float32"]):
+                  ["--gradients", "float32"], ["--fit-patience", "50"]):
         assert main(common + ["--resume", *other]) == 2
         assert "were made with" in capsys.readouterr().err and (out / "rows.jsonl").read_bytes() == before
     for other in (["--overwrite"], ["--paths-only"], ["--qsr-alpha", "0.1"]):
