@@ -188,7 +188,8 @@ def _parser() -> ArgumentParser:
     add("--seed", type=int, default=0)
     add("--fit-patience", type=int, default=None, help="stop the point's Adam once its lowest loss has not halved "
         "in this many steps (point.fit; default: up to 3,000 steps; 200 at N = 2,000 stops it after ~820 steps "
-        "instead of 3,000 on a plateau, and the projection takes one more Gauss-Newton step)")
+        "instead of 3,000 on a plateau, and the projection takes one more Gauss-Newton step; the point is another "
+        "one of Gamma, at N = 2,000 a sharper one whose runs take 2x the steps, RESULTS.md 2d)")
     add("--qsr-alpha", type=float, default=None, help="QSR's alpha for a new study (default: beta = alpha^2 / eta "
         "equals Local SGD's beta at the middle eta), e.g. another study's, to measure its QSR at other etas")
     add("--data-dir", default=None, help="CIFAR-10 folder (default: CIFAR10_DIR, else a search)")

@@ -141,7 +141,8 @@ def fit(obj: Objective, noise, *, steps: int = 3000, lr: float = 3e-3, gap: floa
     patience: also stop once the lowest loss seen has not halved in `patience` steps, and return the iterate
     that reached it (with patience, the best iterate also when `steps` run out). At a fixed step size Adam ends
     on a plateau where its loss oscillates (N = 2,000 at 32x32: gap 1e-4 to 6e-4 over the last ~1,400 of 3,000
-    steps, RESULTS.md 2d); from there the Gauss-Newton projection does the rest."""
+    steps, RESULTS.md 2d); from there the Gauss-Newton projection does the rest, to another point of Gamma than
+    from the plateau's end (the plateau's steps also move the iterate along the valley)."""
     if patience is not None and patience < 1:
         raise ValueError(f"patience must be a positive number of steps, got {patience}")
     gap = noise.fit_gap if gap is None else gap
