@@ -73,9 +73,13 @@ def test_fit_stops_on_a_plateau_with_its_best_iterate(data):
     steps, and returns the iterate with that loss, not the last one."""
     x, y = data
     obj = objective(tiny_mlp(), x, GAUSS.targets(y, 10), GAUSS)
-    losses = []
-    evaluate = obj.loss_and_grad
-    obj.loss_and_grad = lambda theta: (lambda out: (losses.append(out[0].item()), out)[1])(evaluate(theta))
+    losses, evaluate = [], obj.loss_and_grad
+
+    def recording(theta):                       # fit's one evaluation per step, its loss kept
+        loss, grad = evaluate(theta)
+        losses.append(loss.item())
+        return loss, grad
+    obj.loss_and_grad = recording
     theta = fit(obj, GAUSS, steps=4000, lr=0.05, gap=1e-12, patience=100)
     calls, recorded = len(losses), list(losses)
     assert 100 < calls < 4000                                              # stopped on the plateau
